@@ -1,0 +1,69 @@
+"""Torch-free readers for PyTorch (.pth/.pt/.th/.pth.tar), .safetensors and .npz checkpoints.
+
+``load_variables(path, spec)`` is the one call most users need: it returns Flax variables for a
+registered architecture, or raises :class:`CheckpointError` explaining what does not fit.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import Any
+
+import numpy as np
+
+from converters.mapping import normalize_state_dict, to_variables
+from converters.torch_pickle import CheckpointError, UnsafePickleError
+
+__all__ = ['CheckpointError', 'UnsafePickleError', 'read_state_dict', 'load_variables',
+           'detect_format']
+
+
+def detect_format(path: str | os.PathLike) -> str:
+  """'torch-zip', 'torch-legacy', 'safetensors' or 'npz' from the file's first bytes."""
+  path = pathlib.Path(path)
+  if not path.is_file():
+    raise FileNotFoundError(f'checkpoint not found: {path}')
+  with open(path, 'rb') as f:
+    head = f.read(16)
+  name = path.name.lower()
+  if head.startswith(b'PK'):
+    return 'npz' if name.endswith('.npz') else 'torch-zip'
+  if name.endswith('.safetensors'):
+    return 'safetensors'
+  if head[:1] == b'\x80':  # pickle protocol >= 2
+    return 'torch-legacy'
+  if len(head) >= 8 and head[8:9] == b'{':  # safetensors: u64 header length then JSON
+    return 'safetensors'
+  raise CheckpointError(
+      f'{path}: not a PyTorch, safetensors or npz checkpoint (starts with {head[:8]!r})'
+  )
+
+
+def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
+  """Reads a checkpoint into a flat name -> array dict (containers unwrapped, 'module.' stripped)."""
+  fmt = detect_format(path)
+  if fmt in ('torch-zip', 'torch-legacy'):
+    from converters import torch_pickle  # pylint: disable=import-outside-toplevel
+
+    obj: Any = torch_pickle.load(str(path))
+  else:
+    from converters import formats  # pylint: disable=import-outside-toplevel
+
+    try:
+      obj = formats.read_safetensors(path) if fmt == 'safetensors' else formats.read_npz(path)
+    except CheckpointError:
+      raise
+    except (ValueError, OSError, KeyError) as e:
+      raise CheckpointError(f'{path}: unreadable {fmt} file: {e}') from e
+  return normalize_state_dict(obj)
+
+
+def load_variables(path: str | os.PathLike, spec) -> dict[str, Any]:
+  """Flax variables of ``spec`` (an ``lbyl_jax.archs.ArchSpec``) read from a checkpoint file."""
+  sd = read_state_dict(path)
+  if all('/' in k for k in sd):  # a Flax-layout npz (e.g. written by lbyl_jax)
+    from converters.mapping import _nest  # pylint: disable=import-outside-toplevel
+
+    return _nest({k: np.asarray(v) for k, v in sd.items()})
+  return to_variables(sd, spec)

@@ -1,0 +1,264 @@
+"""Architecture registry: ``--arch NAME`` -> model, input size, normalization, units, weights.
+
+Each preset carries what its pretrained weights expect (input size and normalization constants),
+where its weights can be downloaded (with a sha256 to verify), which PyTorch naming its
+checkpoints use, and per-method default hyper-parameters from ALGORITHMS.md section 8.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lbyl_jax import models
+from lbyl_jax import units as units_lib
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2023, 0.1994, 0.2010)
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightsSource:
+  """Public weights of a preset. ``sha256`` may be a full digest or a torch-hub style prefix."""
+
+  url: str
+  filename: str
+  sha256: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ArchSpec:
+  """One ``--arch`` preset.
+
+  Attributes:
+    name: registry key.
+    family: 'mlp', 'cifar_resnet', 'resnet', 'vgg_cifar' or 'vgg'.
+    model: the module with original widths (``widths=None``).
+    units: prunable units in width-slot order.
+    input_shape: (H, W, C) the weights expect.
+    mean, std: per-channel normalization applied after scaling pixels to [0, 1].
+    num_classes: classifier outputs.
+    dataset: default evaluation dataset name ('cifar10', 'fashion_mnist', 'imagenet').
+    torch_naming: key of the converter's name map ('cifar_resnet', 'resnet', 'vgg_cifar', 'vgg',
+      'lenet').
+    weights: public download source, or None if the weights are not publicly hosted.
+    hparams: per-method default hyper-parameters.
+  """
+
+  name: str
+  family: str
+  model: nn.Module
+  units: tuple[units_lib.Unit, ...]
+  input_shape: tuple[int, int, int]
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+  num_classes: int
+  dataset: str
+  torch_naming: str
+  weights: WeightsSource | None = None
+  hparams: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+  description: str = ''
+
+  @property
+  def width_names(self) -> tuple[str, ...]:
+    return tuple(u.name for u in self.units)
+
+  def default_widths(self) -> tuple[int, ...]:
+    """Original widths, read off the shapes of an abstract init (no FLOPs spent)."""
+    return units_lib.widths_of(self.abstract_variables(), self.units)
+
+  def build(self, widths: tuple[int, ...] | None = None) -> nn.Module:
+    """The model with the given widths (None: original widths)."""
+    if widths is not None:
+      widths = tuple(int(w) for w in widths)
+      if len(widths) != len(self.units):
+        raise ValueError(
+            f'{self.name}: expected {len(self.units)} widths ({", ".join(self.width_names[:3])}, ...),'
+            f' got {len(widths)}'
+        )
+      if widths == self.default_widths():
+        widths = None
+    return self.model.clone(widths=widths)
+
+  def dummy_input(self, batch: int = 1) -> jnp.ndarray:
+    return jnp.zeros((batch, *self.input_shape), jnp.float32)
+
+  def abstract_variables(self, widths: tuple[int, ...] | None = None) -> Any:
+    """ShapeDtypeStructs of the variables for the given widths."""
+    model = self.model.clone(widths=widths)
+    return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), self.dummy_input()))
+
+  def init(self, rng: jax.Array, widths: tuple[int, ...] | None = None) -> Any:
+    """Random variables (with random positive BN statistics, so BN is not an identity)."""
+    model = self.model.clone(widths=widths)
+    variables = model.init(rng, self.dummy_input())
+    return randomize_batch_stats(variables, jax.random.fold_in(rng, 1))
+
+
+def randomize_batch_stats(variables: Any, rng: jax.Array) -> Any:
+  """Replaces BN running stats and affine params by random, well-conditioned values."""
+  variables = dict(variables)
+  if 'batch_stats' not in variables:
+    return variables
+
+  def _is_bn(path) -> bool:
+    return any(str(getattr(p, 'key', '')).startswith(('bn', 'downsample_bn')) for p in path[:-1])
+
+  def _randomize(tree, salt):
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
+    out = []
+    for i, (path, leaf) in enumerate(leaves):
+      k = jax.random.fold_in(jax.random.fold_in(rng, salt), i)
+      name = path[-1].key
+      if not _is_bn(path):
+        out.append(leaf)
+      elif name in ('var', 'scale'):
+        out.append(jax.random.uniform(k, leaf.shape, leaf.dtype, 0.5, 1.5))
+      else:  # mean, bias
+        out.append(0.1 * jax.random.normal(k, leaf.shape, leaf.dtype))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+  variables['batch_stats'] = _randomize(variables['batch_stats'], 0)
+  variables['params'] = _randomize(variables['params'], 1)
+  return variables
+
+
+_REGISTRY: dict[str, ArchSpec] = {}
+
+
+def register(spec: ArchSpec) -> ArchSpec:
+  if spec.name in _REGISTRY:
+    raise ValueError(f'architecture {spec.name!r} is already registered')
+  _REGISTRY[spec.name] = spec
+  return spec
+
+
+def get(name: str) -> ArchSpec:
+  """The preset called ``name``; an error listing the known names otherwise."""
+  try:
+    return _REGISTRY[name]
+  except KeyError:
+    raise ValueError(f'unknown architecture {name!r}; known: {", ".join(sorted(_REGISTRY))}') from None
+
+
+def names() -> list[str]:
+  return sorted(_REGISTRY)
+
+
+# --------------------------------------------------------------------------------------------
+# Presets.
+
+_AKAMASTER = 'https://github.com/akamaster/pytorch_resnet_cifar10/raw/master/pretrained_models/'
+_AKAMASTER_SHA = {
+    20: ('resnet20-12fca82f.th', '12fca82f0bebc4135bf1f32f6e3710e61d5108578464b84fd6d7f5c1b04036c8'),
+    32: ('resnet32-d509ac18.th', 'd509ac18'),
+    44: ('resnet44-014dd654.th', '014dd654'),
+    56: ('resnet56-4bfd9763.th', '4bfd97631478d6b638d2764fd2baff3edb1d7d82252d54439343b6596b9b5367'),
+    110: ('resnet110-1d1ed7c2.th', '1d1ed7c2'),
+}
+_TORCHVISION = 'https://download.pytorch.org/models/'
+
+# ALGORITHMS.md 4.3 / 8: NM (t, lam) of the official scripts.
+_NM_CIFAR = {'t': 0.1, 'lam': 0.85}
+
+_CIFAR_HP = {'nm': _NM_CIFAR}
+_IMAGENET_HP = {'nm': {'t': 0.1, 'lam': 0.85}}
+
+for _depth in (20, 32, 44, 56, 110):
+  _file, _sha = _AKAMASTER_SHA[_depth]
+  register(ArchSpec(
+      name=f'resnet{_depth}',
+      family='cifar_resnet',
+      model=models.CifarResNet(depth=_depth, shortcut='A'),
+      units=units_lib.cifar_resnet_units(_depth),
+      input_shape=(32, 32, 3), mean=IMAGENET_MEAN, std=IMAGENET_STD, num_classes=10,
+      dataset='cifar10', torch_naming='cifar_resnet',
+      weights=WeightsSource(_AKAMASTER + _file, _file, _sha),
+      hparams=_CIFAR_HP,
+      description=f'CIFAR-10 ResNet-{_depth}, shortcut A (akamaster weights)',
+  ))
+  register(ArchSpec(
+      name=f'resnet{_depth}_b',
+      family='cifar_resnet',
+      model=models.CifarResNet(depth=_depth, shortcut='B'),
+      units=units_lib.cifar_resnet_units(_depth),
+      input_shape=(32, 32, 3), mean=CIFAR_MEAN, std=CIFAR_STD, num_classes=10,
+      dataset='cifar10', torch_naming='cifar_resnet',
+      hparams=_CIFAR_HP,
+      description=f'CIFAR-10 ResNet-{_depth}, shortcut B (Neuron Merging layout; weights not hosted)',
+  ))
+
+register(ArchSpec(
+    name='lenet_300_100',
+    family='mlp',
+    model=models.MLP(hidden=(300, 100), num_classes=10),
+    units=units_lib.mlp_units(2),
+    input_shape=(28, 28, 1), mean=(0.5,), std=(0.5,), num_classes=10,
+    dataset='fashion_mnist', torch_naming='lenet',
+    hparams={'nm': {'t': 0.45, 'lam': 0.85}},
+    description='LeNet-300-100 MLP (LBYL / Neuron Merging FashionMNIST model; weights not hosted)',
+))
+
+register(ArchSpec(
+    name='vgg16_bn_cifar',
+    family='vgg_cifar',
+    model=models.VGG(cifar=True, num_classes=10),
+    units=units_lib.vgg_units(cifar=True),
+    input_shape=(32, 32, 3), mean=CIFAR_MEAN, std=CIFAR_STD, num_classes=10,
+    dataset='cifar10', torch_naming='vgg_cifar',
+    hparams={'nm': {'t': 0.1, 'lam': 0.85}},
+    description='VGG-16-BN, CIFAR form of LBYL / Neuron Merging (weights not hosted)',
+))
+
+register(ArchSpec(
+    name='vgg16_bn',
+    family='vgg',
+    model=models.VGG(cifar=False, num_classes=1000),
+    units=units_lib.vgg_units(cifar=False),
+    input_shape=(224, 224, 3), mean=IMAGENET_MEAN, std=IMAGENET_STD, num_classes=1000,
+    dataset='imagenet', torch_naming='vgg',
+    weights=WeightsSource(_TORCHVISION + 'vgg16_bn-6c64b313.pth', 'vgg16_bn-6c64b313.pth', '6c64b313'),
+    hparams=_IMAGENET_HP,
+    description='torchvision VGG-16-BN (ImageNet)',
+))
+
+_TV_RESNETS: dict[str, tuple[tuple[int, ...], bool, str]] = {
+    'resnet18': ((2, 2, 2, 2), False, 'resnet18-f37072fd.pth'),
+    'resnet34': ((3, 4, 6, 3), False, 'resnet34-b627a593.pth'),
+    'resnet50': ((3, 4, 6, 3), True, 'resnet50-0676ba61.pth'),
+    'resnet101': ((3, 4, 23, 3), True, 'resnet101-63fe2227.pth'),
+    'resnet152': ((3, 8, 36, 3), True, 'resnet152-394f9c45.pth'),
+}
+for _name, (_sizes, _bottleneck, _file) in _TV_RESNETS.items():
+  register(ArchSpec(
+      name=_name,
+      family='resnet',
+      model=models.ResNet(stage_sizes=_sizes, bottleneck=_bottleneck, num_classes=1000),
+      units=units_lib.resnet_units(_sizes, _bottleneck),
+      input_shape=(224, 224, 3), mean=IMAGENET_MEAN, std=IMAGENET_STD, num_classes=1000,
+      dataset='imagenet', torch_naming='resnet',
+      weights=WeightsSource(_TORCHVISION + _file, _file, _file.split('-')[1].split('.')[0]),
+      hparams=_IMAGENET_HP,
+      description=f'torchvision {_name} (ImageNet, v1.5)',
+  ))
+
+
+def normalize_fn(spec: ArchSpec) -> Callable[[jnp.ndarray], jnp.ndarray]:
+  """uint8 (or [0, 255] float) NHWC images -> the normalized float input the weights expect."""
+  mean = jnp.asarray(spec.mean, jnp.float32)
+  std = jnp.asarray(spec.std, jnp.float32)
+
+  def fn(x: jnp.ndarray) -> jnp.ndarray:
+    x = x.astype(jnp.float32) / 255.0
+    if x.ndim == 3:
+      x = x[..., None]
+    return (x - mean) / std
+
+  return fn
