@@ -61,9 +61,4 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 def load_variables(path: str | os.PathLike, spec) -> dict[str, Any]:
   """Flax variables of ``spec`` (an ``lbyl_jax.archs.ArchSpec``) read from a checkpoint file."""
-  sd = read_state_dict(path)
-  if all('/' in k for k in sd):  # a Flax-layout npz (e.g. written by lbyl_jax)
-    from converters.mapping import _nest  # pylint: disable=import-outside-toplevel
-
-    return _nest({k: np.asarray(v) for k, v in sd.items()})
-  return to_variables(sd, spec)
+  return to_variables(read_state_dict(path), spec)

@@ -183,11 +183,17 @@ def to_variables(state_dict: Mapping[str, np.ndarray], spec) -> dict[str, Any]:
   Raises:
     CheckpointError: listing missing, unexpected and mis-shaped entries (torch and Flax names).
   """
-  mods = _modules(state_dict)
-  names = flax_names(spec.torch_naming, mods)
   flat: dict[str, np.ndarray] = {}
   torch_of: dict[str, str] = {}
-  unexpected = [f'{m}.{leaf}' for m in mods if m not in names for leaf in mods[m]]
+  if state_dict and all('/' in k for k in state_dict):  # Flax layout ('params/conv1/kernel')
+    mods, names, unexpected = {}, {}, []
+    for k, v in state_dict.items():
+      flat[k] = np.asarray(v, np.float32)
+      torch_of[k] = k
+  else:
+    mods = _modules(state_dict)
+    names = flax_names(spec.torch_naming, mods)
+    unexpected = [f'{m}.{leaf}' for m in mods if m not in names for leaf in mods[m]]
   for mod, path in names.items():
     params, stats, origin = _convert_module(mods[mod])
     for leaf, v in params.items():

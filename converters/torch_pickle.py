@@ -305,12 +305,16 @@ def load(path: str) -> Any:
     if zipfile.is_zipfile(path):
       return _load_zip(path)
     with open(path, 'rb') as f:
+      if f.read(4) == b'PK\x03\x04':  # a zip whose central directory (at the end) is gone
+        raise CheckpointError(f'{path}: truncated or corrupt zip checkpoint (no central directory)')
       f.seek(0, 2)
       size = f.tell()
       f.seek(0)
       return _load_legacy(f, size)
-  except CheckpointError:
-    raise
+  except CheckpointError as e:
+    if path in str(e):
+      raise
+    raise type(e)(f'{path}: {e}') from e  # name the file in every error
   except (pickle.UnpicklingError, EOFError, zipfile.BadZipFile, struct.error, ValueError,
           IndexError, KeyError, TypeError, AttributeError, MemoryError, OverflowError) as e:
     raise CheckpointError(

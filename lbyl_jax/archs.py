@@ -8,12 +8,14 @@ checkpoints use, and per-method default hyper-parameters from ALGORITHMS.md sect
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from lbyl_jax import models
 from lbyl_jax import units as units_lib
@@ -33,7 +35,7 @@ class WeightsSource:
   sha256: str
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity (caches below)
 class ArchSpec:
   """One ``--arch`` preset.
 
@@ -91,42 +93,64 @@ class ArchSpec:
     return jnp.zeros((batch, *self.input_shape), jnp.float32)
 
   def abstract_variables(self, widths: tuple[int, ...] | None = None) -> Any:
-    """ShapeDtypeStructs of the variables for the given widths."""
-    model = self.model.clone(widths=widths)
-    return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), self.dummy_input()))
+    """ShapeDtypeStructs of the variables for the given widths (cached per widths)."""
+    if widths is not None:
+      widths = tuple(int(w) for w in widths)
+    return _abstract_variables(self, widths)
 
-  def init(self, rng: jax.Array, widths: tuple[int, ...] | None = None) -> Any:
-    """Random variables (with random positive BN statistics, so BN is not an identity)."""
-    model = self.model.clone(widths=widths)
-    variables = model.init(rng, self.dummy_input())
-    return randomize_batch_stats(variables, jax.random.fold_in(rng, 1))
+  def init(self, rng: jax.Array | int, widths: tuple[int, ...] | None = None) -> Any:
+    """Random float32 NumPy variables of the given widths, without running Flax initializers.
+
+    Kernels ~ N(0, 2 / fan_in) (He), Dense/conv biases ~ N(0, 0.01); BN statistics and affine
+    terms are random too (:func:`randomize_batch_stats`), so BN is not an identity. Shapes are
+    those of ``self.build(widths).init``; drawing them in NumPy from the abstract shapes keeps
+    this fast and deterministic.
+    """
+    if not isinstance(rng, int):
+      rng = int(jax.random.randint(rng, (), 0, 2**31 - 1))
+    rs = np.random.default_rng(rng)
+    shapes = self.abstract_variables(widths)
+
+    def _draw(path, leaf):
+      if path[-1].key == 'kernel':
+        fan_in = int(np.prod(leaf.shape[:-1]))
+        return (rs.standard_normal(leaf.shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+      if path[-1].key == 'bias':
+        return (0.1 * rs.standard_normal(leaf.shape)).astype(np.float32)
+      return np.ones(leaf.shape, np.float32)  # BN scale / var before randomization
+
+    variables = jax.tree_util.tree_map_with_path(_draw, shapes)
+    return randomize_batch_stats(variables, int(rs.integers(2**31 - 1)))
 
 
-def randomize_batch_stats(variables: Any, rng: jax.Array) -> Any:
-  """Replaces BN running stats and affine params by random, well-conditioned values."""
-  variables = dict(variables)
+@functools.lru_cache(maxsize=256)
+def _abstract_variables(spec: ArchSpec, widths: tuple[int, ...] | None) -> Any:
+  model = spec.model.clone(widths=widths)
+  return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), spec.dummy_input()))
+
+
+def randomize_batch_stats(variables: Any, seed: int) -> Any:
+  """BN running stats and affine params replaced by random, well-conditioned values (NumPy).
+
+  mean ~ N(0, 0.1), var ~ U(0.5, 1.5), scale ~ U(0.5, 1.5), bias ~ N(0, 0.1).
+  """
+  rs = np.random.default_rng(seed)
+  variables = jax.tree_util.tree_map(np.array, dict(variables))
   if 'batch_stats' not in variables:
     return variables
 
   def _is_bn(path) -> bool:
     return any(str(getattr(p, 'key', '')).startswith(('bn', 'downsample_bn')) for p in path[:-1])
 
-  def _randomize(tree, salt):
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(tree)
-    out = []
-    for i, (path, leaf) in enumerate(leaves):
-      k = jax.random.fold_in(jax.random.fold_in(rng, salt), i)
-      name = path[-1].key
-      if not _is_bn(path):
-        out.append(leaf)
-      elif name in ('var', 'scale'):
-        out.append(jax.random.uniform(k, leaf.shape, leaf.dtype, 0.5, 1.5))
-      else:  # mean, bias
-        out.append(0.1 * jax.random.normal(k, leaf.shape, leaf.dtype))
-    return jax.tree_util.tree_unflatten(treedef, out)
+  def _randomize(path, leaf):
+    if not _is_bn(path):
+      return leaf
+    if path[-1].key in ('var', 'scale'):
+      return rs.uniform(0.5, 1.5, leaf.shape).astype(leaf.dtype)
+    return (0.1 * rs.standard_normal(leaf.shape)).astype(leaf.dtype)
 
-  variables['batch_stats'] = _randomize(variables['batch_stats'], 0)
-  variables['params'] = _randomize(variables['params'], 1)
+  variables['batch_stats'] = jax.tree_util.tree_map_with_path(_randomize, variables['batch_stats'])
+  variables['params'] = jax.tree_util.tree_map_with_path(_randomize, variables['params'])
   return variables
 
 

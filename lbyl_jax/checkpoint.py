@@ -15,6 +15,7 @@ place, so a crash or an error mid-save never leaves a half-written ``out_dir`` b
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import pathlib
@@ -74,6 +75,13 @@ def _flatten(tree: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
   return out
 
 
+@functools.lru_cache(maxsize=64)
+def _expected_shapes(arch_name: str, widths: tuple[int, ...] | None) -> dict[str, tuple[int, ...]]:
+  # An abstract init traces the whole model (seconds for ResNet-152): do it once per widths.
+  abstract = archs.get(arch_name).abstract_variables(widths)
+  return {k: tuple(v.shape) for k, v in _flatten(abstract).items()}
+
+
 def shape_mismatches(spec: archs.ArchSpec, variables: Mapping[str, Any],
                      widths: tuple[int, ...] | None = None) -> list[str]:
   """Differences between ``variables`` and the shapes ``spec.build(widths)`` expects.
@@ -81,7 +89,11 @@ def shape_mismatches(spec: archs.ArchSpec, variables: Mapping[str, Any],
   Returns:
     One line per missing, unexpected or mis-shaped leaf ('/'-joined paths); empty if all match.
   """
-  expected = {k: tuple(v.shape) for k, v in _flatten(spec.abstract_variables(widths)).items()}
+  widths = None if widths is None else tuple(int(w) for w in widths)
+  if spec.name in archs.names() and archs.get(spec.name) is spec:
+    expected = _expected_shapes(spec.name, widths)
+  else:  # an unregistered spec (e.g. built in a test): no caching by name
+    expected = {k: tuple(v.shape) for k, v in _flatten(spec.abstract_variables(widths)).items()}
   got = {k: tuple(np.shape(v)) for k, v in _flatten(variables).items()}
   lines = [f'missing: {k} {expected[k]}' for k in sorted(expected.keys() - got.keys())]
   lines += [f'unexpected: {k} {got[k]}' for k in sorted(got.keys() - expected.keys())]
@@ -109,22 +121,28 @@ def check_shapes(spec: archs.ArchSpec, variables: Mapping[str, Any],
 # Save.
 
 
-def _to_numpy_tree(variables: Mapping[str, Any]) -> dict[str, Any]:
+def _to_numpy_tree(variables: Mapping[str, Any], prefix: str = '') -> dict[str, Any]:
   """Plain nested dicts of NumPy arrays (orbax keeps the dtype: int8/uint8 trees stay integer)."""
   out = {}
   for key, value in variables.items():
+    path = f'{prefix}/{key}' if prefix else str(key)
     if isinstance(value, Mapping):
-      out[str(key)] = _to_numpy_tree(value)
-    else:
-      arr = np.asarray(jax.device_get(value))
-      if arr.dtype == object:
-        raise ValueError(f'variable {key!r} is not a numeric array ({type(value).__name__})')
-      if arr.size == 0:
-        # orbax refuses zero-size arrays; a pruned width of 0 removes the layer, which the
-        # width-parameterized models cannot express anyway.
-        raise ValueError(f'variable {key!r} has zero size (shape {arr.shape}); widths must be >= 1')
-      out[str(key)] = arr
+      out[str(key)] = _to_numpy_tree(value, path)
+      continue
+    arr = np.asarray(jax.device_get(value))
+    if arr.dtype == object:
+      raise ValueError(f'variable {path} is not a numeric array ({type(value).__name__})')
+    if arr.size == 0:
+      # orbax refuses zero-size arrays; a pruned width of 0 removes the layer, which the
+      # width-parameterized models cannot express anyway.
+      raise ValueError(f'variable {path} has zero size (shape {arr.shape}); widths must be >= 1')
+    out[str(key)] = arr
   return out
+
+
+@functools.lru_cache(maxsize=None)
+def _default_widths(arch_name: str) -> tuple[int, ...]:
+  return archs.get(arch_name).default_widths()
 
 
 def _normalize_widths(spec: archs.ArchSpec, widths) -> tuple[int, ...] | None:
@@ -135,7 +153,7 @@ def _normalize_widths(spec: archs.ArchSpec, widths) -> tuple[int, ...] | None:
     raise ValueError(f'{spec.name}: expected {len(spec.units)} widths, got {len(widths)}')
   if any(w < 1 for w in widths):
     raise ValueError(f'{spec.name}: widths must be >= 1, got {list(widths)}')
-  return None if widths == spec.default_widths() else widths
+  return None if widths == _default_widths(spec.name) else widths
 
 
 def _write_json(path: pathlib.Path, obj: Any) -> None:
@@ -157,7 +175,8 @@ def _write_orbax(path: pathlib.Path, tree: Mapping[str, Any]) -> None:
 
 
 def save(out_dir: str | os.PathLike, arch_name: str, widths, variables: Mapping[str, Any], *,
-         meta: Mapping[str, Any] | None = None, overwrite: bool = False) -> pathlib.Path:
+         meta: Mapping[str, Any] | None = None, overwrite: bool = False,
+         files: Mapping[str, str | bytes] | None = None) -> pathlib.Path:
   """Writes ``variables`` and their architecture description to ``out_dir`` atomically.
 
   Args:
@@ -172,6 +191,8 @@ def save(out_dir: str | os.PathLike, arch_name: str, widths, variables: Mapping[
       ``lbyl_jax.quant.dequantize_tree``).
     overwrite: replace an existing ``out_dir`` (atomically: the old one is removed only after
       the new one is in place).
+    files: extra files (name -> text or bytes) written into the directory before it is
+      published, e.g. ``{'report.json': ...}``; names must be plain file names.
 
   Returns:
     The absolute path of the checkpoint directory.
@@ -216,6 +237,12 @@ def save(out_dir: str | os.PathLike, arch_name: str, widths, variables: Mapping[
   except (TypeError, ValueError) as e:
     raise ValueError(f'meta is not JSON-serializable: {e}') from None
 
+  files = dict(files or {})
+  for name in files:
+    if pathlib.PurePath(name).name != name or name in (META_FILE, VARIABLES_DIR) or name.startswith('.'):
+      raise ValueError(f'extra file name {name!r} must be a plain file name other than '
+                       f'{META_FILE!r} / {VARIABLES_DIR!r}')
+
   out = pathlib.Path(out_dir).absolute()
   parent = out.parent
   if not parent.is_dir():
@@ -229,6 +256,10 @@ def save(out_dir: str | os.PathLike, arch_name: str, widths, variables: Mapping[
   try:
     _write_orbax(tmp / VARIABLES_DIR, tree)
     _write_json(tmp / META_FILE, full_meta)
+    for name, content in files.items():
+      mode = 'wb' if isinstance(content, bytes) else 'w'
+      with open(tmp / name, mode) as f:
+        f.write(content)
     _publish(tmp, out, overwrite=overwrite)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)

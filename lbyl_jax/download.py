@@ -57,7 +57,7 @@ def md5_file(path: str | os.PathLike) -> str:
 
 
 def normalize_sha256(sha256: str) -> str:
-  """Validates a full sha256 digest or a torch-hub prefix (>= 8 hex digits); returns it lowercased."""
+  """Validates a full sha256 digest or a torch-hub prefix (>= 8 hex digits); returns it lowercase."""
   s = sha256.strip().lower()
   if not _HEX.match(s) or not 8 <= len(s) <= 64:
     raise ValueError(
@@ -163,7 +163,10 @@ def fetch(
       except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
         # URLError covers HTTPError and refused connections; OSError covers resets, timeouts
         # during reads; HTTPException a broken response; ValueError a malformed URL.
-        reason = getattr(e, 'reason', None) or e
+        if isinstance(e, urllib.error.HTTPError):
+          reason = f'HTTP {e.code} {e.reason}'
+        else:
+          reason = getattr(e, 'reason', None) or e
         raise DownloadError(f'could not download {url}: {reason} ({_offline_hint(dest)})') from e
       if total is not None and received != total:
         raise DownloadError(

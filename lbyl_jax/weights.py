@@ -1,4 +1,4 @@
-"""Where a preset's pretrained weights come from: ``--weights``, local caches, or a verified download.
+"""Where a preset's pretrained weights come from: ``--weights``, local caches, or a download.
 
 Search order of :func:`resolve_weights` (the first hit wins; the network is only used when no local
 file exists):
@@ -46,7 +46,7 @@ class WeightsNotFoundError(FileNotFoundError):
 
 
 def cache_root() -> pathlib.Path:
-  """The user cache root: ``$LBYL_JAX_CACHE``, else ``$XDG_CACHE_HOME/lbyl_jax`` or ``~/.cache/lbyl_jax``."""
+  """``$LBYL_JAX_CACHE``, else ``$XDG_CACHE_HOME/lbyl_jax`` (default ``~/.cache/lbyl_jax``)."""
   env = os.environ.get('LBYL_JAX_CACHE')
   if env:
     return pathlib.Path(env).expanduser()

@@ -1,0 +1,416 @@
+"""UDFC-style unified pruning + quantization compensation (ALGORITHMS.md 6.2), and plain RTN.
+
+Per prunable unit (producer l -> BN -> ReLU -> consumer l+1; K kept, P pruned, What = Q(W)):
+
+(a) :func:`quant_scales` -- one scalar per kept channel, a_k ~ s_k ahat_k:
+      s_k = (alpha_k^2 <W_k, What_k> + a1 b_k^2 + a2) / (alpha_k^2 ||What_k||^2 + a1 b_k^2 + a2)
+(b) :func:`delivery` -- the rows S'_P of the consistent LBYL closed form (5.3) with the kept
+    filters quantized, F = diag(alpha_K) What_K, full-precision targets f_j = alpha_j W_j, and
+    a1 / a2 in place of lam1 / lam2;
+(c) :func:`consumer_update` -- V'_{:,k} = s_k V_{:,k} + sum_j S'_{j,k} V_{:,j}, columns P dropped;
+    the consumer is quantized only AFTER this input compensation;
+(d) :func:`udfc` runs the units from input to output; the pruning delivery of every unit is
+    computed from the ORIGINAL full-precision W of that layer (kept channels ranked by a criterion
+    of :mod:`lbyl_jax.criteria` on the original filters, 2.1 / A6).
+
+Which What the scalar s_k compensates (A7): the producer is deployed as Q of its kernel AFTER its
+own inputs were compensated by the previous unit (VGG chains, bottleneck conv2), so by default
+(``scale_from='compensated'``) s_k is fitted between that deployed full-precision row and its
+quantization -- the error the consumer actually sees. Where a producer's inputs are untouched
+(every ResNet conv1, the first VGG conv, LeNet) this is identical to the original W.
+``scale_from='original'`` fits s_k on Q(original W_k) instead, the literal reading of (d).
+
+Layers that are not unit producers (stem, shortcut convs, conv2 of basic blocks, conv3 of
+bottlenecks, heads) are quantized by plain rounding. With ``rescale_others=True`` (off by default)
+their own per-channel least-squares rescale (6.2a with a1 = 0: there is no bias mismatch, the
+scale acts before the affine BN) is applied exactly, without touching the integers:
+- followed by BN: BN(s z) = BN'(z) with gamma' = s gamma, mu' = mu / s (:func:`bn_fold_input_scale`);
+- no BN, per-channel quantization: the stored step becomes s Delta (same integers);
+- no BN, per-tensor quantization: not representable, left as is (reported).
+It is off by default because the least-squares scale of independent rounding noise is a shrinkage
+(s ~ 1 / (1 + ||e||^2 / ||W||^2) < 1): optimal for one layer's output MSE, but the shrinkage is
+coherent across layers, and on random BN networks it raised the 4-bit output error.
+
+All per-unit math is float64 NumPy on the host.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import scipy.linalg
+
+from lbyl_jax import criteria as criteria_lib
+from lbyl_jax import quant
+from lbyl_jax import surgery
+from lbyl_jax import units as units_lib
+
+DEFAULT_A1 = 0.01  # ALGORITHMS.md 8.2 (UDFC ablation optimum) [RECON]
+DEFAULT_A2 = 0.008
+
+
+# --------------------------------------------------------------------------------------------
+# Per-unit math (6.2 a-c).
+
+
+def quant_scales(W, What, alpha, b, *, a1: float = DEFAULT_A1, a2: float = DEFAULT_A2) -> np.ndarray:
+  """6.2(a): the closed-form minimizer of
+  ``alpha_k^2 ||W_k - s What_k||^2 + a1 b_k^2 (1 - s)^2 + a2 (s - 1)^2`` per row k.
+
+  Args:
+    W, What: N x D full-precision and quantized filter rows.
+    alpha, b: per-row folded BN scale and shift (section 1); 1 and 0 without BN.
+    a1, a2: regularization weights (>= 0).
+
+  Returns:
+    s, N float64. A row whose denominator is 0 (all-zero What, a1 b^2 + a2 = 0) gets s = 1.
+  """
+  if a1 < 0 or a2 < 0:
+    raise ValueError(f'quant_scales: a1 and a2 must be >= 0, got {a1}, {a2}')
+  W = np.asarray(W, np.float64)
+  What = np.asarray(What, np.float64)
+  if W.shape != What.shape or W.ndim != 2:
+    raise ValueError(f'quant_scales: W {W.shape} and What {What.shape} must be equal N x D arrays')
+  a2_ = np.asarray(alpha, np.float64) ** 2
+  reg = a1 * np.asarray(b, np.float64) ** 2 + a2
+  num = a2_ * np.einsum('nd,nd->n', W, What) + reg
+  den = a2_ * np.einsum('nd,nd->n', What, What) + reg
+  ok = den > 0
+  return np.where(ok, num / np.where(ok, den, 1.0), 1.0)
+
+
+def quant_objective(W, What, alpha, b, s, *, a1: float = DEFAULT_A1, a2: float = DEFAULT_A2) -> np.ndarray:
+  """The per-row loss of 6.2(a) at scales ``s`` (s = 1 is plain rounding)."""
+  W = np.asarray(W, np.float64)
+  What = np.asarray(What, np.float64)
+  s = np.broadcast_to(np.asarray(s, np.float64), (W.shape[0],))
+  re = np.asarray(alpha, np.float64) ** 2 * np.sum((W - s[:, None] * What) ** 2, axis=1)
+  return re + (a1 * np.asarray(b, np.float64) ** 2 + a2) * (1.0 - s) ** 2
+
+
+def delivery(What_K, alpha_K, b_K, W_P, alpha_P, b_P, *, a1: float = DEFAULT_A1,
+             a2: float = DEFAULT_A2) -> np.ndarray:
+  """6.2(b): delivery rows S'_P (|P| x m) of the pruned channels on the quantized kept channels.
+
+  Minimizes, per pruned j, ``||f_j - F^T s_j||^2 + a1 (b_j - b_K^T s_j)^2 + a2 ||s_j||^2`` with
+  ``F = diag(alpha_K) What_K`` and ``f_j = alpha_j W_j`` (5.3):
+  ``S'_P^T = (F F^T + a1 b_K b_K^T + a2 I)^{-1} (F F_P^T + a1 b_K b_P^T)``, one Cholesky per layer.
+  With ``a2 = 0`` and a singular system, the minimum-norm least-squares solution is returned.
+  """
+  What_K = np.asarray(What_K, np.float64)
+  W_P = np.asarray(W_P, np.float64)
+  m = What_K.shape[0]
+  if W_P.shape[0] == 0:
+    return np.zeros((0, m))
+  if W_P.shape[1] != What_K.shape[1]:
+    raise ValueError(f'delivery: kept rows have D={What_K.shape[1]}, pruned rows D={W_P.shape[1]}')
+  if a1 < 0 or a2 < 0:
+    raise ValueError(f'delivery: a1 and a2 must be >= 0, got {a1}, {a2}')
+  F = np.asarray(alpha_K, np.float64)[:, None] * What_K
+  FP = np.asarray(alpha_P, np.float64)[:, None] * W_P
+  bK = np.asarray(b_K, np.float64)
+  bP = np.asarray(b_P, np.float64)
+  A = F @ F.T + a1 * np.outer(bK, bK) + a2 * np.eye(m)
+  R = F @ FP.T + a1 * np.outer(bK, bP)
+  try:
+    if a2 <= 0:
+      raise np.linalg.LinAlgError('no ridge term')
+    St = scipy.linalg.cho_solve(scipy.linalg.cho_factor(A, lower=True), R)
+  except (np.linalg.LinAlgError, scipy.linalg.LinAlgError):
+    St = np.linalg.pinv(A, hermitian=True) @ R
+  return St.T
+
+
+def consumer_update(V, *, keep, s, S_P, kind: str, flatten: int = 1) -> np.ndarray:
+  """6.2(c): ``V'_{:,k} = s_k V_{:,k} + sum_j S'_{j,k} V_{:,j}`` with the pruned inputs dropped.
+
+  Args:
+    V: consumer kernel, HWIO (``kind='conv'``) or (in, out) (``kind='dense'``; after an NCHW
+      flatten each channel owns ``flatten`` consecutive rows).
+    keep: sorted kept channel indices K (m).
+    s: m quantization scales; S_P: |P| x m delivery rows (P = the channels not in K, sorted).
+
+  Returns:
+    The float64 kernel with m (or m * flatten) inputs.
+  """
+  V = np.asarray(V, np.float64)
+  keep = np.asarray(keep, np.int64)
+  s = np.asarray(s, np.float64)
+  S_P = np.asarray(S_P, np.float64)
+  if kind == 'conv':
+    n = V.shape[2]
+    prune = np.setdiff1d(np.arange(n), keep)
+    return (V[:, :, keep, :] * s[None, None, :, None]
+            + np.einsum('jk,hwjo->hwko', S_P, V[:, :, prune, :]))
+  if kind == 'dense':
+    n = V.shape[0] // flatten
+    V3 = V.reshape(n, flatten, V.shape[1])
+    prune = np.setdiff1d(np.arange(n), keep)
+    out = V3[keep] * s[:, None, None] + np.einsum('jk,jro->kro', S_P, V3[prune])
+    return out.reshape(keep.size * flatten, V.shape[1])
+  raise ValueError(f"consumer_update: kind must be 'conv' or 'dense', got {kind!r}")
+
+
+def bn_fold_output_scale(gamma, beta, s) -> tuple[np.ndarray, np.ndarray]:
+  """T7: ``s ReLU(BN(z)) = ReLU(BN'(z))`` for s > 0 with gamma' = s gamma, beta' = s beta (ReLU is
+  positively homogeneous), so s_k can live in the producer's BN instead of the consumer."""
+  s = np.asarray(s, np.float64)
+  return np.asarray(gamma, np.float64) * s, np.asarray(beta, np.float64) * s
+
+
+def bn_fold_input_scale(gamma, mean, s) -> tuple[np.ndarray, np.ndarray]:
+  """``BN(s z) = BN'(z)`` exactly for any s != 0, with gamma' = s gamma and mu' = mu / s:
+  ``gamma (s z - mu) / sigma + beta = (s gamma) (z - mu / s) / sigma + beta``.
+
+  Used to rescale a quantized layer that feeds a BN (the variance is left alone, so it can never
+  turn negative, unlike the equivalent ``sigma' = sigma / s`` form)."""
+  s = np.asarray(s, np.float64)
+  return np.asarray(gamma, np.float64) * s, np.asarray(mean, np.float64) / s
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers over variable trees.
+
+
+def _rows(kernel) -> np.ndarray:
+  """Output channels as rows (N x D). Any fixed column order works: only inner products are used."""
+  k = np.asarray(kernel, np.float64)
+  return np.moveaxis(k, -1, 0).reshape(k.shape[-1], -1)
+
+
+def unit_bn(variables: Mapping[str, Any], unit: units_lib.Unit, *, sigma: str = 'std'
+            ) -> tuple[np.ndarray, np.ndarray]:
+  """``(alpha, b)`` of a unit (section 1), with a producer bias in front of a BN folded into b."""
+  bn = units_lib.bn_affine(variables, unit, sigma=sigma)
+  b = bn['b']
+  bias = units_lib.producer_bias(variables, unit)
+  if unit.bn is not None and bias is not None:
+    b = b + bn['alpha'] * np.asarray(bias, np.float64)
+  return bn['alpha'], b
+
+
+def _unit_rows(kernel, unit: units_lib.Unit, bias) -> np.ndarray:
+  """Filter rows of a unit's producer; without BN the bias is a coordinate (2.2, 5.6)."""
+  rows = _rows(kernel)
+  if unit.bn is None and bias is not None:
+    rows = np.concatenate([rows, np.asarray(bias, np.float64)[:, None]], axis=1)
+  return rows
+
+
+def _scale_inputs(kernel, unit: units_lib.Unit, keep, s) -> np.ndarray:
+  """The consumer kernel with input channels ``keep`` multiplied by ``s`` (the rest untouched)."""
+  V = np.array(kernel, np.float64)
+  if unit.consumer_kind == 'conv':
+    V[:, :, keep, :] *= s[None, None, :, None]
+    return V
+  n = V.shape[0] // unit.flatten
+  V3 = V.reshape(n, unit.flatten, V.shape[1])
+  V3[keep] *= s[:, None, None]
+  return V3.reshape(V.shape)
+
+
+def _bits_for(path: str, bits: int, keep_8bit: set[str]) -> int:
+  return quant.MAX_BITS if path in keep_8bit else bits
+
+
+def _stats(x: np.ndarray) -> dict[str, float]:
+  if x.size == 0:
+    return dict(min=0.0, max=0.0, mean=0.0)
+  return dict(min=float(np.min(x)), max=float(np.max(x)), mean=float(np.mean(x)))
+
+
+def _select(spec, variables, unit, index: int, ratio: float, criterion: str, seed: int):
+  W = units_lib.filters(variables, unit)
+  rounding = 'round' if spec.family == 'mlp' else 'floor'
+  m = criteria_lib.n_keep(W.shape[0], ratio, rounding=rounding)
+  return criteria_lib.select(W, m, criterion, seed=seed, index=index)
+
+
+def _normalize_paths(variables, paths: Iterable[str]) -> set[str]:
+  known = quant.kernel_paths(variables)
+  return quant.normalize_layer_paths(paths, known, 'keep_8bit')
+
+
+# --------------------------------------------------------------------------------------------
+# Drivers.
+
+
+def udfc(spec, variables: Mapping[str, Any], *, bits: int, ratio: float = 0.0, criterion: str = 'l2',
+         a1: float = DEFAULT_A1, a2: float = DEFAULT_A2, per_channel: bool = True,
+         symmetric: bool = True, keep_8bit: Iterable[str] = (), bn_sigma: str = 'std',
+         seed: int = 0, scale_from: str = 'compensated', rescale_others: bool = False
+         ) -> tuple[tuple[int, ...], dict[str, Any], dict[str, Any], dict[str, Any]]:
+  """UDFC-style pruning + weight quantization of a whole network (ALGORITHMS.md 6.2).
+
+  Args:
+    spec: the architecture (its ``units`` are the producer / consumer pairs).
+    variables: float variables (original, or already pruned: widths are read from the arrays).
+    bits: weight bit width (2..8).
+    ratio: pruning ratio per unit (0: quantization compensation only). Kept counts as in A10.
+    criterion: ranking criterion of :mod:`lbyl_jax.criteria` ('l2', 'l1', 'l2-gm', 'random').
+    a1, a2: the two regularization weights (8.2 defaults 0.01 / 0.008).
+    per_channel, symmetric: quantizer (A8 default: per-channel symmetric).
+    keep_8bit: layer paths quantized at 8 bits (e.g. ``quant.first_and_last_layers(spec)``).
+    bn_sigma: 'std' or 'variance' (A1) for the alpha used by the math (the network is unchanged).
+    seed: seed of the 'random' criterion.
+    scale_from: 'compensated' (default) or 'original' (see the module docstring).
+    rescale_others: also rescale non-producer layers (exact folds, see the module docstring).
+
+  Returns:
+    ``(widths, qtree, qmeta, report)``: ``quant.dequantize_tree(qtree, qmeta)`` are float
+    variables of ``spec.build(widths)``.
+  """
+  bits = quant.check_bits(bits, where='udfc')
+  if scale_from not in ('compensated', 'original'):
+    raise ValueError(f"scale_from must be 'compensated' or 'original', got {scale_from!r}")
+  if not 0.0 <= ratio < 1.0:
+    raise ValueError(f'udfc: ratio must be in [0, 1), got {ratio!r}')
+  keep8 = _normalize_paths(variables, keep_8bit)
+  qopts = dict(per_channel=per_channel, symmetric=symmetric)
+  work = quant.copy_tree(variables)
+  unit_reports = {}
+  for index, unit in enumerate(spec.units):
+    keep, prune = _select(spec, variables, unit, index, ratio, criterion, seed)
+    alpha, b = unit_bn(variables, unit, sigma=bn_sigma)
+    b_unit = _bits_for(unit.producer, bits, keep8)
+    orig = units_lib.get_path(variables['params'], unit.producer)
+    orig_bias = orig.get('bias')
+    # (a) the deployed kept rows: this producer after its own inputs were compensated.
+    cur = units_lib.get_path(work['params'], unit.producer)
+    cur_bias = cur.get('bias')
+    dep = np.take(np.asarray(cur['kernel'], np.float32), keep, axis=-1)
+    dep_bias = None if cur_bias is None else np.take(np.asarray(cur_bias), keep)
+    dep_hat = quant.fake_quantize(dep, bits=b_unit, **qopts)
+    if scale_from == 'compensated':
+      Wk = _unit_rows(dep, unit, dep_bias)
+      Wk_hat = _unit_rows(dep_hat, unit, dep_bias)
+    else:
+      orig_k = np.take(np.asarray(orig['kernel'], np.float32), keep, axis=-1)
+      kb = None if orig_bias is None else np.take(np.asarray(orig_bias), keep)
+      Wk = _unit_rows(orig_k, unit, kb)
+      Wk_hat = _unit_rows(quant.fake_quantize(orig_k, bits=b_unit, **qopts), unit, kb)
+    s = quant_scales(Wk, Wk_hat, alpha[keep], b[keep], a1=a1, a2=a2)
+    bad = ~(np.isfinite(s) & (s > 0))  # ReLU homogeneity needs s > 0
+    s = np.where(bad, 1.0, s)
+    # (b) pruning delivery from the ORIGINAL filters, kept ones quantized.
+    W_orig = _unit_rows(orig['kernel'], unit, orig_bias)
+    if prune.size:
+      orig_k = np.take(np.asarray(orig['kernel'], np.float32), keep, axis=-1)
+      kb = None if orig_bias is None else np.take(np.asarray(orig_bias), keep)
+      Wk_hat_orig = _unit_rows(quant.fake_quantize(orig_k, bits=b_unit, **qopts), unit, kb)
+      S_P = delivery(Wk_hat_orig, alpha[keep], b[keep], W_orig[prune], alpha[prune], b[prune],
+                     a1=a1, a2=a2)
+    else:
+      S_P = np.zeros((0, keep.size))
+    # (c) V'_K = s V_K + S'^T V_P: scale the kept inputs, then let surgery mix and slice.
+    cons = dict(units_lib.get_path(work['params'], unit.consumer))
+    kdt = np.asarray(cons['kernel']).dtype
+    cons['kernel'] = _scale_inputs(cons['kernel'], unit, keep, s).astype(kdt)
+    units_lib.set_path(work['params'], unit.consumer, cons)
+    _, work = surgery.apply(spec, work, {unit.name: (keep, S_P, None)})
+    lq1 = quant_objective(Wk, Wk_hat, alpha[keep], b[keep], 1.0, a1=a1, a2=a2).sum()
+    lqs = quant_objective(Wk, Wk_hat, alpha[keep], b[keep], s, a1=a1, a2=a2).sum()
+    unit_reports[unit.name] = dict(
+        kept=int(keep.size), pruned=int(prune.size), bits=b_unit, scale=_stats(s),
+        scale_fallbacks=int(bad.sum()), coef=_stats(np.abs(S_P)),
+        quant_loss_rtn=float(lq1), quant_loss_udfc=float(lqs))
+
+  producers = {u.producer for u in spec.units}
+  trace = quant.trace_layers(spec)
+  others = [p for p in trace.order if p not in producers]
+  rescaled, scale_for_quant, not_rescaled = {}, {}, []
+  if rescale_others:
+    bn_of = trace.bn
+    for path in others:
+      layer = units_lib.get_path(work['params'], path)
+      w = np.asarray(layer['kernel'], np.float32)
+      what = quant.fake_quantize(w, bits=_bits_for(path, bits, keep8), **qopts)
+      if path in bn_of:
+        bnp = units_lib.get_path(work['params'], bn_of[path])
+        bns = units_lib.get_path(work['batch_stats'], bn_of[path])
+        alpha_l = np.asarray(bnp['scale'], np.float64) / np.sqrt(np.asarray(bns['var'], np.float64)
+                                                                 + units_lib.BN_EPS)
+      else:
+        alpha_l = np.ones(w.shape[-1])
+      s = quant_scales(_rows(w), _rows(what), alpha_l, np.zeros_like(alpha_l), a1=0.0, a2=a2)
+      s = np.where(np.isfinite(s) & (s > 0), s, 1.0)
+      if path in bn_of:
+        g, mu = bn_fold_input_scale(bnp['scale'], bns['mean'], s)
+        bnp = dict(bnp, scale=g.astype(np.float32))
+        bns = dict(bns, mean=mu.astype(np.float32))
+        units_lib.set_path(work['params'], bn_of[path], bnp)
+        units_lib.set_path(work['batch_stats'], bn_of[path], bns)
+        rescaled[path] = dict(how='bn', **_stats(s))
+      elif per_channel:
+        scale_for_quant[path] = s
+        rescaled[path] = dict(how='quant_step', **_stats(s))
+      else:
+        not_rescaled.append(path)
+
+  qtree, qmeta = quant.quantize_tree(work, bits=bits, keep_8bit=sorted(keep8), **qopts)
+  for path, s in scale_for_quant.items():
+    stored = units_lib.get_path(qtree['params'], path)['kernel']
+    stored['scale'] = (np.asarray(stored['scale'], np.float64) * s).astype(np.float32)
+    deq = quant.dequantize(quant.decode(stored, qmeta['layers'][path]))
+    w = units_lib.get_path(work['params'], path)['kernel']
+    qmeta['layers'][path]['rel_error'] = quant.relative_error(w, deq)
+  widths = units_lib.widths_of(work, spec.units)
+  report = dict(method='udfc', bits=bits, ratio=ratio, criterion=criterion, a1=a1, a2=a2,
+                per_channel=per_channel, symmetric=symmetric, keep_8bit=sorted(keep8),
+                scale_from=scale_from, bn_sigma=bn_sigma, widths=list(widths), units=unit_reports,
+                rescaled=rescaled, not_rescaled=not_rescaled,
+                layer_errors={p: d['rel_error'] for p, d in qmeta['layers'].items()},
+                nbytes=quant.tree_nbytes(qtree))
+  return widths, qtree, qmeta, report
+
+
+def rtn(spec, variables: Mapping[str, Any], *, bits: int, ratio: float = 0.0, criterion: str = 'l2',
+        per_channel: bool = True, symmetric: bool = True, keep_8bit: Iterable[str] = (),
+        seed: int = 0) -> tuple[tuple[int, ...], dict[str, Any], dict[str, Any], dict[str, Any]]:
+  """Plain round-to-nearest of every kernel (7.2), optionally after plain pruning (S = 0).
+
+  To quantize a network pruned by another method (LBYL, NM, ...), pass its pruned variables with
+  ``ratio=0``: the widths are read from the arrays.
+
+  Returns:
+    ``(widths, qtree, qmeta, report)`` as :func:`udfc`.
+  """
+  bits = quant.check_bits(bits, where='rtn')
+  keep8 = _normalize_paths(variables, keep_8bit)
+  work = variables
+  if ratio > 0:
+    sols = {}
+    for index, unit in enumerate(spec.units):
+      keep, prune = _select(spec, variables, unit, index, ratio, criterion, seed)
+      sols[unit.name] = (keep, np.zeros((prune.size, keep.size)), None)
+    _, work = surgery.apply(spec, variables, sols)
+  qtree, qmeta = quant.quantize_tree(work, bits=bits, per_channel=per_channel,
+                                     symmetric=symmetric, keep_8bit=sorted(keep8))
+  widths = units_lib.widths_of(work, spec.units)
+  report = dict(method='rtn', bits=bits, ratio=ratio, criterion=criterion, per_channel=per_channel,
+                symmetric=symmetric, keep_8bit=sorted(keep8), widths=list(widths),
+                layer_errors={p: d['rel_error'] for p, d in qmeta['layers'].items()},
+                nbytes=quant.tree_nbytes(qtree))
+  return widths, qtree, qmeta, report
+
+
+def unit_problem_loss(W, What, alpha, b, keep: Sequence[int], prune: Sequence[int], s, S_P, *,
+                      a1: float = DEFAULT_A1, a2: float = DEFAULT_A2) -> float:
+  """The combined per-unit objective of 6.2 (quantization part at ``s`` plus pruning part at
+  ``S_P``); useful to compare compensations on one layer without data."""
+  keep = np.asarray(keep, np.int64)
+  prune = np.asarray(prune, np.int64)
+  alpha = np.asarray(alpha, np.float64)
+  b = np.asarray(b, np.float64)
+  W = np.asarray(W, np.float64)
+  lq = quant_objective(W[keep], What, alpha[keep], b[keep], s, a1=a1, a2=a2).sum()
+  if prune.size == 0:
+    return float(lq)
+  F = alpha[keep][:, None] * np.asarray(What, np.float64)
+  fP = alpha[prune][:, None] * W[prune]
+  S_P = np.asarray(S_P, np.float64)
+  re = np.sum((fP - S_P @ F) ** 2)
+  be = a1 * np.sum((b[prune] - S_P @ b[keep]) ** 2)
+  return float(lq + re + be + a2 * np.sum(S_P**2))
