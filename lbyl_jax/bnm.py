@@ -92,97 +92,102 @@ def preactivation(problem: UnitProblem, moments: moments_lib.InputMoments | None
 
 
 # --------------------------------------------------------------------------------------------
-# Batched fit kernel (one compile per (N, m, |P|, activation)).
+# Moments (JAX, batched) and fits (NumPy, batched).
+#
+# The closed-form moments are the expensive, elementwise part: one jit-compiled, vmapped kernel per
+# channel count N. The fits are small SPD solves (m <= 512) done with batched NumPy LAPACK on the
+# host: with jaxlib 0.10.2 on a 2-core CPU, batched LAPACK custom calls (Cholesky, eigh) inside a
+# larger XLA program deadlock intermittently (the LAPACK kernel waits on the intra-op thread pool
+# from one of that pool's own workers), so they are kept out of XLA.
+
+_MOMENT_CACHE: dict[tuple, Any] = {}
 
 
-def _spd_solve(A: jax.Array, B: jax.Array) -> jax.Array:
-  L = jnp.linalg.cholesky(A)
-  y = jax.lax.linalg.triangular_solve(L, B, left_side=True, lower=True)
-  return jax.lax.linalg.triangular_solve(L, y, left_side=True, lower=True, transpose_a=True)
-
-
-def _ridge(A: jax.Array, eps_scale) -> tuple[jax.Array, jax.Array]:
-  m = A.shape[0]
-  eps = eps_scale * jnp.trace(A) / m
-  # An all-zero block (every kept channel always off) still needs a positive ridge.
-  eps = jnp.where(eps > 0, eps, eps_scale)
-  return A + eps * jnp.eye(m, dtype=A.dtype), eps
-
-
-def _cond(A: jax.Array) -> jax.Array:
-  w = jnp.linalg.eigvalsh(A)
-  return jnp.where(w[0] > 0, w[-1] / w[0], jnp.inf)
-
-
-def _fit_one(mean, cov, keep, prune, eps_scale, activation):
-  E, M = moments_lib.relu_second_moments(mean, cov, activation=activation)
-  EK, EP = E[keep], E[prune]
-  MKK = M[keep][:, keep]
-  MPK = M[prune][:, keep]
-  MPP = M[prune][:, prune]
-  C = M - jnp.outer(E, E)
-  CKK = C[keep][:, keep]
-  CPK = C[prune][:, keep]
-  CPP = C[prune][:, prune]
-  hp = jax.lax.Precision.HIGHEST
-  # Uncentred fit (no intercept).
-  A0, eps0 = _ridge(MKK, eps_scale)
-  S0 = _spd_solve(A0, MPK.T).T
-  res0 = jnp.trace(MPP) - 2.0 * jnp.sum(S0 * MPK) + jnp.sum(S0 * jnp.matmul(S0, MKK, precision=hp))
-  c0 = EP - S0 @ EK
-  # Centred fit with intercept.
-  A1, eps1 = _ridge(CKK, eps_scale)
-  S1 = _spd_solve(A1, CPK.T).T
-  c1 = EP - S1 @ EK
-  res1 = jnp.trace(CPP) - 2.0 * jnp.sum(S1 * CPK) + jnp.sum(S1 * jnp.matmul(S1, CKK, precision=hp))
-  return dict(
-      E=E, M=M, S0=S0, c0=c0, S1=S1, c1=c1,
-      # E||a_P - S a_K - w c||^2 = res - (2w - w^2) ||c||^2 for c = E[a_P] - S E[a_K].
-      res0=res0, res1_nobias=res1 + jnp.sum(c1 * c1), res1=res1, second=jnp.trace(MPP),
-      eps0=eps0, eps1=eps1, cond0=_cond(A0), cond1=_cond(A1))
-
-
-_FIT_CACHE: dict[tuple, Any] = {}
-
-
-def _fit_batch(mean, cov, keep, prune, eps_scale, activation):
-  key = (activation, mean.shape, keep.shape, prune.shape)
-  fn = _FIT_CACHE.get(key)
+def _moments_batch(mean: np.ndarray, cov: np.ndarray, activation: str) -> tuple[np.ndarray, np.ndarray]:
+  key = (activation, mean.shape)
+  fn = _MOMENT_CACHE.get(key)
   if fn is None:
-    fn = jax.jit(jax.vmap(lambda a, b, k, p, e: _fit_one(a, b, k, p, e, activation),
-                          in_axes=(0, 0, 0, 0, None)))
-    _FIT_CACHE[key] = fn
-  return fn(mean, cov, keep, prune, eps_scale)
+    fn = jax.jit(jax.vmap(lambda a, b: moments_lib.relu_second_moments(a, b, activation=activation)))
+    _MOMENT_CACHE[key] = fn
+  with jax.enable_x64(True):
+    E, M = fn(jnp.asarray(mean, jnp.float64), jnp.asarray(cov, jnp.float64))
+    return np.asarray(E), np.asarray(M)
+
+
+def second_moments(prepared: Sequence[tuple[np.ndarray, np.ndarray]], *, activation: str = 'relu'
+                   ) -> list[tuple[np.ndarray, np.ndarray]]:
+  """(E[a], M = E[a a^T]) per unit from its pre-activation (mean, cov), batched by width N."""
+  out: list[Any] = [None] * len(prepared)
+  buckets: dict[int, list[int]] = {}
+  for i, (mean, _) in enumerate(prepared):
+    buckets.setdefault(int(mean.shape[0]), []).append(i)
+  for idx in buckets.values():
+    E, M = _moments_batch(np.stack([prepared[i][0] for i in idx]),
+                          np.stack([prepared[i][1] for i in idx]), activation)
+    for n, i in enumerate(idx):
+      out[i] = (E[n], 0.5 * (M[n] + M[n].T))
+  return out
+
+
+def _ridge_solve(A: np.ndarray, R: np.ndarray, eps_scale: float):
+  """X = R (A + eps I)^{-1} for stacks A (B, m, m) SPD and R (B, p, m); eps = eps_scale tr(A)/m."""
+  m = A.shape[-1]
+  eps = eps_scale * np.trace(A, axis1=-2, axis2=-1) / m
+  eps = np.where(eps > 0, eps, eps_scale)  # an all-zero block still needs a positive ridge
+  Ar = A + eps[:, None, None] * np.eye(m)
+  X = np.swapaxes(np.linalg.solve(Ar, np.swapaxes(R, -1, -2)), -1, -2)
+  w = np.linalg.eigvalsh(Ar)
+  cond = np.where(w[:, 0] > 0, w[:, -1] / np.where(w[:, 0] > 0, w[:, 0], 1.0), np.inf)
+  return X, eps, cond
+
+
+def _residual(S: np.ndarray, PP: np.ndarray, PK: np.ndarray, KK: np.ndarray) -> np.ndarray:
+  """trace E[(u_P - S u_K)(u_P - S u_K)^T] from the blocks of E[u u^T] (batched)."""
+  return (np.trace(PP, axis1=-2, axis2=-1) - 2.0 * np.einsum('bpk,bpk->b', S, PK)
+          + np.einsum('bpk,bkl,bpl->b', S, KK, S))
 
 
 def fit(problems: Sequence[UnitProblem], prepared: Sequence[tuple[np.ndarray, np.ndarray]], *,
-        activation: str = 'relu', eps_scale: float = EPS_SCALE) -> list[dict[str, np.ndarray]]:
-  """Both fits (uncentred, and centred with intercept) for every unit, batched by shape.
+        activation: str = 'relu', eps_scale: float = EPS_SCALE) -> list[dict[str, Any]]:
+  """Both fits (uncentred, and centred with intercept) for every unit.
 
   Args:
-    problems: the units.
+    problems: the units (all with at least one pruned channel).
     prepared: (mean, cov) of each unit's pre-activations (:func:`preactivation`).
 
   Returns:
-    Per unit a dict of float64 arrays: E, M, S0, c0 (uncentred fit and its constant), S1, c1
-    (centred fit and intercept), res0 / res1 / res1_nobias (predicted residual second moments
-    E||a_P - S a_K - c||^2, traces), second (trace M_PP), eps0 / eps1, cond0 / cond1.
+    Per unit a dict: E, M (activation moments); S0, c0 = E_P - S0 E_K (uncentred fit and the
+    constant it leaves); S1, c1 (centred fit and its intercept); res0 = E||a_P - S0 a_K||^2,
+    res1 = E||a_P - S1 a_K - c1||^2, res1_nobias = E||a_P - S1 a_K||^2 (traces under the model);
+    second = trace M_PP; eps0 / eps1 and cond0 / cond1 of the regularized systems.
   """
-  out: list[dict[str, np.ndarray] | None] = [None] * len(problems)
+  mom = second_moments(prepared, activation=activation)
+  out: list[Any] = [None] * len(problems)
   buckets: dict[tuple[int, int, int], list[int]] = {}
   for i, p in enumerate(problems):
     buckets.setdefault((p.n, p.m, int(p.prune.size)), []).append(i)
-  with jax.enable_x64(True):
-    for idx in buckets.values():
-      mean = jnp.asarray(np.stack([prepared[i][0] for i in idx]), jnp.float64)
-      cov = jnp.asarray(np.stack([prepared[i][1] for i in idx]), jnp.float64)
-      keep = jnp.asarray(np.stack([problems[i].keep for i in idx]).astype(np.int32))
-      prune = jnp.asarray(np.stack([problems[i].prune for i in idx]).astype(np.int32))
-      res = _fit_batch(mean, cov, keep, prune, jnp.float64(eps_scale), activation)
-      res = jax.tree_util.tree_map(np.asarray, res)
-      for n, i in enumerate(idx):
-        out[i] = {k: v[n] for k, v in res.items()}
-  return out  # type: ignore[return-value]
+  for idx in buckets.values():
+    K = np.stack([problems[i].keep for i in idx])
+    P = np.stack([problems[i].prune for i in idx])
+    E = np.stack([mom[i][0] for i in idx])
+    M = np.stack([mom[i][1] for i in idx])
+    C = M - E[:, :, None] * E[:, None, :]
+    take = lambda X, r, c: np.take_along_axis(np.take_along_axis(X, r[:, :, None], 1), c[:, None, :], 2)
+    EK = np.take_along_axis(E, K, 1)
+    EP = np.take_along_axis(E, P, 1)
+    S0, eps0, cond0 = _ridge_solve(take(M, K, K), take(M, P, K), eps_scale)
+    S1, eps1, cond1 = _ridge_solve(take(C, K, K), take(C, P, K), eps_scale)
+    c0 = EP - np.einsum('bpk,bk->bp', S0, EK)
+    c1 = EP - np.einsum('bpk,bk->bp', S1, EK)
+    res0 = _residual(S0, take(M, P, P), take(M, P, K), take(M, K, K))
+    res1 = _residual(S1, take(C, P, P), take(C, P, K), take(C, K, K))
+    second = np.trace(take(M, P, P), axis1=-2, axis2=-1)
+    for n, i in enumerate(idx):
+      out[i] = dict(E=E[n], M=M[n], S0=S0[n], c0=c0[n], S1=S1[n], c1=c1[n], res0=float(res0[n]),
+                    res1=float(res1[n]), res1_nobias=float(res1[n] + np.sum(c1[n] ** 2)),
+                    second=float(second[n]), eps0=float(eps0[n]), eps1=float(eps1[n]),
+                    cond0=float(cond0[n]), cond1=float(cond1[n]))
+  return out
 
 
 # --------------------------------------------------------------------------------------------

@@ -42,7 +42,11 @@ from lbyl_jax import units as units_lib
 BN_EPS = 1e-5
 IDENTITY_VAR = np.float32(1.0) - np.float32(BN_EPS)
 # The identity form must be exact in float32, the dtype Flax evaluates BN in.
-assert IDENTITY_VAR + np.float32(BN_EPS) == np.float32(1.0), 'BN identity form is not exact'
+if IDENTITY_VAR + np.float32(BN_EPS) != np.float32(1.0):
+  raise RuntimeError('float32(1 - eps) + eps != 1: the BN identity form would not be exact')
+
+# Per folded layer: the BN-implied distribution of its output, {'mean': ..., 'std': ...}.
+Stats = Mapping[str, Mapping[str, np.ndarray]]
 
 
 # --------------------------------------------------------------------------------------------
@@ -181,7 +185,7 @@ def _absmax_matrix(kernel: np.ndarray, block: int) -> np.ndarray:
   return np.max(k.reshape(k.shape[0] // block, block, k.shape[1]), axis=1).astype(np.float64)
 
 
-def equalize(spec, variables: Mapping[str, Any], *, stats: Mapping[str, Mapping[str, np.ndarray]] | None = None,
+def equalize(spec, variables: Mapping[str, Any], *, stats: Stats | None = None,
              pairs: Iterable[units_lib.Unit] | None = None, bn_of: Mapping[str, str] | None = None,
              tol: float = 1e-8, max_iter: int = 1000) -> tuple[dict[str, Any], dict[str, Any]]:
   """Cross-layer equalization (7.1 step 2) of BN-folded variables.
@@ -251,9 +255,9 @@ def equalize(spec, variables: Mapping[str, Any], *, stats: Mapping[str, Mapping[
 # 3. Bias absorption.
 
 
-def absorb_bias(spec, variables: Mapping[str, Any], stats: Mapping[str, Mapping[str, np.ndarray]], *,
+def absorb_bias(spec, variables: Mapping[str, Any], stats: Stats, *,
                 pairs: Iterable[units_lib.Unit] | None = None, bn_of: Mapping[str, str] | None = None,
-                n_std: float = 3.0) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]], dict[str, float]]:
+                n_std: float = 3.0) -> tuple[dict[str, Any], Stats, dict[str, float]]:
   """Bias absorption (7.1 step 3): ``c = max(0, beta - 3 gamma)`` leaves the producer and enters
   the consumer's bias as ``W2 c`` (summed over taps). Exact wherever the pre-activation stays
   above ``c``; zero-padded borders and pools are ignored, as in DFQ.
@@ -286,7 +290,7 @@ def absorb_bias(spec, variables: Mapping[str, Any], stats: Mapping[str, Mapping[
 
 
 def bias_correct(spec, float_variables: Mapping[str, Any], qtree: Mapping[str, Any],
-                 qmeta: Mapping[str, Any], stats: Mapping[str, Mapping[str, np.ndarray]], *,
+                 qmeta: Mapping[str, Any], stats: Stats, *,
                  pairs: Iterable[units_lib.Unit] | None = None,
                  bn_of: Mapping[str, str] | None = None) -> tuple[dict[str, Any], dict[str, str]]:
   """Analytic bias correction (7.1 step 5) of a quantized tree.

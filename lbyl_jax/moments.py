@@ -275,12 +275,21 @@ def _bn(variables: Mapping[str, Any], path: str) -> tuple[np.ndarray, np.ndarray
   return np.asarray(p['bias'], np.float64), np.abs(np.asarray(p['scale'], np.float64))
 
 
-def _relu_mv(mean: np.ndarray, var: np.ndarray, pool_k: int = 1) -> tuple[np.ndarray, np.ndarray]:
+# Compiled once per shape: eager evaluation would compile every primitive separately.
+_relu_moments_jit = jax.jit(relu_moments)
+_max_relu_moments_jit = jax.jit(max_relu_moments, static_argnums=2)
+_second_moments_jit = jax.jit(relu_second_moments, static_argnames='activation')
+
+
+def relu_mean_var(mean: np.ndarray, var: np.ndarray, pool_k: int = 1) -> tuple[np.ndarray, np.ndarray]:
   """Mean and variance of ReLU(y) (or of the max of pool_k iid copies), y ~ N(mean, var)."""
   with jax.enable_x64(True):
     mean = jnp.asarray(mean, jnp.float64)
     std = jnp.sqrt(jnp.maximum(jnp.asarray(var, jnp.float64), 0.0))
-    e1, e2 = relu_moments(mean, std) if pool_k == 1 else max_relu_moments(mean, std, pool_k)
+    if pool_k == 1:
+      e1, e2 = _relu_moments_jit(mean, std)
+    else:
+      e1, e2 = _max_relu_moments_jit(mean, std, pool_k)
     e1, e2 = np.asarray(e1), np.asarray(e2)
   return e1, np.maximum(e2 - e1 * e1, 0.0)
 
@@ -320,7 +329,7 @@ def _residual_out(variables, blk: str, out_bn: str, x_mean, x_var):
     m_sc, v_sc = np.pad(x_mean, (p, p)), np.pad(x_var, (p, p))
   else:
     m_sc, v_sc = x_mean, x_var
-  return _relu_mv(beta + m_sc, gamma ** 2 + v_sc)
+  return relu_mean_var(beta + m_sc, gamma ** 2 + v_sc)
 
 
 def _image_moments(spec, input_mean: float, input_var: float) -> InputMoments:
@@ -379,7 +388,7 @@ def propagate(spec, variables: Mapping[str, Any], *, input_mean: float = 0.0,
       out[u.name] = mom
       mean, cov = dense_preactivation(units_lib.filters(variables, u), mom)
       with jax.enable_x64(True):
-        e, m2 = relu_second_moments(jnp.asarray(mean), jnp.asarray(cov))
+        e, m2 = _second_moments_jit(jnp.asarray(mean, jnp.float64), jnp.asarray(cov, jnp.float64))
         e, m2 = np.asarray(e), np.asarray(m2)
       cov_a = m2 - np.outer(e, e)
       mom = InputMoments(e, np.diagonal(cov_a).copy(), cov_a)
@@ -389,12 +398,12 @@ def propagate(spec, variables: Mapping[str, Any], *, input_mean: float = 0.0,
     for u in spec.units:
       out[u.name] = mom
       beta, gamma = _bn(variables, u.bn)
-      mom = InputMoments(*_relu_mv(beta, gamma ** 2, 4 if u.pool == 'max' else 1))
+      mom = InputMoments(*relu_mean_var(beta, gamma ** 2, 4 if u.pool == 'max' else 1))
     return out
   if fam not in ('cifar_resnet', 'resnet'):
     raise ValueError(f'{spec.name}: moment propagation does not know family {fam!r}')
   beta, gamma = _bn(variables, 'bn1')
-  x = _relu_mv(beta, gamma ** 2, 9 if fam == 'resnet' else 1)  # torchvision: 3x3 stem max-pool
+  x = relu_mean_var(beta, gamma ** 2, 9 if fam == 'resnet' else 1)  # torchvision: 3x3 stem max-pool
   names = {u.producer for u in spec.units}
   for blk in _blocks(params):
     out_bn = 'bn3' if 'conv3' in params[blk] else 'bn2'
@@ -402,7 +411,7 @@ def propagate(spec, variables: Mapping[str, Any], *, input_mean: float = 0.0,
       out[f'{blk}/conv1'] = InputMoments(*x)
     if out_bn == 'bn3' and f'{blk}/conv2' in names:
       b1, g1 = _bn(variables, f'{blk}/bn1')
-      out[f'{blk}/conv2'] = InputMoments(*_relu_mv(b1, g1 ** 2))
+      out[f'{blk}/conv2'] = InputMoments(*relu_mean_var(b1, g1 ** 2))
     x = _residual_out(variables, blk, out_bn, *x)
   missing = [u.name for u in spec.units if u.name not in out]
   if missing:
@@ -475,8 +484,9 @@ def mc_propagate(spec, variables: Mapping[str, Any], *, n: int = 128, seed: int 
       return y
     return next_fun(*args, **kwargs)
 
+  model = spec.build(units_lib.widths_of(variables, spec.units))
   with nn.intercept_methods(interceptor):
-    spec.model.apply(variables, x)
+    model.apply(variables, x)
   batch_stats = None
   if 'batch_stats' in variables:
     batch_stats = jax.tree_util.tree_map(np.asarray, dict(variables['batch_stats']))

@@ -67,7 +67,6 @@ class QTensor:
     return self.zero_point is None
 
 
-
 def check_bits(bits: int, *, where: str = 'quantize') -> int:
   """``bits`` as an int in [2, 8]; a ValueError naming ``where`` otherwise."""
   if isinstance(bits, bool) or int(bits) != bits or not MIN_BITS <= int(bits) <= MAX_BITS:
@@ -124,8 +123,8 @@ def quantize(w, *, bits: int, per_channel: bool = True, symmetric: bool = True,
     wmin = np.minimum(np.min(w, axis=red), 0.0)
     wmax = np.maximum(np.max(w, axis=red), 0.0)
     delta = (wmax - wmin) / hi_q
-  delta = np.atleast_1d(delta)
-  delta = np.where(delta > 0, delta, 1.0).astype(np.float32)  # 7.2: all-zero channel -> Delta=1
+  delta = np.atleast_1d(delta).astype(np.float32)
+  delta = np.where(delta > 0, delta, np.float32(1.0))  # 7.2: all-zero channel -> Delta=1
   d = _bcast(delta.astype(np.float64), w.ndim, axis) if per_channel else delta.astype(np.float64)
   if symmetric:
     q = np.clip(np.round(w / d), lo_q, hi_q).astype(np.int8)

@@ -12,8 +12,9 @@ Two system kinds cover every LBYL variant:
 
     (X X^T + diag(d_j)) c_j = X y_j + e_j
 
-Units are grouped into shape buckets (kind, m, p, D); each bucket is stacked along a new leading
-axis and solved by ONE compiled executable (vmap over layers for 5.3, ``lax.map`` over layers for
+Units are grouped into shape buckets (kind, m, p), filters zero-padded to the bucket's longest D
+(which changes no Gram product); each bucket is stacked along a new leading axis and solved by ONE
+compiled executable (vmap over layers for 5.3, ``lax.map`` over layers for
 5.4 to bound the (p, m, m) memory), so a ResNet-101 compiles a handful of times, not once per layer.
 Executables are cached per (bucket, number of layers, dtype) for the process, so ratio / lambda
 sweeps reuse them (the lambdas are runtime arguments).
@@ -28,6 +29,8 @@ ValueError names the layer. NaN is never returned.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
 import time
 from collections.abc import Sequence
@@ -92,11 +95,16 @@ class Result:
 System = SharedSystem | RowSystem
 
 
-def bucket_key(system: System) -> tuple[str, int, int, int]:
-  """(kind, m, p, D): systems with equal keys share one compiled executable."""
+def bucket_key(system: System) -> tuple[str, int, int]:
+  """(kind, m, p): systems with equal keys are stacked and share one compiled executable.
+
+  The filter length D is not part of the key: shorter filters are zero-padded to the longest in
+  the bucket, which leaves every Gram product (F F^T, F F_P^T) unchanged. A uniformly pruned
+  ResNet thus needs one executable per stage (conv1 and conv2 of a stage share m and p).
+  """
   if isinstance(system, SharedSystem):
-    return ('shared', system.F.shape[0], system.FP.shape[0], system.F.shape[1])
-  return ('row', system.X.shape[0], system.Y.shape[0], system.X.shape[1])
+    return ('shared', system.F.shape[0], system.FP.shape[0])
+  return ('row', system.X.shape[0], system.Y.shape[0])
 
 
 # --------------------------------------------------------------------------------------------
@@ -150,12 +158,13 @@ def _make_shared_kernel(jitter: bool, with_cond: bool):
     jit_val = _jitter(A, m, jitter)
     X, piv = _chol_solve(A + jit_val * eye, R)
     res = jnp.linalg.norm(jnp.matmul(A, X, precision=_HIGHEST) - R)
+    rn = jnp.linalg.norm(R)
     if with_cond:
       w = jnp.linalg.eigvalsh(A)
       lo, hi = w[0], w[-1]
     else:
       lo = hi = jnp.full((), jnp.nan, A.dtype)
-    return X, res, jnp.linalg.norm(R), lo, hi, jit_val, piv
+    return X, res, rn, lo, hi, jit_val, piv
 
   def kernel(F, FP, b, bP, lam1, lam2):
     _count_trace()
@@ -176,6 +185,7 @@ def _make_row_kernel(jitter: bool, with_cond: bool):
     C, piv = _chol_solve(A + jit_val[:, None, None] * eye, R[:, :, None])
     C = C[:, :, 0]
     res = jnp.linalg.norm(jnp.einsum('pik,pk->pi', A, C, precision=_HIGHEST) - R)
+    rn = jnp.linalg.norm(R)
     if with_cond:
       # Weyl bounds on every A_j = G + diag(d_j) from one eigen-decomposition of G: an upper
       # bound on the worst condition number without p extra decompositions.
@@ -184,7 +194,7 @@ def _make_row_kernel(jitter: bool, with_cond: bool):
       hi = jnp.max(w[-1] + jnp.max(d, axis=1))
     else:
       lo = hi = jnp.full((), jnp.nan, X.dtype)
-    return C, res, jnp.linalg.norm(R), lo, hi, jnp.max(jit_val), piv
+    return C, res, rn, lo, hi, jnp.max(jit_val), piv
 
   def kernel(X, Y, d, e):
     _count_trace()
@@ -193,16 +203,70 @@ def _make_row_kernel(jitter: bool, with_cond: bool):
   return kernel
 
 
+def _pad_d(a: np.ndarray, d: int, dtype) -> np.ndarray:
+  a = np.asarray(a, dtype)
+  return a if a.shape[1] == d else np.pad(a, ((0, 0), (0, d - a.shape[1])))
+
+
 def _stack(bucket: Sequence[System], dtype) -> tuple[np.ndarray, ...]:
+  """The bucket's arrays stacked along a new leading layer axis, filters zero-padded in D."""
   if isinstance(bucket[0], SharedSystem):
+    d = max(s.F.shape[1] for s in bucket)
     fields = (
-        [s.F for s in bucket], [s.FP for s in bucket], [s.b for s in bucket],
-        [s.bP for s in bucket], [s.lam1 for s in bucket], [s.lam2 for s in bucket],
+        [_pad_d(s.F, d, dtype) for s in bucket], [_pad_d(s.FP, d, dtype) for s in bucket],
+        [s.b for s in bucket], [s.bP for s in bucket], [s.lam1 for s in bucket],
+        [s.lam2 for s in bucket],
     )
   else:
-    fields = ([s.X for s in bucket], [s.Y for s in bucket], [s.d for s in bucket],
-              [s.e for s in bucket])
+    d = max(s.X.shape[1] for s in bucket)
+    fields = ([_pad_d(s.X, d, dtype) for s in bucket], [_pad_d(s.Y, d, dtype) for s in bucket],
+              [s.d for s in bucket], [s.e for s in bucket])
   return tuple(np.stack([np.asarray(a, dtype) for a in f]) for f in fields)
+
+
+def _openblas_thread_setters() -> list[tuple[Any, Any]]:
+  """(get, set) num-threads functions of every OpenBLAS loaded in this process (Linux only)."""
+  try:
+    with open('/proc/self/maps', encoding='utf-8') as f:
+      libs = sorted({ln.split()[-1] for ln in f if 'openblas' in ln.lower() and '/' in ln})
+  except OSError:
+    return []
+  out = []
+  for lib in libs:
+    try:
+      handle = ctypes.CDLL(lib)
+    except OSError:
+      continue
+    for suffix in ('', '64_'):
+      for prefix in ('scipy_openblas', 'openblas'):
+        get = getattr(handle, f'{prefix}_get_num_threads{suffix}', None)
+        put = getattr(handle, f'{prefix}_set_num_threads{suffix}', None)
+        if get is not None and put is not None:
+          out.append((get, put))
+  return out
+
+
+@contextlib.contextmanager
+def _single_threaded_lapack():
+  """Runs the block with OpenBLAS limited to one thread on the CPU backend.
+
+  jaxlib's CPU LAPACK kernels (potrf, syevd, ...) call the OpenBLAS that ships with SciPy. Its own
+  worker threads, spinning next to XLA's thread pool, made batched eigen-decompositions 100-200x
+  slower and sometimes never finish (observed with jaxlib 0.10.2 / scipy-openblas 0.3.30 on a
+  2-core machine; ``OPENBLAS_NUM_THREADS=1`` cures it). Restored on exit.
+  """
+  if jax.default_backend() != 'cpu':
+    yield
+    return
+  setters = _openblas_thread_setters()
+  saved = [get() for get, _ in setters]
+  for _, put in setters:
+    put(1)
+  try:
+    yield
+  finally:
+    for (_, put), n in zip(setters, saved):
+      put(n)
 
 
 def _device_solve(bucket, dtype: str, with_cond: bool, timing: dict[str, float]):
@@ -210,7 +274,7 @@ def _device_solve(bucket, dtype: str, with_cond: bool, timing: dict[str, float])
   kind = 'shared' if isinstance(bucket[0], SharedSystem) else 'row'
   args = _stack(bucket, np.float64 if dtype == 'float64' else np.float32)
   key = (kind, dtype, with_cond, tuple(a.shape for a in args))
-  with jax.enable_x64(dtype == 'float64'):
+  with jax.enable_x64(dtype == 'float64'), _single_threaded_lapack():
     dev = [jax.device_put(a) for a in args]
     compiled = _CACHE.get(key)
     if compiled is None:
@@ -298,6 +362,7 @@ def solve(systems: Sequence[System], *, dtype: str = 'float32', with_cond: bool 
     bucket = [systems[i] for i in idx]
     timing = {'compile': 0.0, 'solve': 0.0}
     X, res, rn, lo, hi, jit_val, piv = _device_solve(bucket, dtype, with_cond, timing)
+    dpad = max((s.F if key[0] == 'shared' else s.X).shape[1] for s in bucket)
     # float64 runs without jitter: a Cholesky that only "succeeded" on a numerically singular A
     # returns huge coefficients, so such layers go to the pseudo-inverse as well.
     piv_tol = key[1] * np.finfo(np.float64).eps if dtype == 'float64' else 0.0
@@ -310,7 +375,7 @@ def solve(systems: Sequence[System], *, dtype: str = 'float32', with_cond: bool 
           cond_kind='exact' if key[0] == 'shared' else 'weyl_upper_bound',
           rel_residual=rel, jitter=float(jit_val[n]), pivot_ratio=float(piv[n]), solver='cholesky',
           dtype=dtype,
-          bucket=f'{key[0]}(m={key[1]}, p={key[2]}, D={key[3]})',
+          bucket=f'{key[0]}(m={key[1]}, p={key[2]}, D={dpad}, L={len(idx)})',
           compile_seconds=timing['compile'] / len(idx), solve_seconds=timing['solve'] / len(idx),
       )
       if not (np.all(np.isfinite(S)) and np.isfinite(rel) and rel <= tol and piv[n] > piv_tol):

@@ -36,7 +36,7 @@ All per-unit math is float64 NumPy on the host.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
@@ -277,33 +277,25 @@ def udfc(spec, variables: Mapping[str, Any], *, bits: int, ratio: float = 0.0, c
     b_unit = _bits_for(unit.producer, bits, keep8)
     orig = units_lib.get_path(variables['params'], unit.producer)
     orig_bias = orig.get('bias')
-    # (a) the deployed kept rows: this producer after its own inputs were compensated.
-    cur = units_lib.get_path(work['params'], unit.producer)
-    cur_bias = cur.get('bias')
-    dep = np.take(np.asarray(cur['kernel'], np.float32), keep, axis=-1)
-    dep_bias = None if cur_bias is None else np.take(np.asarray(cur_bias), keep)
-    dep_hat = quant.fake_quantize(dep, bits=b_unit, **qopts)
+    orig_k = np.take(np.asarray(orig['kernel'], np.float32), keep, axis=-1)
+    orig_kb = None if orig_bias is None else np.take(np.asarray(orig_bias), keep)
+    orig_k_hat = _unit_rows(quant.fake_quantize(orig_k, bits=b_unit, **qopts), unit, orig_kb)
+    # (a) against the deployed kept rows: this producer after its own inputs were compensated.
     if scale_from == 'compensated':
+      cur = units_lib.get_path(work['params'], unit.producer)
+      dep = np.take(np.asarray(cur['kernel'], np.float32), keep, axis=-1)
+      dep_bias = None if cur.get('bias') is None else np.take(np.asarray(cur['bias']), keep)
       Wk = _unit_rows(dep, unit, dep_bias)
-      Wk_hat = _unit_rows(dep_hat, unit, dep_bias)
+      Wk_hat = _unit_rows(quant.fake_quantize(dep, bits=b_unit, **qopts), unit, dep_bias)
     else:
-      orig_k = np.take(np.asarray(orig['kernel'], np.float32), keep, axis=-1)
-      kb = None if orig_bias is None else np.take(np.asarray(orig_bias), keep)
-      Wk = _unit_rows(orig_k, unit, kb)
-      Wk_hat = _unit_rows(quant.fake_quantize(orig_k, bits=b_unit, **qopts), unit, kb)
+      Wk, Wk_hat = _unit_rows(orig_k, unit, orig_kb), orig_k_hat
     s = quant_scales(Wk, Wk_hat, alpha[keep], b[keep], a1=a1, a2=a2)
     bad = ~(np.isfinite(s) & (s > 0))  # ReLU homogeneity needs s > 0
     s = np.where(bad, 1.0, s)
-    # (b) pruning delivery from the ORIGINAL filters, kept ones quantized.
+    # (b) pruning delivery from the ORIGINAL filters, the kept ones quantized.
     W_orig = _unit_rows(orig['kernel'], unit, orig_bias)
-    if prune.size:
-      orig_k = np.take(np.asarray(orig['kernel'], np.float32), keep, axis=-1)
-      kb = None if orig_bias is None else np.take(np.asarray(orig_bias), keep)
-      Wk_hat_orig = _unit_rows(quant.fake_quantize(orig_k, bits=b_unit, **qopts), unit, kb)
-      S_P = delivery(Wk_hat_orig, alpha[keep], b[keep], W_orig[prune], alpha[prune], b[prune],
-                     a1=a1, a2=a2)
-    else:
-      S_P = np.zeros((0, keep.size))
+    S_P = delivery(orig_k_hat, alpha[keep], b[keep], W_orig[prune], alpha[prune], b[prune],
+                   a1=a1, a2=a2)
     # (c) V'_K = s V_K + S'^T V_P: scale the kept inputs, then let surgery mix and slice.
     cons = dict(units_lib.get_path(work['params'], unit.consumer))
     kdt = np.asarray(cons['kernel']).dtype
@@ -394,23 +386,3 @@ def rtn(spec, variables: Mapping[str, Any], *, bits: int, ratio: float = 0.0, cr
                 layer_errors={p: d['rel_error'] for p, d in qmeta['layers'].items()},
                 nbytes=quant.tree_nbytes(qtree))
   return widths, qtree, qmeta, report
-
-
-def unit_problem_loss(W, What, alpha, b, keep: Sequence[int], prune: Sequence[int], s, S_P, *,
-                      a1: float = DEFAULT_A1, a2: float = DEFAULT_A2) -> float:
-  """The combined per-unit objective of 6.2 (quantization part at ``s`` plus pruning part at
-  ``S_P``); useful to compare compensations on one layer without data."""
-  keep = np.asarray(keep, np.int64)
-  prune = np.asarray(prune, np.int64)
-  alpha = np.asarray(alpha, np.float64)
-  b = np.asarray(b, np.float64)
-  W = np.asarray(W, np.float64)
-  lq = quant_objective(W[keep], What, alpha[keep], b[keep], s, a1=a1, a2=a2).sum()
-  if prune.size == 0:
-    return float(lq)
-  F = alpha[keep][:, None] * np.asarray(What, np.float64)
-  fP = alpha[prune][:, None] * W[prune]
-  S_P = np.asarray(S_P, np.float64)
-  re = np.sum((fP - S_P @ F) ** 2)
-  be = a1 * np.sum((b[prune] - S_P @ b[keep]) ** 2)
-  return float(lq + re + be + a2 * np.sum(S_P**2))

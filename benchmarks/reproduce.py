@@ -1,0 +1,256 @@
+"""Accuracy sweeps on the real checkpoints in ../shared, rendered to benchmarks/RESULTS.md.
+
+Every row is one (model, method, criterion, ratio, quantization) configuration, restored with
+:func:`lbyl_jax.pipeline.compress` and evaluated on the FULL test set (``--limit`` for less). Rows
+are appended to ``benchmarks/results/<suite>.jsonl`` as they finish; a rerun skips rows already
+there, so a long sweep can be interrupted and resumed. ``--render`` turns all JSONL files into
+``benchmarks/RESULTS.md`` tables (next to the published numbers of ALGORITHMS.md section 9 and
+BN_MOMENTS.md where they exist) and PNG plots of top-1 versus ratio.
+
+  python benchmarks/reproduce.py --suite restore          # methods x criteria x ratios, 3 CIFAR models
+  python benchmarks/reproduce.py --suite lenet            # LeNet-300-100 FashionMNIST, reference + consistent
+  python benchmarks/reproduce.py --suite quant            # W8/W6/W4 x rtn/dfq/udfc, pruning + quantization
+  python benchmarks/reproduce.py --suite bnm              # BN-moments vs LBYL/NM/prune, bias correction
+  python benchmarks/reproduce.py --render
+  python benchmarks/reproduce.py --quick --results-dir /tmp/q   # CI smoke run: small subset, few rows
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import pathlib
+import platform
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5)
+LENET_RATIOS = (0.5, 0.6, 0.7, 0.8)
+
+MODELS = {
+    'resnet20': ('resnet20-12fca82f.th', 'cifar10_test.npz'),
+    'resnet56': ('resnet56-4bfd9763.th', 'cifar10_test.npz'),
+    'resnet56_b': ('nm_resnet56.cifar10.pth.tar', 'cifar10_test.npz'),
+    'lenet_300_100': ('lbyl_lenet_300_100.fashionmnist.pth.tar', 'fashion_mnist_test.npz'),
+}
+
+# LeNet lambdas of the LBYL README (ALGORITHMS.md 8.1), reference-code scale, L2 criterion.
+LENET_LBYL_LAM = {0.5: 0.3, 0.6: 0.6, 0.7: 0.3, 0.8: 1e-6}
+
+
+def shared_dir() -> pathlib.Path:
+  env = os.environ.get('LBYL_JAX_SHARED')
+  return pathlib.Path(env) if env else ROOT.parent / 'shared'
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+  arch: str
+  method: str
+  criterion: str = 'l2'
+  ratio: float = 0.0
+  options: tuple[tuple[str, object], ...] = ()   # extra RestoreConfig fields
+  bits: int | None = None
+  quant_method: str | None = None
+  tag: str = ''
+
+  def key(self) -> str:
+    return hashlib.sha1(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def restore_jobs(quick: bool) -> list[Job]:
+  if quick:
+    return [Job('resnet20', m, 'l2', 0.3) for m in ('prune', 'nm', 'lbyl')]
+  jobs = []
+  for arch in ('resnet20', 'resnet56', 'resnet56_b'):
+    for r in RATIOS:
+      for m in ('prune', 'nm', 'lbyl'):
+        jobs.append(Job(arch, m, 'l2', r))
+  for arch in ('resnet20', 'resnet56_b'):
+    for crit in ('l1', 'l2-gm'):
+      for r in RATIOS:
+        for m in ('prune', 'nm', 'lbyl'):
+          jobs.append(Job(arch, m, crit, r))
+  return jobs
+
+
+def lenet_jobs(quick: bool) -> list[Job]:
+  ratios = (0.5,) if quick else LENET_RATIOS
+  ref = (('lbyl_mode', 'reference_code'), ('nm_mode', 'reference_code'), ('bn_sigma', 'variance'),
+         ('keep_rounding', 'round'))
+  jobs = []
+  for r in ratios:
+    jobs.append(Job('lenet_300_100', 'prune', 'l2', r, ref, tag='reference'))
+    jobs.append(Job('lenet_300_100', 'lbyl', 'l2', r,
+                    ref + (('lambda1', 0.0), ('lambda2', LENET_LBYL_LAM[r])), tag='reference'))
+    jobs.append(Job('lenet_300_100', 'prune', 'l1', r, ref, tag='reference'))
+    jobs.append(Job('lenet_300_100', 'nm', 'l1', r, ref + (('nm_t', 0.45),), tag='reference'))
+    jobs.append(Job('lenet_300_100', 'nm', 'l2', r, ref + (('nm_t', 0.45),), tag='reference'))
+    if not quick:
+      for m in ('lbyl', 'nm', 'bnm'):
+        jobs.append(Job('lenet_300_100', m, 'l2', r, tag='consistent'))
+  return jobs
+
+
+def quant_jobs(quick: bool) -> list[Job]:
+  if quick:
+    return [Job('resnet20', 'prune', 'l2', 0.0, bits=4, quant_method=q) for q in ('rtn', 'udfc')]
+  jobs = []
+  for arch in ('resnet56', 'resnet56_b'):
+    for bits in (8, 6, 4):
+      for q in ('rtn', 'dfq', 'udfc'):
+        jobs.append(Job(arch, 'prune', 'l2', 0.0, bits=bits, quant_method=q))
+    for r in (0.3, 0.4, 0.5):
+      for bits in (6, 4):
+        jobs.append(Job(arch, 'lbyl', 'l2', r, bits=bits, quant_method='rtn'))
+        jobs.append(Job(arch, 'lbyl', 'l2', r, bits=bits, quant_method='udfc'))
+        jobs.append(Job(arch, 'bnm', 'l2', r, bits=bits, quant_method='udfc'))
+  return jobs
+
+
+def bnm_jobs(quick: bool) -> list[Job]:
+  if quick:
+    return [Job('resnet20', 'bnm', 'l2', 0.3)]
+  jobs = []
+  for arch in ('resnet56_b', 'resnet20', 'resnet56'):
+    for r in RATIOS:
+      for m in ('prune', 'nm', 'lbyl'):
+        jobs.append(Job(arch, m, 'l2', r))  # shared with the restore suite (same keys)
+      jobs.append(Job(arch, 'bnm', 'l2', r, (('bnm_cov', 'diag'),)))
+      jobs.append(Job(arch, 'bnm', 'l2', r, (('bnm_cov', 'identity'),)))
+      for m in ('bnm', 'lbyl', 'nm'):
+        jobs.append(Job(arch, m, 'l2', r, (('bias_correction', 'on'),)))
+        jobs.append(Job(arch, m, 'l2', r, (('bias_correction', 'auto'),)))
+  for r in LENET_RATIOS:
+    for m in ('prune', 'nm', 'lbyl', 'bnm'):
+      jobs.append(Job('lenet_300_100', m, 'l2', r))
+    for m in ('bnm', 'lbyl'):
+      jobs.append(Job('lenet_300_100', m, 'l2', r, (('bias_correction', 'on'),)))
+      jobs.append(Job('lenet_300_100', m, 'l2', r, (('bias_correction', 'auto'),)))
+  return jobs
+
+
+SUITES = {'restore': restore_jobs, 'lenet': lenet_jobs, 'quant': quant_jobs, 'bnm': bnm_jobs}
+
+
+@functools.cache
+def _loaded(arch: str):
+  import converters
+  from lbyl_jax import archs, data, evaluate
+
+  spec = archs.get(arch)
+  wfile, dfile = MODELS[arch]
+  variables = converters.load_variables(shared_dir() / 'weights' / wfile, spec)
+  ds = data.load_dataset(str(shared_dir() / 'data' / dfile))
+  return spec, variables, ds, evaluate.Evaluator(spec, batch_size=1000)
+
+
+def run_job(job: Job, limit: int | None) -> dict:
+  from lbyl_jax import pipeline, restore
+
+  spec, variables, ds, ev = _loaded(job.arch)
+  if limit:
+    ds = ds.subset(limit)
+  cfg = restore.RestoreConfig(method=job.method, criterion=job.criterion, ratio=job.ratio,
+                              **dict(job.options))
+  qcfg = None if job.bits is None else pipeline.QuantConfig(bits=job.bits, method=job.quant_method)
+  t = time.perf_counter()
+  res = pipeline.compress(spec, variables, cfg, qcfg)
+  t_restore = time.perf_counter() - t
+  acc = ev.evaluate(res.variables, ds, widths=res.widths, progress=False)
+  rep = res.report
+  row = dict(dataclasses.asdict(job), key=job.key(), top1=acc['top1'], top5=acc['top5'], n=acc['n'],
+             params_after=rep['params_after'], flops_after=rep['flops_after'],
+             bytes_after=rep['bytes_after'], params_before=rep['params_before'],
+             flops_before=rep['flops_before'], bytes_before=rep['bytes_before'],
+             restore_seconds=t_restore, solve_seconds=rep.get('solve_seconds'),
+             lambdas=[rep['layers'][0]['diagnostics'].get('lam1'), rep['layers'][0]['diagnostics'].get('lam2')]
+             if rep.get('layers') else None)
+  if job.options and dict(job.options).get('bias_correction') == 'auto':
+    row['auto_bias_layers'] = [l['name'] for l in rep['layers']
+                               if l['diagnostics'].get('bias_correction')]
+  return row
+
+
+def baseline_row(arch: str, limit: int | None) -> dict:
+  spec, variables, ds, ev = _loaded(arch)
+  if limit:
+    ds = ds.subset(limit)
+  acc = ev.evaluate(variables, ds, progress=False)
+  return dict(arch=arch, method='baseline', key=f'baseline-{arch}-{limit}', top1=acc['top1'],
+              top5=acc['top5'], n=acc['n'])
+
+
+def run_suite(name: str, results_dir: pathlib.Path, *, quick: bool, limit: int | None) -> list[dict]:
+  from tqdm import tqdm
+
+  path = results_dir / f'{name}.jsonl'
+  done = {}
+  if path.exists():
+    for line in path.read_text().splitlines():
+      if line.strip():
+        row = json.loads(line)
+        done[row['key']] = row
+  jobs = SUITES[name](quick)
+  todo = [j for j in jobs if j.key() not in done]
+  archs_needed = sorted({j.arch for j in jobs})
+  rows = []
+  with open(path, 'a') as f:
+    for arch in archs_needed:
+      key = f'baseline-{arch}-{limit}'
+      if key not in done:
+        row = baseline_row(arch, limit)
+        f.write(json.dumps(row) + '\n')
+        f.flush()
+        done[key] = row
+    for job in tqdm(todo, desc=name, unit='config', file=sys.stderr):
+      row = run_job(job, limit)
+      f.write(json.dumps(row) + '\n')
+      f.flush()
+      done[job.key()] = row
+      print(f"{job.arch} {job.method} {job.criterion} r={job.ratio} {dict(job.options)} "
+            f"bits={job.bits} {job.quant_method}: top1 {row['top1']:.2f}", file=sys.stderr, flush=True)
+  rows = list(done.values())
+  return rows
+
+
+def machine() -> str:
+  import jax
+
+  return (f'{platform.machine()} {os.cpu_count()} cores, {jax.default_backend()} '
+          f'({jax.devices()[0].device_kind}), JAX {jax.__version__}, Python {platform.python_version()}')
+
+
+def main(argv=None) -> None:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('--suite', action='append', choices=sorted(SUITES), help='repeatable')
+  p.add_argument('--quick', action='store_true', help='a few rows on a 500-image subset (smoke test)')
+  p.add_argument('--limit', type=int, help='evaluate on the first N test images')
+  p.add_argument('--results-dir', default=str(ROOT / 'benchmarks' / 'results'))
+  p.add_argument('--render', action='store_true', help='write RESULTS.md tables and plots')
+  p.add_argument('--results-md', default=str(ROOT / 'benchmarks' / 'RESULTS.md'))
+  args = p.parse_args(argv)
+  results_dir = pathlib.Path(args.results_dir)
+  results_dir.mkdir(parents=True, exist_ok=True)
+  limit = args.limit or (500 if args.quick else None)
+  suites = args.suite or ([] if args.render else sorted(SUITES))
+  t0 = time.perf_counter()
+  for s in suites:
+    run_suite(s, results_dir, quick=args.quick, limit=limit)
+  if suites:
+    print(f'suites {suites} done in {time.perf_counter() - t0:.0f} s on {machine()}', file=sys.stderr)
+  if args.render:
+    from benchmarks import report  # pylint: disable=import-outside-toplevel
+
+    report.render(results_dir, pathlib.Path(args.results_md), machine())
+
+
+if __name__ == '__main__':
+  main()
