@@ -61,8 +61,8 @@ def reference_system(problem: UnitProblem, lam1: float, lam2: float) -> solvers.
   mu = np.asarray(bn['mu'], np.float64)
   sg = np.asarray(bn['var'], np.float64)  # A1: the code's "sg" is the raw running variance
   if np.any(gamma[K] == 0) or np.any(gamma[P] == 0):
-    raise ValueError(f"{name}: lbyl_mode='reference_code' divides by BN gamma, which has zeros here;"
-                     " use lbyl_mode='consistent'")
+    raise ValueError(f"{name}: lbyl_mode='reference_code' divides by BN gamma, which has zeros"
+                     " here; use lbyl_mode='consistent'")
   W = np.asarray(problem.W, np.float64)
   Kjk = (gamma[P, None] / gamma[None, K]) * (sg[None, K] / sg[P, None])  # (p, m)
   a = mu[K] - sg[K] * beta[K] / gamma[K]  # (m,)

@@ -132,8 +132,12 @@ def lbyl(spec, variables, problems: Sequence[UnitProblem], config) -> list[UnitS
   return lbyl_lib.solve(spec, variables, problems, config)
 
 
+def _find_bnm():
+  return importlib.util.find_spec('lbyl_jax.bnm')
+
+
 def _bnm_module():
-  if importlib.util.find_spec('lbyl_jax.bnm') is None:
+  if _find_bnm() is None:
     raise ValueError(
         "method 'bnm' (and bias_correction) needs lbyl_jax/bnm.py, which is not installed in this"
         ' checkout'

@@ -81,8 +81,8 @@ def merge_bn(
       sg = np.asarray(bn['var'], np.float64)  # A1: running variance, no sqrt, no eps
       scale = s * (gamma[None, K] / gamma[P, None]) * (sg[P, None] / sg[None, K])
       kink = mu[P] - sg[P] * beta[P] / gamma[P]  # channel j's ReLU kink in its input units
-      bd = np.abs((gamma[None, K] / sg[None, K]) * (s * kink[:, None] - mu[None, K]) + beta[None, K])
-      bd = bd / scale
+      bn_k = (gamma[None, K] / sg[None, K]) * (s * kink[:, None] - mu[None, K]) + beta[None, K]
+      bd = np.abs(bn_k) / scale
     else:
       raise ValueError(f"nm_mode must be 'exact' or 'reference_code', got {mode!r}")
   # Kept channels that cannot carry a merge (zero filter, zero alpha or gamma) are never chosen.

@@ -36,9 +36,6 @@ from lbyl_jax.methods import UnitProblem, UnitSolution
 # Used when neither the config nor ``spec.hparams['lbyl']`` gives a value (8.1 orders of magnitude).
 DEFAULT_LAMBDA1 = 1e-5
 DEFAULT_LAMBDA2 = 1e-3
-# bias_correction='auto' applies the constant only to units pruned by at most this fraction:
-# BN_MOMENTS.md measures +1-3 points at 10-20 % and losses from 30-40 % on.
-AUTO_BIAS_MAX_RATIO = 0.2
 
 _CHOICES = dict(
     lbyl_mode=('consistent', 'reference_code'),
@@ -67,6 +64,13 @@ def _check_nonneg(value: Any, what: str) -> None:
     raise ValueError(f'{what} must be a finite number >= 0, got {value!r}')
 
 
+def _matches(pattern: str, name: str) -> bool:
+  """fnmatch glob on the unit name, or a full-match regular expression after 're:'."""
+  if pattern.startswith('re:'):
+    return re.fullmatch(pattern[3:], name) is not None
+  return fnmatch.fnmatchcase(name, pattern)
+
+
 @dataclasses.dataclass(frozen=True)
 class RestoreConfig:
   """Options of :func:`restore`; validated on construction (errors name the bad value).
@@ -78,8 +82,9 @@ class RestoreConfig:
     ratio_overrides: ((pattern, ratio), ...) per-unit ratios; a pattern is an fnmatch glob on the
       unit name (e.g. 'layer4_*/conv1'), or a regular expression (full match) when prefixed by
       're:'. The LAST matching pattern wins. A mapping is accepted and converted.
-    lambda1, lambda2: LBYL weights (5.3 / 5.4); None: ``spec.hparams['lbyl']`` or the defaults.
-    nm_t, nm_lam: NM threshold and score weight (4.3); None: ``spec.hparams['nm']``.
+    lambda1, lambda2: LBYL weights (5.3 / 5.4); None: ``spec.hparams['lbyl']['lambda1' /
+      'lambda2']`` if the preset has them, else DEFAULT_LAMBDA1 / DEFAULT_LAMBDA2.
+    nm_t, nm_lam: NM threshold and score weight (4.3); None: ``spec.hparams['nm']['t' / 'lam']``.
     lbyl_mode: 'consistent' (5.3) or 'reference_code' (5.4).
     nm_mode: 'exact' or 'reference_code' (A2).
     bn_sigma: 'std' (sqrt(var + eps)) or 'variance' (A1) for the BN terms of the consistent /
@@ -88,7 +93,7 @@ class RestoreConfig:
     dtype: solver precision, 'float32' or 'float64' (A12).
     seed: seed of the 'random' criterion (combined with the unit index).
     bias_correction: 'off', 'on' (constant c from :func:`lbyl_jax.bnm.bias_constant` on every
-      unit) or 'auto' (only on units pruned by at most ``AUTO_BIAS_MAX_RATIO``).
+      unit) or 'auto' (``bias_constant`` decides per unit, returning None where it abstains).
     bnm_cov: input-patch covariance model of the BN-moments method ('identity' or 'diag').
   """
 
@@ -113,7 +118,8 @@ class RestoreConfig:
     if self.method not in methods.names():
       raise ValueError(f'unknown method {self.method!r}; known: {", ".join(methods.names())}')
     if self.criterion not in criteria.names():
-      raise ValueError(f'unknown criterion {self.criterion!r}; known: {", ".join(criteria.names())}')
+      known = ', '.join(criteria.names())
+      raise ValueError(f'unknown criterion {self.criterion!r}; known: {known}')
     object.__setattr__(self, 'ratio', _check_ratio(self.ratio, 'ratio'))
     overrides = self.ratio_overrides
     if isinstance(overrides, Mapping):
@@ -146,11 +152,7 @@ class RestoreConfig:
     """The ratio of one unit: the last matching override, else ``ratio``."""
     r = self.ratio
     for pattern, value in self.ratio_overrides:
-      if pattern.startswith('re:'):
-        hit = re.fullmatch(pattern[3:], unit_name) is not None
-      else:
-        hit = fnmatch.fnmatchcase(unit_name, pattern)
-      if hit:
+      if _matches(pattern, unit_name):
         r = value
     return r
 
@@ -170,7 +172,8 @@ class RestoreConfig:
     t = self.nm_t if self.nm_t is not None else hp.get('t')
     lam = self.nm_lam if self.nm_lam is not None else hp.get('lam')
     if t is None or lam is None:
-      raise ValueError(f'{spec.name}: no NM defaults in spec.hparams; set nm_t and nm_lam explicitly')
+      raise ValueError(f'{spec.name}: no NM defaults in spec.hparams; set nm_t and nm_lam'
+                       ' explicitly')
     return float(t), float(lam)
 
 
@@ -205,14 +208,15 @@ def validate_variables(spec, variables: Mapping[str, Any]) -> None:
     v = np.shape(units_lib.get_path(params, unit.consumer)['kernel'])
     fan_in = v[2] if unit.consumer_kind == 'conv' else v[0]
     if fan_in != n * unit.flatten:
-      raise ValueError(f'{unit.consumer}: reads {fan_in} inputs but {unit.producer} has {n} channels'
-                       f' (x{unit.flatten} positions)')
+      raise ValueError(f'{unit.consumer}: reads {fan_in} inputs but {unit.producer} has {n}'
+                       f' channels (x{unit.flatten} positions)')
 
 
 def bn_terms(variables: Mapping[str, Any], unit: units_lib.Unit, *, sigma: str = 'std'):
   """:func:`units.bn_affine` with a producer bias in front of the BN folded into mu and b
   (BN(Wx + bias) = alpha W x + beta - alpha (mu - bias); torchvision VGG convs have biases)."""
-  bn = {k: np.asarray(v, np.float64) for k, v in units_lib.bn_affine(variables, unit, sigma=sigma).items()}
+  affine = units_lib.bn_affine(variables, unit, sigma=sigma)
+  bn = {k: np.asarray(v, np.float64) for k, v in affine.items()}
   bias = units_lib.producer_bias(variables, unit)
   if unit.bn is not None and bias is not None:
     bn['mu'] = bn['mu'] - np.asarray(bias, np.float64)
@@ -223,6 +227,10 @@ def bn_terms(variables: Mapping[str, Any], unit: units_lib.Unit, *, sigma: str =
 def build_problems(spec, variables: Mapping[str, Any], config: RestoreConfig) -> list[UnitProblem]:
   """One :class:`UnitProblem` per unit of ``spec`` from the ORIGINAL weights."""
   rounding = config.rounding_for(spec)
+  for pattern, _ in config.ratio_overrides:  # a typo in a pattern must not pass silently
+    if not any(_matches(pattern, u.name) for u in spec.units):
+      raise ValueError(f'ratio_overrides pattern {pattern!r} matches no unit of {spec.name}'
+                       f' (units look like {spec.units[0].name!r})')
   out = []
   for index, unit in enumerate(spec.units):
     W = np.asarray(units_lib.filters(variables, unit), np.float64)
@@ -245,14 +253,21 @@ def _check_solutions(problems: Sequence[UnitProblem], sols: Sequence[UnitSolutio
 
 
 def _apply_bias_correction(spec, variables, problems, sols, config) -> list[UnitSolution]:
-  """Replaces each unit's constant by BN_MOMENTS.md's c = E[a_P] - S_P E[a_K] ('on' / 'auto')."""
+  """Replaces each unit's constant by BN_MOMENTS.md's c = E[a_P] - S_P E[a_K].
+
+  ``lbyl_jax.bnm.bias_constant(spec, variables, problems, solutions, config)`` returns one
+  constant (|P|) or None per unit; with ``config.bias_correction == 'auto'`` its None marks the
+  units where its data-free rule declines the correction.
+  """
   consts = list(methods.bias_module().bias_constant(spec, variables, problems, sols, config))
   if len(consts) != len(problems):
     raise ValueError(f'bias_constant returned {len(consts)} constants for {len(problems)} units')
   out = []
   for p, s, c in zip(problems, sols, consts):
-    use = config.bias_correction == 'on' or p.prune.size <= AUTO_BIAS_MAX_RATIO * p.n
-    c = None if (c is None or not use or p.prune.size == 0) else np.asarray(c, np.float64)
+    c = None if (c is None or p.prune.size == 0) else np.asarray(c, np.float64)
+    if c is not None and (c.shape != (p.prune.size,) or not np.all(np.isfinite(c))):
+      raise ValueError(f'{p.unit.name}: bias_constant returned shape {c.shape} or non-finite'
+                       f' values; expected {p.prune.size} finite values')
     out.append(dataclasses.replace(s, bias=c, diag={**s.diag, 'bias_correction': c is not None}))
   return out
 
@@ -303,3 +318,14 @@ def restore(
       layers=layers,
   )
   return widths, new_variables, report
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  """``python -m lbyl_jax.restore``: the command line lives in :mod:`lbyl_jax.cli`."""
+  from lbyl_jax import cli  # pylint: disable=import-outside-toplevel
+
+  cli.main(argv)
+
+
+if __name__ == '__main__':
+  main()

@@ -24,7 +24,8 @@ Precision: Gram products use ``Precision.HIGHEST`` (no TF32 on GPUs). In float32
 A layer whose solution is non-finite or whose relative residual ||A S - R|| / ||R|| (measured
 against the matrix WITHOUT jitter) is too large is re-solved on the host in float64 with an
 eigen-decomposition pseudo-inverse (the minimum-norm solution); if that is still not finite a
-ValueError names the layer. NaN is never returned.
+ValueError names the layer. NaN is never returned. Condition numbers are computed on the host
+from the returned Gram matrices (see :func:`_condition` for why not on the device).
 """
 
 from __future__ import annotations
@@ -149,7 +150,7 @@ def _chol_solve(A: jnp.ndarray, B: jnp.ndarray) -> tuple[jnp.ndarray, jnp.ndarra
   return X, (jnp.min(piv) / jnp.max(piv)) ** 2
 
 
-def _make_shared_kernel(jitter: bool, with_cond: bool):
+def _make_shared_kernel(jitter: bool):
   def one(F, FP, b, bP, lam1, lam2):
     m = F.shape[0]
     eye = jnp.eye(m, dtype=F.dtype)
@@ -158,13 +159,7 @@ def _make_shared_kernel(jitter: bool, with_cond: bool):
     jit_val = _jitter(A, m, jitter)
     X, piv = _chol_solve(A + jit_val * eye, R)
     res = jnp.linalg.norm(jnp.matmul(A, X, precision=_HIGHEST) - R)
-    rn = jnp.linalg.norm(R)
-    if with_cond:
-      w = jnp.linalg.eigvalsh(A)
-      lo, hi = w[0], w[-1]
-    else:
-      lo = hi = jnp.full((), jnp.nan, A.dtype)
-    return X, res, rn, lo, hi, jit_val, piv
+    return X, res, jnp.linalg.norm(R), jit_val, piv, A
 
   def kernel(F, FP, b, bP, lam1, lam2):
     _count_trace()
@@ -173,7 +168,7 @@ def _make_shared_kernel(jitter: bool, with_cond: bool):
   return kernel
 
 
-def _make_row_kernel(jitter: bool, with_cond: bool):
+def _make_row_kernel(jitter: bool):
   def one(args):
     X, Y, d, e = args
     m = X.shape[0]
@@ -185,16 +180,7 @@ def _make_row_kernel(jitter: bool, with_cond: bool):
     C, piv = _chol_solve(A + jit_val[:, None, None] * eye, R[:, :, None])
     C = C[:, :, 0]
     res = jnp.linalg.norm(jnp.einsum('pik,pk->pi', A, C, precision=_HIGHEST) - R)
-    rn = jnp.linalg.norm(R)
-    if with_cond:
-      # Weyl bounds on every A_j = G + diag(d_j) from one eigen-decomposition of G: an upper
-      # bound on the worst condition number without p extra decompositions.
-      w = jnp.linalg.eigvalsh(G)
-      lo = jnp.min(w[0] + jnp.min(d, axis=1))
-      hi = jnp.max(w[-1] + jnp.max(d, axis=1))
-    else:
-      lo = hi = jnp.full((), jnp.nan, X.dtype)
-    return C, res, rn, lo, hi, jnp.max(jit_val), piv
+    return C, res, jnp.linalg.norm(R), jnp.max(jit_val), piv, G
 
   def kernel(X, Y, d, e):
     _count_trace()
@@ -248,12 +234,12 @@ def _openblas_thread_setters() -> list[tuple[Any, Any]]:
 
 @contextlib.contextmanager
 def _single_threaded_lapack():
-  """Runs the block with OpenBLAS limited to one thread on the CPU backend.
+  """Runs the block with every loaded OpenBLAS limited to one thread (CPU backend only).
 
-  jaxlib's CPU LAPACK kernels (potrf, syevd, ...) call the OpenBLAS that ships with SciPy. Its own
-  worker threads, spinning next to XLA's thread pool, made batched eigen-decompositions 100-200x
-  slower and sometimes never finish (observed with jaxlib 0.10.2 / scipy-openblas 0.3.30 on a
-  2-core machine; ``OPENBLAS_NUM_THREADS=1`` cures it). Restored on exit.
+  jaxlib's CPU LAPACK kernels call SciPy's OpenBLAS and the host diagnostics NumPy's. Their
+  spinning worker threads next to XLA's own thread pool made small eigen-decompositions 100-200x
+  slower (0.8 s instead of 5 ms for 8 x 89 x 89 on a 2-core machine with jaxlib 0.10.2;
+  ``OPENBLAS_NUM_THREADS=1`` gives the same cure). The previous counts are restored on exit.
   """
   if jax.default_backend() != 'cpu':
     yield
@@ -269,18 +255,18 @@ def _single_threaded_lapack():
       put(n)
 
 
-def _device_solve(bucket, dtype: str, with_cond: bool, timing: dict[str, float]):
+def _device_solve(bucket, dtype: str, timing: dict[str, float]):
   """Solves one bucket on the device; returns host float64 arrays (one leading layer axis)."""
   kind = 'shared' if isinstance(bucket[0], SharedSystem) else 'row'
   args = _stack(bucket, np.float64 if dtype == 'float64' else np.float32)
-  key = (kind, dtype, with_cond, tuple(a.shape for a in args))
-  with jax.enable_x64(dtype == 'float64'), _single_threaded_lapack():
+  key = (kind, dtype, tuple(a.shape for a in args))
+  with jax.enable_x64(dtype == 'float64'):
     dev = [jax.device_put(a) for a in args]
     compiled = _CACHE.get(key)
     if compiled is None:
       make = _make_shared_kernel if kind == 'shared' else _make_row_kernel
       t0 = time.perf_counter()
-      compiled = jax.jit(make(dtype == 'float32', with_cond)).lower(*dev).compile()
+      compiled = jax.jit(make(dtype == 'float32')).lower(*dev).compile()
       timing['compile'] = time.perf_counter() - t0
       _CACHE[key] = compiled
     jax.block_until_ready(dev)
@@ -331,7 +317,28 @@ def _host_fallback(system: System) -> tuple[np.ndarray, float]:
   return S, float(res / rn) if rn > 0 else float(res)
 
 
-def solve(systems: Sequence[System], *, dtype: str = 'float32', with_cond: bool = True) -> list[Result]:
+def _condition(system: System, gram: np.ndarray) -> float:
+  """cond(A) from the device's A (SharedSystem); for a RowSystem the Weyl upper bound
+  (w_max(G) + max d) / (w_min(G) + min d) on every cond(G + diag(d_j)), from G = X X^T alone.
+
+  Computed on the host (NumPy, float64): inside the solve executable a batched eigen-
+  decomposition running next to the batched Cholesky deadlocked jaxlib 0.10.2's CPU LAPACK
+  kernels, which both block XLA's small intra-op thread pool while waiting for their batch.
+  """
+  if not np.all(np.isfinite(gram)):
+    return float('nan')
+  w = np.linalg.eigvalsh(gram)
+  if isinstance(system, SharedSystem):
+    lo, hi = w[0], w[-1]
+  else:
+    d = np.asarray(system.d, np.float64)
+    lo, hi = w[0] + d.min(axis=1).min(), w[-1] + d.max(axis=1).max()
+  return float(hi / lo) if lo > 0 else float('inf')
+
+
+def solve(
+    systems: Sequence[System], *, dtype: str = 'float32', with_cond: bool = True
+) -> list[Result]:
   """Solves every system; results in input order.
 
   Args:
@@ -357,11 +364,17 @@ def solve(systems: Sequence[System], *, dtype: str = 'float32', with_cond: bool 
           bucket=None, compile_seconds=0.0, solve_seconds=0.0))
       continue
     buckets.setdefault(key, []).append(i)
+  with _single_threaded_lapack():
+    _solve_buckets(systems, buckets, results, dtype, with_cond)
+  return results  # type: ignore[return-value]
+
+
+def _solve_buckets(systems, buckets, results, dtype: str, with_cond: bool) -> None:
   tol = _RESIDUAL_TOL[dtype]
   for key, idx in buckets.items():
     bucket = [systems[i] for i in idx]
     timing = {'compile': 0.0, 'solve': 0.0}
-    X, res, rn, lo, hi, jit_val, piv = _device_solve(bucket, dtype, with_cond, timing)
+    X, res, rn, jit_val, piv, gram = _device_solve(bucket, dtype, timing)
     dpad = max((s.F if key[0] == 'shared' else s.X).shape[1] for s in bucket)
     # float64 runs without jitter: a Cholesky that only "succeeded" on a numerically singular A
     # returns huge coefficients, so such layers go to the pseudo-inverse as well.
@@ -369,15 +382,18 @@ def solve(systems: Sequence[System], *, dtype: str = 'float32', with_cond: bool 
     for n, i in enumerate(idx):
       S = X[n].T if key[0] == 'shared' else X[n]
       rel = float(res[n] / rn[n]) if rn[n] > 0 else float(res[n])
-      cond = float(hi[n] / lo[n]) if lo[n] > 0 else float('inf')
       diag = dict(
-          cond=cond if with_cond else float('nan'),
+          cond=float('nan'),
           cond_kind='exact' if key[0] == 'shared' else 'weyl_upper_bound',
           rel_residual=rel, jitter=float(jit_val[n]), pivot_ratio=float(piv[n]), solver='cholesky',
           dtype=dtype,
           bucket=f'{key[0]}(m={key[1]}, p={key[2]}, D={dpad}, L={len(idx)})',
           compile_seconds=timing['compile'] / len(idx), solve_seconds=timing['solve'] / len(idx),
       )
+      if with_cond:
+        t0 = time.perf_counter()
+        diag['cond'] = _condition(systems[i], gram[n])
+        diag['cond_seconds'] = time.perf_counter() - t0
       if not (np.all(np.isfinite(S)) and np.isfinite(rel) and rel <= tol and piv[n] > piv_tol):
         if not np.all(np.isfinite(S)):
           reason = 'non-finite'
@@ -390,4 +406,3 @@ def solve(systems: Sequence[System], *, dtype: str = 'float32', with_cond: bool 
         diag.update(solver='eigh_pinv_fallback', fallback_reason=reason, rel_residual=rel,
                     solve_seconds=diag['solve_seconds'] + time.perf_counter() - t0)
       results[i] = Result(np.ascontiguousarray(S), diag)
-  return results  # type: ignore[return-value]

@@ -60,7 +60,8 @@ def consumer_bn_path(variables: Mapping[str, Any], consumer: str) -> str | None:
 def _check(unit: units_lib.Unit, n: int, keep, S_P, c) -> tuple[np.ndarray, np.ndarray]:
   keep = np.asarray(keep, np.int64)
   if keep.ndim != 1 or keep.size < 1 or np.any(np.diff(keep) <= 0) or keep[0] < 0 or keep[-1] >= n:
-    raise ValueError(f'{unit.name}: kept indices must be sorted, unique and in [0, {n}); got {keep}')
+    raise ValueError(f'{unit.name}: kept indices must be sorted, unique and in [0, {n});'
+                     f' got {keep}')
   prune = np.setdiff1d(np.arange(n), keep)
   S_P = np.asarray(S_P)
   if S_P.shape != (prune.size, keep.size):
@@ -70,7 +71,8 @@ def _check(unit: units_lib.Unit, n: int, keep, S_P, c) -> tuple[np.ndarray, np.n
   if c is not None:
     c = np.asarray(c)
     if c.shape != (prune.size,) or not np.all(np.isfinite(c)):
-      raise ValueError(f'{unit.name}: bias constant must be {prune.size} finite values, got {c.shape}')
+      raise ValueError(f'{unit.name}: bias constant must be {prune.size} finite values,'
+                       f' got shape {c.shape}')
   return keep, prune
 
 
@@ -90,7 +92,8 @@ def _mix_consumer(new, unit: units_lib.Unit, keep, prune, S_P, c) -> None:
   elif unit.consumer_kind == 'dense':
     r = unit.flatten
     if V.ndim != 2 or V.shape[0] != n * r:
-      raise ValueError(f'{unit.consumer}: expected a dense kernel with {n}*{r} inputs, got {V.shape}')
+      raise ValueError(f'{unit.consumer}: expected a dense kernel with {n}*{r} inputs,'
+                       f' got {V.shape}')
     V3 = V.astype(np.float64).reshape(n, r, V.shape[1])  # NCHW flatten: channel-major blocks
     VP = V3[prune]
     Vk = (V3[keep] + np.einsum('jk,jso->kso', S, VP)).reshape(keep.size * r, V.shape[1])
@@ -109,7 +112,8 @@ def _mix_consumer(new, unit: units_lib.Unit, keep, prune, S_P, c) -> None:
       bias = np.asarray(layer['bias'])
       layer['bias'] = (bias.astype(np.float64) + delta).astype(bias.dtype)
     else:
-      raise ValueError(f'{unit.consumer}: a bias constant needs a following BN or a bias to absorb it')
+      raise ValueError(f'{unit.consumer}: a bias constant needs a following BN or a bias to'
+                       ' absorb it')
   units_lib.set_path(params, unit.consumer, layer)
 
 

@@ -1,0 +1,284 @@
+"""Renders benchmarks/results/*.jsonl (from reproduce.py) and solver JSON into RESULTS.md + PNGs.
+
+Only measured rows are printed; a configuration that has not been run shows '-'. Published numbers
+(ALGORITHMS.md section 9, BN_MOMENTS.md) are printed beside ours where they exist.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5)
+LENET_RATIOS = (0.5, 0.6, 0.7, 0.8)
+
+# ALGORITHMS.md 9.1: LeNet-300-100 FashionMNIST, L2 criterion, LBYL / NM / Prune.
+LENET_LBYL_TABLE = {0.5: (88.83, 87.86, 87.86), 0.6: (87.75, 88.07, 83.03),
+                    0.7: (83.92, 83.27, 71.21), 0.8: (78.05, 77.11, 63.9)}
+# ALGORITHMS.md 9.2: NM's own table, L1 criterion, Prune / Merge.
+LENET_NM_TABLE = {0.5: (88.40, 88.69), 0.6: (85.17, 86.92), 0.7: (71.26, 82.75), 0.8: (66.76, 80.02)}
+# ALGORITHMS.md 9.3: UDFC on the NM ResNet-56, L2 criterion (first number): Prune, NM, UDFC W4.
+UDFC_TABLE = {0.3: (76.95, 85.22, 90.33), 0.4: (46.44, 76.56, 86.99), 0.5: (24.34, 56.18, 81.90)}
+# BN_MOMENTS.md, NM ResNet-56, L2.
+BNM_TABLE = {
+    'prune': (92.21, 87.42, 76.95, 46.44, 24.34),
+    'LBYL consistent, best of a lambda grid': (91.97, 89.57, 87.98, 79.22, 41.32),
+    'LBYL + bias correction': (93.31, 92.25, 89.62, 78.37, 36.00),
+    'bn-moments, diag Sx, with bias correction': (93.21, 92.28, 87.48, 64.30, 24.34),
+    'bn-moments, diag Sx, no intercept': (93.11, 91.85, 88.07, 79.46, 63.25),
+    'bn-moments, identity Sx, no intercept': (93.00, 91.78, 88.01, 79.10, 61.88),
+}
+
+
+def _load(results_dir: pathlib.Path) -> list[dict]:
+  rows = []
+  for path in sorted(results_dir.glob('*.jsonl')):
+    for line in path.read_text().splitlines():
+      if line.strip():
+        rows.append(json.loads(line))
+  return rows
+
+
+def _opts(row) -> dict:
+  return {k: v for k, v in (row.get('options') or [])}
+
+
+def _find(rows, **want):
+  opts = want.pop('options', {})
+  for r in rows:
+    if all(r.get(k) == v for k, v in want.items()) and _opts(r) == opts:
+      return r
+  return None
+
+
+def _cell(row) -> str:
+  return '-' if row is None else f"{row['top1']:.2f}"
+
+
+def _baseline(rows, arch):
+  for r in rows:
+    if r.get('method') == 'baseline' and r['arch'] == arch and r['n'] in (10000,):
+      return r['top1']
+  return None
+
+
+def _plot(path: pathlib.Path, title: str, series: dict[str, list[tuple[float, float]]], baseline=None):
+  import matplotlib
+
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
+  for label, pts in series.items():
+    pts = sorted(p for p in pts if p[1] is not None)
+    if pts:
+      ax.plot([p[0] for p in pts], [p[1] for p in pts], marker='o', label=label)
+  if baseline is not None:
+    ax.axhline(baseline, color='gray', linestyle='--', linewidth=1, label=f'unpruned {baseline:.2f}')
+  ax.set_xlabel('pruning ratio per unit')
+  ax.set_ylabel('top-1 (%)')
+  ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+
+
+def restore_section(rows, plots_dir) -> list[str]:
+  out = ['## Pruning + compensation on the real CIFAR-10 checkpoints (issue 3)', '',
+         'Full CIFAR-10 test set (10,000 images). Cells: top-1 %. LBYL = consistent closed form '
+         '(ALGORITHMS.md 5.3) with the package defaults lambda1 = 1e-5, lambda2 = 1e-3 (see '
+         '"How the lambdas were chosen" below); NM = exact BN algebra with t = 0.1, lam = 0.85 '
+         '(the official ResNet-56 script values). Only conv1 of each block is pruned.', '']
+  for arch in ('resnet20', 'resnet56', 'resnet56_b'):
+    base = _baseline(rows, arch)
+    out.append(f'### {arch} (unpruned {base if base is not None else "-"})')
+    out.append('')
+    out.append('| criterion | ratio | prune | nm | lbyl | bnm |')
+    out.append('|---|---|---|---|---|---|')
+    any_row = False
+    for crit in ('l2', 'l1', 'l2-gm'):
+      for r in RATIOS:
+        cells = [_find(rows, arch=arch, method=m, criterion=crit, ratio=r) for m in ('prune', 'nm', 'lbyl')]
+        bnm = _find(rows, arch=arch, method='bnm', criterion=crit, ratio=r, options={'bnm_cov': 'diag'})
+        if all(c is None for c in cells):
+          continue
+        any_row = True
+        out.append(f"| {crit} | {r} | " + ' | '.join(_cell(c) for c in cells) + f' | {_cell(bnm)} |')
+    if not any_row:
+      out.append('| (not run) | | | | | |')
+    series = {m: [(r, (_find(rows, arch=arch, method=m, criterion='l2', ratio=r) or {}).get('top1'))
+                  for r in RATIOS] for m in ('prune', 'nm', 'lbyl')}
+    series['bnm'] = [(r, (_find(rows, arch=arch, method='bnm', criterion='l2', ratio=r,
+                                 options={'bnm_cov': 'diag'}) or {}).get('top1')) for r in RATIOS]
+    png = plots_dir / f'{arch}_l2.png'
+    _plot(png, f'{arch}, L2 criterion, no fine-tuning', series, base)
+    out += ['', f'![{arch}](plots/{png.name})', '']
+  return out
+
+
+def lenet_section(rows) -> list[str]:
+  out = ['## LeNet-300-100 on FashionMNIST (issue 3, reference-code mode)', '',
+         'Full FashionMNIST test set. "ours" = `--lbyl-mode reference_code --nm-mode reference_code '
+         '--keep-rounding round`, LBYL lambdas of the LBYL README (0.3 / 0.6 / 0.3 / 1e-6), NM '
+         't = 0.45. Published = ALGORITHMS.md 9.1 (L2: LBYL / NM / Prune) and 9.2 (NM paper, L1).',
+         '',
+         '| ratio | LBYL L2 ours / paper | NM L2 ours / paper | Prune L2 ours / paper | NM L1 ours / paper | Prune L1 ours / paper | consistent: LBYL / NM / BNM (L2) |',
+         '|---|---|---|---|---|---|---|']
+  for r in LENET_RATIOS:
+    ref = {'lbyl_mode': 'reference_code', 'nm_mode': 'reference_code', 'bn_sigma': 'variance',
+           'keep_rounding': 'round'}
+    lam = {0.5: 0.3, 0.6: 0.6, 0.7: 0.3, 0.8: 1e-6}[r]
+    lb = _find(rows, arch='lenet_300_100', method='lbyl', criterion='l2', ratio=r,
+               options={**ref, 'lambda1': 0.0, 'lambda2': lam})
+    nm2 = _find(rows, arch='lenet_300_100', method='nm', criterion='l2', ratio=r, options={**ref, 'nm_t': 0.45})
+    pr2 = _find(rows, arch='lenet_300_100', method='prune', criterion='l2', ratio=r, options=ref)
+    nm1 = _find(rows, arch='lenet_300_100', method='nm', criterion='l1', ratio=r, options={**ref, 'nm_t': 0.45})
+    pr1 = _find(rows, arch='lenet_300_100', method='prune', criterion='l1', ratio=r, options=ref)
+    cons = [_find(rows, arch='lenet_300_100', method=m, criterion='l2', ratio=r, tag='consistent')
+            for m in ('lbyl', 'nm', 'bnm')]
+    p = LENET_LBYL_TABLE[r]
+    q = LENET_NM_TABLE[r]
+    out.append(f'| {int(r * 100)}% | {_cell(lb)} / {p[0]} | {_cell(nm2)} / {p[1]} | {_cell(pr2)} / {p[2]}'
+               f' | {_cell(nm1)} / {q[1]} | {_cell(pr1)} / {q[0]} | ' + ' / '.join(_cell(c) for c in cons) + ' |')
+  out.append('')
+  return out
+
+
+def _col_name(method: str, options: dict) -> str:
+  if 'bnm_cov' in options:
+    return f"{method} {options['bnm_cov']}"
+  if 'bias_correction' in options:
+    return f"{method} {'+bc' if options['bias_correction'] == 'on' else 'auto'}"
+  return method
+
+
+def bnm_section(rows, plots_dir) -> list[str]:
+  out = ['## BN-moments compensation (issue 6)', '',
+         'L2 criterion, full test sets. `bnm` = BN_MOMENTS.md uncentred fit (default `--bnm-cov '
+         'diag`); `+bc` = `--bias-correction on`; `auto` = the data-free per-layer rule '
+         '(`--bias-correction auto`).', '']
+  for arch in ('resnet56_b', 'resnet20', 'resnet56', 'lenet_300_100'):
+    ratios = LENET_RATIOS if arch == 'lenet_300_100' else RATIOS
+    base = _baseline(rows, arch)
+    cols = [('prune', {}), ('nm', {}), ('lbyl', {}), ('bnm', {'bnm_cov': 'diag'}),
+            ('bnm', {'bnm_cov': 'identity'}), ('lbyl', {'bias_correction': 'on'}),
+            ('lbyl', {'bias_correction': 'auto'}), ('nm', {'bias_correction': 'on'}),
+            ('nm', {'bias_correction': 'auto'}), ('bnm', {'bias_correction': 'on'}),
+            ('bnm', {'bias_correction': 'auto'})]
+    if arch == 'lenet_300_100':
+      cols = [('prune', {}), ('nm', {}), ('lbyl', {}), ('bnm', {}), ('lbyl', {'bias_correction': 'on'}),
+              ('lbyl', {'bias_correction': 'auto'}), ('bnm', {'bias_correction': 'on'}),
+              ('bnm', {'bias_correction': 'auto'})]
+    names = [_col_name(m, o) for m, o in cols]
+    out += [f'### {arch} (unpruned {base if base is not None else "-"})', '',
+            '| ratio | ' + ' | '.join(names) + ' |', '|---|' + '---|' * len(cols)]
+    for r in ratios:
+      cells = []
+      for m, o in cols:
+        row = _find(rows, arch=arch, method=m, criterion='l2', ratio=r, options=o)
+        if row is None and not o:
+          row = _find(rows, arch=arch, method=m, criterion='l2', ratio=r, tag='', options={})
+        cells.append(_cell(row))
+      out.append(f'| {r} | ' + ' | '.join(cells) + ' |')
+    out.append('')
+    if arch == 'resnet56_b':
+      out += ['BN_MOMENTS.md prototype numbers on the same checkpoint, for comparison:', '',
+              '| method | 10% | 20% | 30% | 40% | 50% |', '|---|---|---|---|---|---|']
+      for name, vals in BNM_TABLE.items():
+        out.append(f'| {name} | ' + ' | '.join(f'{v:.2f}' for v in vals) + ' |')
+      out.append('')
+      series = {}
+      for (m, o), name in zip(cols, names):
+        series[name] = [(r, (_find(rows, arch=arch, method=m, criterion='l2', ratio=r, options=o) or {}).get('top1'))
+                        for r in RATIOS]
+      png = plots_dir / 'resnet56_b_bnm.png'
+      _plot(png, 'NM ResNet-56: BN-moments vs LBYL / NM / prune', series, base)
+      out += [f'![bnm](plots/{png.name})', '']
+    auto = [r for r in rows if r['arch'] == arch and _opts(r).get('bias_correction') == 'auto']
+    if auto:
+      out.append(f'Layers where `auto` applied the bias correction ({arch}):')
+      out.append('')
+      for r in sorted(auto, key=lambda x: (x['method'], x['ratio'])):
+        n = len(r.get('auto_bias_layers') or [])
+        out.append(f"- {r['method']} r={r['ratio']}: {n} layers"
+                   + (f": {', '.join(r['auto_bias_layers'][:6])}{' ...' if n > 6 else ''}" if n else ''))
+      out.append('')
+  return out
+
+
+def quant_section(rows) -> list[str]:
+  out = ['## Weight quantization (issue 4)', '',
+         'Weights only, per-channel symmetric (A8), first conv and classifier kept at 8 bits, full '
+         'CIFAR-10 test set. rtn = round to nearest; dfq = BN fold + CLE + bias correction; udfc = '
+         'ALGORITHMS.md 6.2 with a1 = 0.01, a2 = 0.008. Bytes = what the checkpoint stores.', '']
+  for arch in ('resnet56', 'resnet56_b'):
+    base = _baseline(rows, arch)
+    out += [f'### {arch} (float {base if base is not None else "-"}), no pruning', '',
+            '| bits | rtn | dfq | udfc | bytes (udfc) |', '|---|---|---|---|---|']
+    for bits in (8, 6, 4):
+      cells = [_find(rows, arch=arch, method='prune', ratio=0.0, bits=bits, quant_method=q) for q in ('rtn', 'dfq', 'udfc')]
+      nb = cells[2]['bytes_after'] if cells[2] else None
+      out.append(f'| W{bits} | ' + ' | '.join(_cell(c) for c in cells) + f" | {nb if nb else '-'} |")
+    out += ['', f'### {arch}, pruning (L2) + quantization', '',
+            '| ratio | bits | lbyl + rtn | lbyl + udfc (joint, 6.2) | bnm + udfc | UDFC paper (W4) |',
+            '|---|---|---|---|---|---|']
+    for r in (0.3, 0.4, 0.5):
+      for bits in (6, 4):
+        cells = [_find(rows, arch=arch, method='lbyl', ratio=r, bits=bits, quant_method='rtn'),
+                 _find(rows, arch=arch, method='lbyl', ratio=r, bits=bits, quant_method='udfc'),
+                 _find(rows, arch=arch, method='bnm', ratio=r, bits=bits, quant_method='udfc')]
+        paper = UDFC_TABLE[r][2] if (arch == 'resnet56_b' and bits == 4) else '-'
+        out.append(f'| {r} | W{bits} | ' + ' | '.join(_cell(c) for c in cells) + f' | {paper} |')
+    out.append('')
+  return out
+
+
+def solver_section(results_dir: pathlib.Path) -> list[str]:
+  files = sorted(results_dir.glob('solver_*.json'))
+  out = ['## Solver speed (issues 3 and 5)', '']
+  if not files:
+    return out + ['(no solver benchmark results yet)', '']
+  import sys
+  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
+  from solver_speed import markdown  # pylint: disable=import-outside-toplevel
+
+  for f in files:
+    run = json.loads(f.read_text())
+    out += [f'`{run["command"]}` ({f.name})', '', markdown(run['results'], run['env']), '']
+  return out
+
+
+def throughput_section(results_dir: pathlib.Path) -> list[str]:
+  f = results_dir / 'throughput.json'
+  out = ['## Inference throughput of physically pruned models (issue 5)', '']
+  if not f.exists():
+    return out + ['(not run yet)', '']
+  run = json.loads(f.read_text())
+  out += [f"`{run['command']}` on {run['machine']}", '',
+          '| arch | ratio | params | GFLOPs | images/s | speed-up |', '|---|---|---|---|---|---|']
+  for r in run['results']:
+    out.append(f"| {r['arch']} | {r['ratio']} | {r['params']} | {r['flops'] / 1e9:.3f} | "
+               f"{r['images_per_s']:.0f} | {r['speedup']:.2f}x |")
+  return out + ['']
+
+
+def render(results_dir: pathlib.Path, out_md: pathlib.Path, machine: str) -> None:
+  rows = _load(results_dir)
+  plots = out_md.parent / 'plots'
+  plots.mkdir(exist_ok=True)
+  lines = ['# Results', '',
+           f'Produced by the committed scripts in `benchmarks/` on {machine} (no GPU was lent to '
+           'this task). Regenerate with `python benchmarks/reproduce.py --suite SUITE` then '
+           '`python benchmarks/reproduce.py --render`; raw rows are in `benchmarks/results/*.jsonl`.', '']
+  lines += restore_section(rows, plots)
+  lines += lenet_section(rows)
+  lines += bnm_section(rows, plots)
+  lines += quant_section(rows)
+  lines += solver_section(results_dir)
+  lines += throughput_section(results_dir)
+  notes = out_md.parent / 'NOTES.md'
+  if notes.exists():
+    lines += [notes.read_text()]
+  out_md.write_text('\n'.join(lines) + '\n')
