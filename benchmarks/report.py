@@ -62,27 +62,10 @@ def _baseline(rows, arch):
   return None
 
 
-def _plot(path: pathlib.Path, title: str, series: dict[str, list[tuple[float, float]]], baseline=None):
-  import matplotlib
+def _plot(path: pathlib.Path, title: str, series, baseline=None):
+  from lbyl_jax import pipeline  # pylint: disable=import-outside-toplevel
 
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-
-  fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=110)
-  for label, pts in series.items():
-    pts = sorted(p for p in pts if p[1] is not None)
-    if pts:
-      ax.plot([p[0] for p in pts], [p[1] for p in pts], marker='o', label=label)
-  if baseline is not None:
-    ax.axhline(baseline, color='gray', linestyle='--', linewidth=1, label=f'unpruned {baseline:.2f}')
-  ax.set_xlabel('pruning ratio per unit')
-  ax.set_ylabel('top-1 (%)')
-  ax.set_title(title)
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path)
-  plt.close(fig)
+  pipeline.plot_series(series, path, title=title, baseline=baseline)
 
 
 def restore_section(rows, plots_dir) -> list[str]:

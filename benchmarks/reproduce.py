@@ -73,9 +73,10 @@ def restore_jobs(quick: bool) -> list[Job]:
     for r in RATIOS:
       for m in ('prune', 'nm', 'lbyl'):
         jobs.append(Job(arch, m, 'l2', r))
-  for arch in ('resnet20', 'resnet56_b'):
+  # Other criteria: ResNet-20 only (CPU budget of this 2-core machine; see RESULTS.md).
+  for arch, ratios in (('resnet20', RATIOS),):
     for crit in ('l1', 'l2-gm'):
-      for r in RATIOS:
+      for r in ratios:
         for m in ('prune', 'nm', 'lbyl'):
           jobs.append(Job(arch, m, crit, r))
   return jobs
@@ -103,37 +104,45 @@ def quant_jobs(quick: bool) -> list[Job]:
   if quick:
     return [Job('resnet20', 'prune', 'l2', 0.0, bits=4, quant_method=q) for q in ('rtn', 'udfc')]
   jobs = []
-  for arch in ('resnet56', 'resnet56_b'):
-    for bits in (8, 6, 4):
-      for q in ('rtn', 'dfq', 'udfc'):
-        jobs.append(Job(arch, 'prune', 'l2', 0.0, bits=bits, quant_method=q))
-    for r in (0.3, 0.4, 0.5):
-      for bits in (6, 4):
-        jobs.append(Job(arch, 'lbyl', 'l2', r, bits=bits, quant_method='rtn'))
-        jobs.append(Job(arch, 'lbyl', 'l2', r, bits=bits, quant_method='udfc'))
-        jobs.append(Job(arch, 'bnm', 'l2', r, bits=bits, quant_method='udfc'))
+  for bits in (8, 6, 4):
+    for q in ('rtn', 'dfq', 'udfc'):
+      jobs.append(Job('resnet56_b', 'prune', 'l2', 0.0, bits=bits, quant_method=q))
+  for r in (0.3, 0.4, 0.5):
+    jobs.append(Job('resnet56_b', 'lbyl', 'l2', r, bits=4, quant_method='rtn'))
+    jobs.append(Job('resnet56_b', 'lbyl', 'l2', r, bits=4, quant_method='udfc'))
+  jobs.append(Job('resnet56_b', 'lbyl', 'l2', 0.3, bits=6, quant_method='rtn'))
+  jobs.append(Job('resnet56_b', 'lbyl', 'l2', 0.3, bits=6, quant_method='udfc'))
+  for r in (0.3, 0.4, 0.5):
+    jobs.append(Job('resnet56_b', 'bnm', 'l2', r, bits=4, quant_method='udfc'))
+  for q in ('rtn', 'dfq', 'udfc'):
+    jobs.append(Job('resnet56', 'prune', 'l2', 0.0, bits=4, quant_method=q))
+  jobs.append(Job('resnet56', 'lbyl', 'l2', 0.3, bits=4, quant_method='rtn'))
+  jobs.append(Job('resnet56', 'lbyl', 'l2', 0.3, bits=4, quant_method='udfc'))
   return jobs
 
 
 def bnm_jobs(quick: bool) -> list[Job]:
   if quick:
     return [Job('resnet20', 'bnm', 'l2', 0.3)]
+  diag, ident = (('bnm_cov', 'diag'),), (('bnm_cov', 'identity'),)
+  bc_on, bc_auto = (('bias_correction', 'on'),), (('bias_correction', 'auto'),)
   jobs = []
-  for arch in ('resnet56_b', 'resnet20', 'resnet56'):
+  for arch, variants in (('resnet56_b', (diag, ident, bc_on)), ('resnet20', (diag, bc_on))):
     for r in RATIOS:
-      for m in ('prune', 'nm', 'lbyl'):
-        jobs.append(Job(arch, m, 'l2', r))  # shared with the restore suite (same keys)
-      jobs.append(Job(arch, 'bnm', 'l2', r, (('bnm_cov', 'diag'),)))
-      jobs.append(Job(arch, 'bnm', 'l2', r, (('bnm_cov', 'identity'),)))
-      for m in ('bnm', 'lbyl', 'nm'):
-        jobs.append(Job(arch, m, 'l2', r, (('bias_correction', 'on'),)))
-        jobs.append(Job(arch, m, 'l2', r, (('bias_correction', 'auto'),)))
+      for opts in variants:
+        jobs.append(Job(arch, 'bnm', 'l2', r, opts))
+      jobs.append(Job(arch, 'lbyl', 'l2', r, bc_on))
   for r in LENET_RATIOS:
     for m in ('prune', 'nm', 'lbyl', 'bnm'):
       jobs.append(Job('lenet_300_100', m, 'l2', r))
-    for m in ('bnm', 'lbyl'):
-      jobs.append(Job('lenet_300_100', m, 'l2', r, (('bias_correction', 'on'),)))
-      jobs.append(Job('lenet_300_100', m, 'l2', r, (('bias_correction', 'auto'),)))
+    for m in ('bnm', 'lbyl', 'nm'):
+      jobs.append(Job('lenet_300_100', m, 'l2', r, bc_on))
+      jobs.append(Job('lenet_300_100', m, 'l2', r, bc_auto))
+  for arch in ('resnet56_b', 'resnet20'):  # the data-free per-layer rule
+    for r in RATIOS:
+      jobs.append(Job(arch, 'bnm', 'l2', r, bc_auto))
+  for r in RATIOS:
+    jobs.append(Job('resnet56', 'bnm', 'l2', r, diag))
   return jobs
 
 

@@ -278,11 +278,15 @@ def _bn(variables: Mapping[str, Any], path: str) -> tuple[np.ndarray, np.ndarray
 # Compiled once per shape: eager evaluation would compile every primitive separately.
 _relu_moments_jit = jax.jit(relu_moments)
 _max_relu_moments_jit = jax.jit(max_relu_moments, static_argnums=2)
-_second_moments_jit = jax.jit(relu_second_moments, static_argnames='activation')
+_cross_jit = jax.jit(relu_cross_moment)
+# Pairs per call of the elementwise cross-moment kernel: every network reuses ONE executable
+# (inputs are padded to this length), and the (chunk, 20) quadrature temporaries stay ~5 MB.
+PAIR_CHUNK = 1 << 15
 
 
-def relu_mean_var(mean: np.ndarray, var: np.ndarray, pool_k: int = 1) -> tuple[np.ndarray, np.ndarray]:
-  """Mean and variance of ReLU(y) (or of the max of pool_k iid copies), y ~ N(mean, var)."""
+def rectified_moments(mean: np.ndarray, var: np.ndarray, pool_k: int = 1
+                      ) -> tuple[np.ndarray, np.ndarray]:
+  """NumPy float64 E[a] and E[a^2] of a = ReLU(y) (or the max of pool_k iid copies), y ~ N(mean, var)."""
   with jax.enable_x64(True):
     mean = jnp.asarray(mean, jnp.float64)
     std = jnp.sqrt(jnp.maximum(jnp.asarray(var, jnp.float64), 0.0))
@@ -290,8 +294,62 @@ def relu_mean_var(mean: np.ndarray, var: np.ndarray, pool_k: int = 1) -> tuple[n
       e1, e2 = _relu_moments_jit(mean, std)
     else:
       e1, e2 = _max_relu_moments_jit(mean, std, pool_k)
-    e1, e2 = np.asarray(e1), np.asarray(e2)
+    return np.asarray(e1), np.asarray(e2)
+
+
+def relu_mean_var(mean: np.ndarray, var: np.ndarray, pool_k: int = 1) -> tuple[np.ndarray, np.ndarray]:
+  """Mean and variance of ReLU(y) (or of the max of pool_k iid copies), y ~ N(mean, var)."""
+  e1, e2 = rectified_moments(mean, var, pool_k)
   return e1, np.maximum(e2 - e1 * e1, 0.0)
+
+
+def _cross_flat(m1, s1, m2, s2, rho) -> np.ndarray:
+  n = m1.shape[0]
+  out = np.empty(n)
+  with jax.enable_x64(True):
+    for lo in range(0, n, PAIR_CHUNK):
+      hi = min(lo + PAIR_CHUNK, n)
+      args = []
+      for a in (m1, s1, m2, s2, rho):
+        chunk = np.zeros(PAIR_CHUNK)
+        chunk[:hi - lo] = a[lo:hi]
+        args.append(jnp.asarray(chunk))
+      out[lo:hi] = np.asarray(_cross_jit(*args))[:hi - lo]
+  return out
+
+
+def second_moment_matrices(gaussians, *, activation: str = 'relu'
+                           ) -> list[tuple[np.ndarray, np.ndarray]]:
+  """(E[a], M = E[a a^T]) for each (mean, cov) in ``gaussians``: NumPy float64 in and out.
+
+  The same numbers as :func:`relu_second_moments`, computed for many matrices at once: the
+  strictly upper triangles of all of them go through one compiled elementwise kernel in chunks of
+  :data:`PAIR_CHUNK` pairs (so any mix of widths costs a single compile); the diagonals use the
+  univariate formula.
+  """
+  gaussians = [(np.asarray(m, np.float64), np.asarray(c, np.float64)) for m, c in gaussians]
+  if activation == 'linear':
+    return [(m, c + np.outer(m, m)) for m, c in gaussians]
+  if activation != 'relu':
+    raise ValueError(f"activation must be 'relu' or 'linear', got {activation!r}")
+  parts, idx = [], []
+  for mean, cov in gaussians:
+    std = np.sqrt(np.maximum(np.diagonal(cov), 0.0))
+    ss = np.where(std > 0, std, 1.0)
+    i, j = np.triu_indices(mean.shape[0], 1)
+    rho = np.clip(cov[i, j] / (ss[i] * ss[j]), -1.0, 1.0)
+    parts.append((mean[i], std[i], mean[j], std[j], rho))
+    idx.append((i, j))
+  flat = [np.concatenate([p[k] for p in parts]) for k in range(5)] if parts else [np.zeros(0)] * 5
+  cross = _cross_flat(*flat)
+  out, lo = [], 0
+  for (mean, cov), (i, j) in zip(gaussians, idx):
+    e1, e2 = rectified_moments(mean, np.diagonal(cov))
+    M = np.diag(e2)
+    M[i, j] = M[j, i] = cross[lo:lo + i.size]
+    lo += i.size
+    out.append((e1, M))
+  return out
 
 
 def _blocks(params: Mapping[str, Any]) -> list[str]:
@@ -368,7 +426,8 @@ def propagate(spec, variables: Mapping[str, Any], *, input_mean: float = 0.0,
     output; bottleneck conv2 / conv3 inputs ReLU(N(beta_bn1, gamma_bn1^2)) /
     ReLU(N(beta_bn2, gamma_bn2^2)); see :func:`_residual_out` for block outputs;
   - VGG: conv i+1 reads ReLU(BN_i), through a 2x2 max-pool modelled as the max of 4 iid copies
-    (an upper bound on the mean: real neighbours are positively correlated);
+    (for positively correlated Gaussian neighbours an upper bound on the mean, by Slepian's
+    inequality);
   - MLP (no BN): y = W x + b propagated exactly in mean and full covariance
     (:func:`dense_preactivation`), the input covariance ``input_var`` * I; the activation moments
     come from the bivariate closed form, so Cov(a) is full.
@@ -387,9 +446,7 @@ def propagate(spec, variables: Mapping[str, Any], *, input_mean: float = 0.0,
     for u in spec.units:
       out[u.name] = mom
       mean, cov = dense_preactivation(units_lib.filters(variables, u), mom)
-      with jax.enable_x64(True):
-        e, m2 = _second_moments_jit(jnp.asarray(mean, jnp.float64), jnp.asarray(cov, jnp.float64))
-        e, m2 = np.asarray(e), np.asarray(m2)
+      ((e, m2),) = second_moment_matrices([(mean, cov)])
       cov_a = m2 - np.outer(e, e)
       mom = InputMoments(e, np.diagonal(cov_a).copy(), cov_a)
     return out

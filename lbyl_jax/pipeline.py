@@ -223,11 +223,6 @@ def sweep_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
 
 def plot_sweep(rows: Sequence[Mapping[str, Any]], path, *, title: str, baseline: float | None = None):
   """Top-1 versus ratio, one line per (method, criterion, bits); writes a PNG."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
-
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-
   series: dict[str, list[tuple[float, float]]] = {}
   for r in rows:
     if r.get('top1_after') is None:
@@ -235,10 +230,22 @@ def plot_sweep(rows: Sequence[Mapping[str, Any]], path, *, title: str, baseline:
     label = f"{r['method']} ({r['criterion']}"
     label += f", W{r['weight_bits']} {r['quant_method']})" if r.get('weight_bits') else ')'
     series.setdefault(label, []).append((r['ratio'], r['top1_after']))
+  plot_series(series, path, title=title, baseline=baseline)
+
+
+def plot_series(series: Mapping[str, Sequence[tuple[float, float | None]]], path, *, title: str,
+                baseline: float | None = None) -> None:
+  """One line per label of (ratio, top-1) points (None points skipped); writes a PNG."""
+  import matplotlib  # pylint: disable=import-outside-toplevel
+
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
   fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
   for label, pts in sorted(series.items()):
-    pts.sort()
-    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker='o', label=label)
+    pts = sorted(p for p in pts if p[1] is not None)
+    if pts:
+      ax.plot([p[0] for p in pts], [p[1] for p in pts], marker='o', label=label)
   if baseline is not None:
     ax.axhline(baseline, color='gray', linestyle='--', linewidth=1, label=f'unpruned {baseline:.2f}')
   ax.set_xlabel('pruning ratio per layer')

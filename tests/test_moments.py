@@ -346,3 +346,19 @@ def test_propagation_rejects_unknown_family():
   bad = dataclasses.replace(spec, family='transformer')
   with pytest.raises(ValueError, match='transformer'):
     M.propagate(bad, {'params': {}})
+
+
+def test_second_moment_matrices_batch_equals_single_and_crosses_chunks():
+  """The chunked NumPy entry point equals the JAX matrix form, for mixed widths and a total
+  number of pairs above one chunk."""
+  rng = np.random.default_rng(9)
+  gs = [_random_gaussian(rng, n) for n in (3, 7, 260)]
+  gs[1][1][2, :] = gs[1][1][:, 2] = 0.0  # a constant channel
+  assert sum(n * (n - 1) // 2 for n in (3, 7, 260)) > M.PAIR_CHUNK
+  got = M.second_moment_matrices(gs)
+  for (mean, cov), (E, Mm) in zip(gs, got):
+    E_ref, M_ref = _x64(M.relu_second_moments, mean, cov)
+    np.testing.assert_allclose(E, E_ref, rtol=1e-13, atol=1e-15)
+    np.testing.assert_allclose(Mm, M_ref, rtol=1e-12, atol=1e-14)
+  lin = M.second_moment_matrices(gs[:1], activation='linear')[0][1]
+  np.testing.assert_allclose(lin, gs[0][1] + np.outer(gs[0][0], gs[0][0]))
