@@ -163,7 +163,8 @@ def main(argv=None) -> None:
   p.add_argument('--ref-limit', type=int, default=None,
                  help='time the NumPy reference on the first N units only and extrapolate')
   p.add_argument('--backend', choices=('cpu', 'gpu', 'tpu'), help='JAX platform to use')
-  p.add_argument('--quick', action='store_true', help='resnet18 + resnet50 at ratio 0.3, 3 repeats')
+  p.add_argument('--quick', action='store_true',
+                 help='resnet18 + resnet50 at ratio 0.3, 2 repeats, NumPy reference on 4 units')
   p.add_argument('--out', help='write JSON here')
   p.add_argument('--compare', nargs='+', help='print several result JSON files side by side')
   args = p.parse_args(argv)
@@ -173,7 +174,7 @@ def main(argv=None) -> None:
   if args.backend:
     os.environ['JAX_PLATFORMS'] = args.backend
   if args.quick:
-    args.archs, args.ratios, args.repeats = 'resnet18,resnet50', '0.3', 3
+    args.archs, args.ratios, args.repeats, args.ref_limit = 'resnet18,resnet50', '0.3', 2, 4
   env = environment()
   results = []
   for arch in args.archs.split(','):

@@ -1,0 +1,56 @@
+"""The benchmark scripts' --quick modes run end to end (their numbers live in benchmarks/)."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _run(*args, timeout=900):
+  return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                        timeout=timeout, check=True)
+
+
+def test_solver_speed_quick(tmp_path):
+  out = tmp_path / 'solver.json'
+  proc = _run('benchmarks/solver_speed.py', '--quick', '--out', str(out))
+  run = json.loads(out.read_text())
+  assert [r['arch'] for r in run['results']] == ['resnet18', 'resnet50']
+  for r in run['results']:
+    assert r['batched_f32']['warm_s'] > 0 and r['batched_f32']['compiles'] >= 1
+    assert r['numpy_per_filter']['extrapolated'] is True
+  assert '| resnet50 | 0.3 |' in proc.stdout
+  compare = _run('benchmarks/solver_speed.py', '--compare', str(out), str(out))
+  assert 'resnet50' in compare.stdout
+
+
+@pytest.mark.realdata
+def test_reproduce_quick_and_render(shared, tmp_path):
+  res = tmp_path / 'results'
+  md = tmp_path / 'RESULTS.md'
+  _run('benchmarks/reproduce.py', '--quick', '--results-dir', str(res), '--render', '--results-md', str(md),
+       '--suite', 'restore', '--suite', 'lenet')
+  rows = [json.loads(l) for f in res.glob('*.jsonl') for l in f.read_text().splitlines()]
+  assert any(r['method'] == 'lbyl' and r['arch'] == 'resnet20' for r in rows)
+  assert all(r['n'] == 500 for r in rows)
+  text = md.read_text()
+  assert '### resnet20' in text and (tmp_path / 'plots' / 'resnet20_l2.png').stat().st_size > 0
+  # Resuming skips rows already computed.
+  before = sum(1 for _ in res.glob('*.jsonl') for _ in _.read_text().splitlines())
+  _run('benchmarks/reproduce.py', '--quick', '--results-dir', str(res), '--suite', 'restore')
+  after = sum(1 for _ in res.glob('*.jsonl') for _ in _.read_text().splitlines())
+  assert after == before
+
+
+def test_throughput_quick(tmp_path):
+  out = tmp_path / 't.json'
+  _run('benchmarks/throughput.py', '--quick', '--out', str(out))
+  run = json.loads(out.read_text())
+  assert [r['ratio'] for r in run['results']] == [0.0, 0.5]
+  assert run['results'][1]['flops'] < run['results'][0]['flops']
