@@ -87,7 +87,9 @@ def bench_arch(arch: str, ratio: float, *, repeats: int, modes: list[str], ref_l
       row[mode] = dict(first_call_s=first, warm_s=warm, compile_s=max(first - warm, 0.0),
                        compiles=solvers.trace_count() - traces0)
     elif mode == 'numpy_per_filter':
-      subset = problems if ref_limit is None else problems[:ref_limit]
+      # Evenly spaced units (every stage represented), scaled up by the unit count.
+      step = 1 if ref_limit is None else max(1, -(-len(problems) // ref_limit))
+      subset = problems[::step]
       t = time.perf_counter()
       numpy_per_filter(subset, LAM1, LAM2)
       el = time.perf_counter() - t
@@ -161,7 +163,7 @@ def main(argv=None) -> None:
   p.add_argument('--modes', default='batched_f32,batched_f64,unbatched_f32,numpy_per_filter')
   p.add_argument('--repeats', type=int, default=5)
   p.add_argument('--ref-limit', type=int, default=None,
-                 help='time the NumPy reference on the first N units only and extrapolate')
+                 help='time the NumPy reference on about N evenly spaced units and extrapolate')
   p.add_argument('--backend', choices=('cpu', 'gpu', 'tpu'), help='JAX platform to use')
   p.add_argument('--quick', action='store_true',
                  help='resnet18 + resnet50 at ratio 0.3, 2 repeats, NumPy reference on 4 units')
