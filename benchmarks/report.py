@@ -44,7 +44,9 @@ def _opts(row) -> dict:
 
 
 def _find(rows, **want):
+  """The first row matching ``want`` (float rows unless ``bits`` is given) and exactly ``options``."""
   opts = want.pop('options', {})
+  want.setdefault('bits', None)
   for r in rows:
     if all(r.get(k) == v for k, v in want.items()) and _opts(r) == opts:
       return r
@@ -147,11 +149,10 @@ def bnm_section(rows, plots_dir) -> list[str]:
     base = _baseline(rows, arch)
     cols = [('prune', {}), ('nm', {}), ('lbyl', {}), ('bnm', {'bnm_cov': 'diag'}),
             ('bnm', {'bnm_cov': 'identity'}), ('lbyl', {'bias_correction': 'on'}),
-            ('lbyl', {'bias_correction': 'auto'}), ('nm', {'bias_correction': 'on'}),
-            ('nm', {'bias_correction': 'auto'}), ('bnm', {'bias_correction': 'on'}),
-            ('bnm', {'bias_correction': 'auto'})]
+            ('bnm', {'bias_correction': 'on'}), ('bnm', {'bias_correction': 'auto'})]
     if arch == 'lenet_300_100':
-      cols = [('prune', {}), ('nm', {}), ('lbyl', {}), ('bnm', {}), ('lbyl', {'bias_correction': 'on'}),
+      cols = [('prune', {}), ('nm', {}), ('lbyl', {}), ('bnm', {}), ('nm', {'bias_correction': 'on'}),
+              ('nm', {'bias_correction': 'auto'}), ('lbyl', {'bias_correction': 'on'}),
               ('lbyl', {'bias_correction': 'auto'}), ('bnm', {'bias_correction': 'on'}),
               ('bnm', {'bias_correction': 'auto'})]
     names = [_col_name(m, o) for m, o in cols]
