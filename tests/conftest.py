@@ -29,3 +29,22 @@ def shared() -> pathlib.Path:
       pytest.fail('../shared (or $LBYL_JAX_SHARED) is missing: real-data tests cannot run in CI')
     pytest.skip('../shared not present')
   return path
+
+
+def one_unit_network(W, gamma, beta, mu, var, V, bias):
+  """A one-unit network: dense l1 (rows W) -> BN bn1 -> ReLU -> dense l2 (kernel V, bias)."""
+  import types
+
+  from lbyl_jax import units as units_lib
+
+  variables = {
+      'params': {
+          'l1': {'kernel': W.T.copy()},
+          'bn1': {'scale': gamma, 'bias': beta},
+          'l2': {'kernel': V, 'bias': bias},
+      },
+      'batch_stats': {'bn1': {'mean': mu, 'var': var}},
+  }
+  unit = units_lib.Unit('l1', 'l1', 'bn1', 'l2', 'dense')
+  spec = types.SimpleNamespace(name='toy', units=(unit,), family='toy', hparams={})
+  return spec, variables, unit

@@ -6,7 +6,6 @@ reference code's float32 arithmetic).
 
 from __future__ import annotations
 
-import types
 
 import numpy as np
 import pytest
@@ -19,6 +18,7 @@ from lbyl_jax import restore
 from lbyl_jax import solvers
 from lbyl_jax import surgery
 from lbyl_jax import units as units_lib
+from conftest import one_unit_network
 from lbyl_jax.methods import UnitProblem
 
 EPS = units_lib.BN_EPS
@@ -72,16 +72,8 @@ def toy_dense_unit(seed, n=12, m=8, d_in=20, out=7, exact=True):
     W[prune] = (C @ (alpha[keep, None] * W[keep])) / alpha[prune, None]
     b_keep = beta[keep] - alpha[keep] * mu[keep]
     beta[prune] = C @ b_keep + alpha[prune] * mu[prune]
-  variables = {
-      'params': {
-          'l1': {'kernel': W.T.copy()},
-          'bn1': {'scale': gamma, 'bias': beta},
-          'l2': {'kernel': rng.normal(size=(n, out)), 'bias': rng.normal(size=out)},
-      },
-      'batch_stats': {'bn1': {'mean': mu, 'var': var}},
-  }
-  unit = units_lib.Unit('l1', 'l1', 'bn1', 'l2', 'dense')
-  spec = types.SimpleNamespace(name='toy', units=(unit,), family='toy', hparams={})
+  spec, variables, unit = one_unit_network(W, gamma, beta, mu, var, rng.normal(size=(n, out)),
+                                         rng.normal(size=out))
   return spec, variables, unit, keep, C
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import types
 
 import numpy as np
 import pytest
@@ -12,6 +11,7 @@ from lbyl_jax import nm
 from lbyl_jax import restore
 from lbyl_jax import surgery
 from lbyl_jax import units as units_lib
+from conftest import one_unit_network
 from lbyl_jax.methods import UnitProblem
 
 EPS = units_lib.BN_EPS
@@ -127,16 +127,8 @@ def proportional_unit(s=1.7, j=5, k=2, n=6, d_in=10, out=5, seed=3):
   b = beta - alpha * mu
   scale = s * alpha[j] / alpha[k]
   beta[j] = scale * b[k] + alpha[j] * mu[j]  # so that b_j = scale * b_k
-  variables = {
-      'params': {
-          'l1': {'kernel': W.T.copy()},
-          'bn1': {'scale': gamma, 'bias': beta},
-          'l2': {'kernel': rng.normal(size=(n, out)), 'bias': rng.normal(size=out)},
-      },
-      'batch_stats': {'bn1': {'mean': mu, 'var': var}},
-  }
-  unit = units_lib.Unit('l1', 'l1', 'bn1', 'l2', 'dense')
-  spec = types.SimpleNamespace(name='toy', units=(unit,), family='toy', hparams={})
+  spec, variables, unit = one_unit_network(W, gamma, beta, mu, var, rng.normal(size=(n, out)),
+                                         rng.normal(size=out))
   return spec, variables, unit, scale
 
 
