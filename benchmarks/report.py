@@ -255,7 +255,9 @@ def render(results_dir: pathlib.Path, out_md: pathlib.Path, machine: str) -> Non
   lines = ['# Results', '',
            f'Produced by the committed scripts in `benchmarks/` on {machine} (no GPU was lent to '
            'this task). Regenerate with `python benchmarks/reproduce.py --suite SUITE` then '
-           '`python benchmarks/reproduce.py --render`; raw rows are in `benchmarks/results/*.jsonl`.', '']
+           '`python benchmarks/reproduce.py --render`; raw rows are in `benchmarks/results/*.jsonl`. '
+           'Timings (solver, throughput) were taken while other benchmark processes shared the two '
+           'cores, so they are pessimistic; accuracies do not depend on load.', '']
   lines += restore_section(rows, plots)
   lines += lenet_section(rows)
   lines += bnm_section(rows, plots)

@@ -121,6 +121,8 @@ def quant_jobs(quick: bool) -> list[Job]:
   for bits in (8, 6):
     for q in ('rtn', 'dfq', 'udfc'):
       jobs.append(Job('resnet56', 'prune', 'l2', 0.0, bits=bits, quant_method=q))
+  jobs.append(Job('resnet56', 'lbyl', 'l2', 0.3, bits=6, quant_method='rtn'))
+  jobs.append(Job('resnet56', 'lbyl', 'l2', 0.3, bits=6, quant_method='udfc'))
   return jobs
 
 
