@@ -3,7 +3,7 @@ lambda grid on the first N test images. Output: benchmarks/results/probe_lambda_
 
   python benchmarks/probes/lambda_grid.py resnet56_b ../shared/weights/nm_resnet56.cifar10.pth.tar 1000
 """
-import sys, time, json, numpy as np
+import sys
 sys.path.insert(0, __import__('os').path.join(__import__('os').path.dirname(__file__), '..', '..'))
 import os
 import converters
