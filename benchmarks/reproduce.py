@@ -218,7 +218,6 @@ def run_suite(name: str, results_dir: pathlib.Path, *, quick: bool, limit: int |
   jobs = SUITES[name](quick)
   todo = [j for j in jobs if j.key() not in done]
   archs_needed = sorted({j.arch for j in jobs})
-  rows = []
   known_baselines = {}
   for other in results_dir.glob('*.jsonl'):  # the unpruned accuracy is the same in every suite
     for line in other.read_text().splitlines():
@@ -243,8 +242,7 @@ def run_suite(name: str, results_dir: pathlib.Path, *, quick: bool, limit: int |
       done[job.key()] = row
       print(f"{job.arch} {job.method} {job.criterion} r={job.ratio} {dict(job.options)} "
             f"bits={job.bits} {job.quant_method}: top1 {row['top1']:.2f}", file=sys.stderr, flush=True)
-  rows = list(done.values())
-  return rows
+  return list(done.values())
 
 
 def machine() -> str:

@@ -134,10 +134,6 @@ def _check_out(out: pathlib.Path, overwrite: bool) -> None:
     raise SystemExit(f'error: parent directory {out.parent} of --out is not writable')
 
 
-def _evaluate(evaluator, variables, dataset, widths, progress) -> dict[str, Any]:
-  return evaluator.evaluate(variables, dataset, widths=widths, progress=progress)
-
-
 def _save(out: pathlib.Path, spec, result: pipeline.Compressed, report, *, overwrite: bool) -> None:
   from lbyl_jax import checkpoint  # pylint: disable=import-outside-toplevel
 
@@ -175,7 +171,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                     download=not args.no_download, progress=progress)
     evaluator = evaluate_lib.Evaluator(spec, batch_size=args.batch_size)
     _log(f'evaluating the original model on {dataset.name} (n={len(dataset)})')
-    baseline = _evaluate(evaluator, variables, dataset, None, progress)
+    baseline = evaluator.evaluate(variables, dataset, progress=progress)
 
   bits_list: list[int | None]
   if args.sweep:
@@ -206,7 +202,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for k in ('top1_before', 'top5_before', 'top1_after', 'top5_after', 'n_eval'):
       report[k] = None
     if evaluator is not None:
-      after = _evaluate(evaluator, result.variables, dataset, result.widths, progress)
+      after = evaluator.evaluate(result.variables, dataset, widths=result.widths, progress=progress)
       report.update(top1_before=baseline['top1'], top5_before=baseline['top5'],
                     top1_after=after['top1'], top5_after=after['top5'], n_eval=after['n'],
                     eval_seconds=after['seconds'])

@@ -121,7 +121,7 @@ def compress(spec, variables: Mapping[str, Any], config: restore_lib.RestoreConf
       bytes_after=quant.tree_nbytes(qtree),
       bytes_after_float=after['bytes'],
       quant_errors={p: d['rel_error'] for p, d in qmeta['layers'].items()},
-      quant_report=_jsonable(qreport),
+      quant_report=jsonable(qreport),
       seconds=time.perf_counter() - t0,
   )
   return Compressed(widths, deq, report, qtree, qmeta)
@@ -136,21 +136,17 @@ def _plain_report(spec, variables, config) -> dict[str, Any]:
               bytes_before=s['bytes'], solve_seconds=0.0, compile_seconds=0.0, layers=[])
 
 
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
+  """``obj`` with NumPy arrays / scalars turned into JSON-native values."""
   if isinstance(obj, Mapping):
-    return {str(k): _jsonable(v) for k, v in obj.items()}
+    return {str(k): jsonable(v) for k, v in obj.items()}
   if isinstance(obj, (list, tuple)):
-    return [_jsonable(v) for v in obj]
+    return [jsonable(v) for v in obj]
   if isinstance(obj, np.ndarray):
     return obj.tolist()
   if isinstance(obj, np.generic):
     return obj.item()
   return obj
-
-
-def jsonable(obj: Any) -> Any:
-  """``obj`` with NumPy arrays / scalars turned into JSON-native values."""
-  return _jsonable(obj)
 
 
 # --------------------------------------------------------------------------------------------
