@@ -30,6 +30,9 @@ BNM_TABLE = {
 }
 
 
+GUARD = {'guard': 'moments'}
+
+
 def _load(results_dir: pathlib.Path) -> list[dict]:
   rows = []
   for path in sorted(results_dir.glob('*.jsonl')):
@@ -75,28 +78,37 @@ def restore_section(rows, plots_dir) -> list[str]:
          'Full CIFAR-10 test set (10,000 images). Cells: top-1 %. LBYL = consistent closed form '
          '(ALGORITHMS.md 5.3) with the package defaults lambda1 = 1e-5, lambda2 = 1e-3 (see '
          '"How the lambdas were chosen" below); NM = exact BN algebra with t = 0.1, lam = 0.85 '
-         '(the official ResNet-56 script values). Only conv1 of each block is pruned.', '']
+         '(the official ResNet-56 script values). Only conv1 of each block is pruned. '
+         '"+ guard" = `--guard moments`: each delivery row scaled by its least-squares factor in '
+         '[0, 1] under the BN-moments model (data-free, no tuning; see NOTES below).', '']
   for arch in ('resnet20', 'resnet56', 'resnet56_b'):
     base = _baseline(rows, arch)
     out.append(f'### {arch} (unpruned {base if base is not None else "-"})')
     out.append('')
-    out.append('| criterion | ratio | prune | nm | lbyl | bnm |')
-    out.append('|---|---|---|---|---|---|')
+    out.append('| criterion | ratio | prune | nm | lbyl | bnm | nm + guard | lbyl + guard |')
+    out.append('|---|---|---|---|---|---|---|---|')
     any_row = False
     for crit in ('l2', 'l1', 'l2-gm'):
       for r in RATIOS:
         cells = [_find(rows, arch=arch, method=m, criterion=crit, ratio=r) for m in ('prune', 'nm', 'lbyl')]
         bnm = _find(rows, arch=arch, method='bnm', criterion=crit, ratio=r, options={'bnm_cov': 'diag'})
+        guarded = [_find(rows, arch=arch, method=m, criterion=crit, ratio=r, options=GUARD)
+                   for m in ('nm', 'lbyl')]
         if all(c is None for c in cells):
           continue
         any_row = True
-        out.append(f"| {crit} | {r} | " + ' | '.join(_cell(c) for c in cells) + f' | {_cell(bnm)} |')
+        out.append(f"| {crit} | {r} | " + ' | '.join(_cell(c) for c in cells + [bnm] + guarded) + ' |')
     if not any_row:
       out.append('| (not run) | | | | | |')
     series = {m: [(r, (_find(rows, arch=arch, method=m, criterion='l2', ratio=r) or {}).get('top1'))
                   for r in RATIOS] for m in ('prune', 'nm', 'lbyl')}
     series['bnm'] = [(r, (_find(rows, arch=arch, method='bnm', criterion='l2', ratio=r,
                                  options={'bnm_cov': 'diag'}) or {}).get('top1')) for r in RATIOS]
+    for m in ('nm', 'lbyl'):
+      pts = [(r, (_find(rows, arch=arch, method=m, criterion='l2', ratio=r, options=GUARD) or {}).get('top1'))
+             for r in RATIOS]
+      if any(v is not None for _, v in pts):
+        series[f'{m} + guard'] = pts
     png = plots_dir / f'{arch}_l2.png'
     _plot(png, f'{arch}, L2 criterion, no fine-tuning', series, base)
     out += ['', f'![{arch}](plots/{png.name})', '']
@@ -135,21 +147,27 @@ def _col_name(method: str, options: dict) -> str:
   if 'bnm_cov' in options:
     return f"{method} {options['bnm_cov']}"
   if 'bias_correction' in options:
-    return f"{method} {'+bc' if options['bias_correction'] == 'on' else 'auto'}"
+    name = f"{method} {'+bc' if options['bias_correction'] == 'on' else 'auto'}"
+    return name + (' (all taps)' if options.get('bias_fold') == 'all_taps' else '')
   return method
 
 
 def bnm_section(rows, plots_dir) -> list[str]:
   out = ['## BN-moments compensation (issue 6)', '',
          'L2 criterion, full test sets. `bnm` = BN_MOMENTS.md uncentred fit (default `--bnm-cov '
-         'diag`); `+bc` = `--bias-correction on`; `auto` = the data-free per-layer rule '
-         '(`--bias-correction auto`).', '']
+         'diag`); `+bc` = `--bias-correction on` (constant folded padding-aware, the default); '
+         '`(all taps)` = `--bias-fold all_taps`, the prototype\'s fold; `auto` = the data-free '
+         'per-layer rule (`--bias-correction auto`).', '']
   for arch in ('resnet56_b', 'resnet20', 'resnet56', 'lenet_300_100'):
     ratios = LENET_RATIOS if arch == 'lenet_300_100' else RATIOS
     base = _baseline(rows, arch)
     cols = [('prune', {}), ('nm', {}), ('lbyl', {}), ('bnm', {'bnm_cov': 'diag'}),
-            ('bnm', {'bnm_cov': 'identity'}), ('lbyl', {'bias_correction': 'on'}),
-            ('bnm', {'bias_correction': 'on'}), ('bnm', {'bias_correction': 'auto'})]
+            ('bnm', {'bnm_cov': 'identity'}), ('nm', {'bias_correction': 'on'}),
+            ('lbyl', {'bias_correction': 'on'}), ('bnm', {'bias_correction': 'on'}),
+            ('bnm', {'bias_correction': 'auto'})]
+    if arch == 'resnet56_b':
+      taps = {'bias_correction': 'on', 'bias_fold': 'all_taps'}
+      cols += [('lbyl', taps), ('bnm', taps)]
     if arch == 'lenet_300_100':
       cols = [('prune', {}), ('nm', {}), ('lbyl', {}), ('bnm', {}), ('nm', {'bias_correction': 'on'}),
               ('nm', {'bias_correction': 'auto'}), ('lbyl', {'bias_correction': 'on'}),
@@ -206,12 +224,13 @@ def quant_section(rows) -> list[str]:
       nb = cells[2]['bytes_after'] if cells[2] else None
       out.append(f'| W{bits} | ' + ' | '.join(_cell(c) for c in cells) + f" | {nb if nb else '-'} |")
     out += ['', f'### {arch}, pruning (L2) + quantization', '',
-            '| ratio | bits | lbyl + rtn | lbyl + udfc (joint, 6.2) | bnm + udfc | UDFC paper (W4) |',
-            '|---|---|---|---|---|---|']
+            '| ratio | bits | lbyl + rtn | lbyl + udfc (joint, 6.2) | bnm + rtn | bnm + udfc | UDFC paper (W4) |',
+            '|---|---|---|---|---|---|---|']
     for r in (0.3, 0.4, 0.5):
       for bits in (6, 4):
         cells = [_find(rows, arch=arch, method='lbyl', ratio=r, bits=bits, quant_method='rtn'),
                  _find(rows, arch=arch, method='lbyl', ratio=r, bits=bits, quant_method='udfc'),
+                 _find(rows, arch=arch, method='bnm', ratio=r, bits=bits, quant_method='rtn'),
                  _find(rows, arch=arch, method='bnm', ratio=r, bits=bits, quant_method='udfc')]
         paper = UDFC_TABLE[r][2] if (arch == 'resnet56_b' and bits == 4) else '-'
         out.append(f'| {r} | W{bits} | ' + ' | '.join(_cell(c) for c in cells) + f' | {paper} |')
@@ -226,11 +245,13 @@ def solver_section(results_dir: pathlib.Path) -> list[str]:
     return out + ['(no solver benchmark results yet)', '']
   import sys
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
-  from solver_speed import markdown  # pylint: disable=import-outside-toplevel
+  from solver_speed import markdown, per_layer_markdown  # pylint: disable=import-outside-toplevel
 
   for f in files:
     run = json.loads(f.read_text())
     out += [f'`{run["command"]}` ({f.name})', '', markdown(run['results'], run['env']), '']
+    if any('per_layer' in r for r in run['results']):
+      out += ['Per layer:', '', per_layer_markdown(run['results']), '']
   return out
 
 

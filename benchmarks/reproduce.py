@@ -73,10 +73,9 @@ def restore_jobs(quick: bool) -> list[Job]:
     for r in RATIOS:
       for m in ('prune', 'nm', 'lbyl'):
         jobs.append(Job(arch, m, 'l2', r))
-  # Other criteria: ResNet-20 only (CPU budget of this 2-core machine; see RESULTS.md).
-  for arch, ratios in (('resnet20', RATIOS),):
+  for arch in ('resnet20', 'resnet56_b', 'resnet56'):
     for crit in ('l1', 'l2-gm'):
-      for r in ratios:
+      for r in RATIOS:
         for m in ('prune', 'nm', 'lbyl'):
           jobs.append(Job(arch, m, crit, r))
   return jobs
@@ -114,6 +113,7 @@ def quant_jobs(quick: bool) -> list[Job]:
   jobs.append(Job('resnet56_b', 'lbyl', 'l2', 0.3, bits=6, quant_method='udfc'))
   for r in (0.3, 0.4, 0.5):
     jobs.append(Job('resnet56_b', 'bnm', 'l2', r, bits=4, quant_method='udfc'))
+    jobs.append(Job('resnet56_b', 'bnm', 'l2', r, bits=4, quant_method='rtn'))
   for q in ('rtn', 'dfq', 'udfc'):
     jobs.append(Job('resnet56', 'prune', 'l2', 0.0, bits=4, quant_method=q))
   jobs.append(Job('resnet56', 'lbyl', 'l2', 0.3, bits=4, quant_method='rtn'))
@@ -151,10 +151,40 @@ def bnm_jobs(quick: bool) -> list[Job]:
     jobs.append(Job('resnet56', 'bnm', 'l2', r, diag))
   for r in RATIOS:
     jobs.append(Job('resnet56_b', 'bnm', 'l2', r, ident))
+  # Bias correction on the akamaster ResNet-56 and NM with bias correction everywhere.
+  for r in RATIOS:
+    for opts in (bc_on, bc_auto):
+      jobs.append(Job('resnet56', 'bnm', 'l2', r, opts))
+    jobs.append(Job('resnet56', 'lbyl', 'l2', r, bc_on))
+  for arch in ('resnet56', 'resnet20', 'resnet56_b'):
+    for r in RATIOS:
+      jobs.append(Job(arch, 'nm', 'l2', r, bc_on))
+  # The BN_MOMENTS.md prototype's fold of the constant (every tap, padding ignored).
+  taps = bc_on + (('bias_fold', 'all_taps'),)
+  for r in RATIOS:
+    for m in ('bnm', 'lbyl'):
+      jobs.append(Job('resnet56_b', m, 'l2', r, taps))
   return jobs
 
 
-SUITES = {'restore': restore_jobs, 'lenet': lenet_jobs, 'quant': quant_jobs, 'bnm': bnm_jobs}
+def guard_jobs(quick: bool) -> list[Job]:
+  """LBYL and NM with the data-free moment guard (RestoreConfig.guard='moments')."""
+  g = (('guard', 'moments'),)
+  if quick:
+    return [Job('resnet20', 'lbyl', 'l2', 0.3, g)]
+  jobs = []
+  for arch in ('resnet20', 'resnet56', 'resnet56_b'):
+    for r in RATIOS:
+      for m in ('lbyl', 'nm'):
+        jobs.append(Job(arch, m, 'l2', r, g))
+  for r in LENET_RATIOS:
+    for m in ('lbyl', 'nm'):
+      jobs.append(Job('lenet_300_100', m, 'l2', r, g))
+  return jobs
+
+
+SUITES = {'restore': restore_jobs, 'lenet': lenet_jobs, 'quant': quant_jobs, 'bnm': bnm_jobs,
+          'guard': guard_jobs}
 
 
 @functools.cache

@@ -11,7 +11,9 @@ LBYL consistent-form systems (ALGORITHMS.md 5.3) of every prunable unit are solv
 
 Compile time (first call of a fresh process-level cache) is reported separately from warm time
 (median over ``--repeats`` runs after a warm-up). The whole ``restore()`` (criteria, solves,
-surgery, statistics) is timed too. Results: JSON (``--out``) and a Markdown table on stdout.
+surgery, statistics) is timed too. Per layer, the JSON's ``per_layer`` rows hold each system's
+shape, its own warm unbatched JAX time and (for the measured layers) its NumPy per-filter time.
+Results: JSON (``--out``) and two Markdown tables on stdout (whole network, per layer).
 
   python benchmarks/solver_speed.py --quick
   python benchmarks/solver_speed.py --archs resnet50,resnet101 --ratios 0.3 --out benchmarks/results/solver_cpu.json
@@ -70,6 +72,10 @@ def bench_arch(arch: str, ratio: float, *, repeats: int, modes: list[str], ref_l
   problems = restore.build_problems(spec, variables, cfg)
   row = dict(arch=arch, ratio=ratio, units=len(problems),
              pruned_filters=int(sum(p.prune.size for p in problems)))
+  # Per-layer rows: the system's shape (N filters, m kept, |P| pruned, D = filter length).
+  per_layer = [dict(name=p.unit.name, n=p.n, m=p.m, pruned=int(p.prune.size), d=int(p.W.shape[1]))
+               for p in problems]
+  row['per_layer'] = per_layer
   for mode in modes:
     if mode.startswith('batched') or mode.startswith('unbatched'):
       dtype = 'float64' if mode.endswith('f64') else 'float32'
@@ -86,13 +92,22 @@ def bench_arch(arch: str, ratio: float, *, repeats: int, modes: list[str], ref_l
       warm = _median_time(fn, repeats)
       row[mode] = dict(first_call_s=first, warm_s=warm, compile_s=max(first - warm, 0.0),
                        compiles=solvers.trace_count() - traces0)
+      if mode == 'unbatched_f32':
+        # Per layer: each unit's own warm call (its executable is cached by the runs above).
+        for p, lay in zip(problems, per_layer):
+          lay['unbatched_f32_s'] = _median_time(
+              lambda p=p: lbyl.solve_problems([p], lam1=LAM1, lam2=LAM2, dtype=dtype, with_cond=False),
+              repeats)
     elif mode == 'numpy_per_filter':
       # Evenly spaced units (every stage represented), scaled up by the unit count.
       step = 1 if ref_limit is None else max(1, -(-len(problems) // ref_limit))
       subset = problems[::step]
-      t = time.perf_counter()
-      numpy_per_filter(subset, LAM1, LAM2)
-      el = time.perf_counter() - t
+      el = 0.0
+      for i in range(0, len(problems), step):
+        t = time.perf_counter()
+        numpy_per_filter([problems[i]], LAM1, LAM2)
+        per_layer[i]['numpy_per_filter_s'] = time.perf_counter() - t
+        el += per_layer[i]['numpy_per_filter_s']
       scale = len(problems) / len(subset)
       row[mode] = dict(warm_s=el * scale, measured_units=len(subset),
                        extrapolated=len(subset) < len(problems))
@@ -141,6 +156,28 @@ def markdown(results: list[dict], env: dict) -> str:
   return '\n'.join(lines)
 
 
+def per_layer_markdown(results: list[dict]) -> str:
+  """Per-layer solve times: for each (arch, ratio), the distribution over layers and the slowest
+  layers (unbatched JAX float32, one warm call per layer; NumPy per filter where measured)."""
+  lines = ['| arch | ratio | layers | unbatched f32 per layer: median / max s | slowest layer (N, m, D) |'
+           ' NumPy per filter per layer: median / max s (layers measured) |',
+           '|---|---|---|---|---|---|']
+  for r in results:
+    lay = r.get('per_layer', [])
+    ub = [x for x in lay if 'unbatched_f32_s' in x]
+    npf = [x['numpy_per_filter_s'] for x in lay if 'numpy_per_filter_s' in x]
+    if ub:
+      ts = [x['unbatched_f32_s'] for x in ub]
+      worst = max(ub, key=lambda x: x['unbatched_f32_s'])
+      ub_cell = f'{statistics.median(ts):.5f} / {max(ts):.5f}'
+      worst_cell = f"{worst['name']} ({worst['n']}, {worst['m']}, {worst['d']})"
+    else:
+      ub_cell = worst_cell = '-'
+    np_cell = f'{statistics.median(npf):.4f} / {max(npf):.4f} ({len(npf)})' if npf else '-'
+    lines.append(f"| {r['arch']} | {r['ratio']} | {len(lay)} | {ub_cell} | {worst_cell} | {np_cell} |")
+  return '\n'.join(lines)
+
+
 def compare(paths: list[str]) -> str:
   """Side-by-side batched-f32 warm times of several result files (one per accelerator)."""
   runs = [json.loads(pathlib.Path(p).read_text()) for p in paths]
@@ -186,6 +223,8 @@ def main(argv=None) -> None:
       results.append(row)
       print(json.dumps(row), file=sys.stderr, flush=True)
   print(markdown(results, env))
+  print()
+  print(per_layer_markdown(results))
   if args.out:
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -38,6 +38,7 @@ from lbyl_jax.methods import UnitProblem, UnitSolution, coefficient_stats
 EPS_SCALE = 1e-6
 COV_MODELS = ('identity', 'diag')
 BIAS_MODES = ('off', 'on', 'auto')
+BIAS_FOLDS = ('padding_aware', 'all_taps')
 ACTIVATIONS = ('relu', 'linear')
 
 
@@ -450,7 +451,7 @@ def _prepare(spec, variables, problems, cov_model: str, moments):
 
 def solve(spec, variables: Mapping[str, Any], problems: Sequence[UnitProblem], config, *,
           activation: str = 'relu', moments: Mapping[str, moments_lib.InputMoments] | None = None,
-          eps_scale: float = EPS_SCALE, padding_aware: bool = True) -> list[UnitSolution]:
+          eps_scale: float = EPS_SCALE, padding_aware: bool | None = None) -> list[UnitSolution]:
   """BN-moments delivery for every unit (BN_MOMENTS.md); the 'bnm' method of :mod:`lbyl_jax.methods`.
 
   Args:
@@ -464,7 +465,9 @@ def solve(spec, variables: Mapping[str, Any], problems: Sequence[UnitProblem], c
     eps_scale: the ridge eps = eps_scale * trace(A) / m.
     padding_aware: return constants for surgery's all-taps fold that reproduce the
       position-averaged effect under zero padding (:func:`fold_constant`); the relative change
-      from the raw c = E[a_P] - S_P E[a_K] is ``diag['bias_padding_change']``.
+      from the raw c = E[a_P] - S_P E[a_K] is ``diag['bias_padding_change']``. None: from
+      ``config.bias_fold`` ('padding_aware', the default, or 'all_taps': the raw constant, as the
+      BN_MOMENTS.md prototype folds it).
 
   Returns:
     One :class:`UnitSolution` per unit: 'off': the no-intercept fit, bias None; 'on': the centred
@@ -473,6 +476,8 @@ def solve(spec, variables: Mapping[str, Any], problems: Sequence[UnitProblem], c
   """
   cov_model = _option(config, 'bnm_cov', 'diag', COV_MODELS)
   bias_mode = _option(config, 'bias_correction', 'off', BIAS_MODES)
+  if padding_aware is None:
+    padding_aware = _option(config, 'bias_fold', 'padding_aware', BIAS_FOLDS) == 'padding_aware'
   if activation not in ACTIVATIONS:
     raise ValueError(f'bnm: activation must be one of {ACTIVATIONS}, got {activation!r}')
   t0 = time.perf_counter()
@@ -535,6 +540,69 @@ def solve(spec, variables: Mapping[str, Any], problems: Sequence[UnitProblem], c
 
 
 # --------------------------------------------------------------------------------------------
+# Guard: shrink another method's delivery where the moment model predicts it hurts.
+
+
+def guard_scales(S: np.ndarray, M: np.ndarray, keep: np.ndarray, prune: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Per pruned channel j, the factor t_j in [0, 1] minimising E(a_j - t s_j^T a_K)^2.
+
+  Under the model, ``E(a_j - t s_j^T a_K)^2 = M_jj - 2 t s_j^T M_Kj + t^2 s_j^T M_KK s_j``, so the
+  unconstrained minimiser is ``t* = s_j^T M_Kj / s_j^T M_KK s_j``; it is clipped to [0, 1]: the
+  guard never reverses or amplifies the method's delivery, it only shrinks it (t = 0: that channel
+  is pruned without compensation). A dead pruned channel (a_j = 0 under the model, M_Kj = 0) gets
+  t = 0, which is exactly right: removing it changes nothing.
+
+  Returns:
+    (t, predicted error of the method's row, predicted error with t), both relative per row:
+    ``E(a_j - t s_j^T a_K)^2`` divided by ``M_jj`` (0 where M_jj = 0).
+  """
+  S = np.asarray(S, np.float64)
+  MKK = M[np.ix_(keep, keep)]
+  MKP = M[np.ix_(keep, prune)]
+  mpp = np.diagonal(M)[prune]
+  num = np.einsum('jk,kj->j', S, MKP)
+  den = np.einsum('jk,kl,jl->j', S, MKK, S)
+  with np.errstate(divide='ignore', invalid='ignore'):
+    t = np.where(den > 0, num / den, 0.0)
+  t = np.clip(np.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0), 0.0, 1.0)
+
+  def err(tt):
+    e = np.maximum(mpp - 2.0 * tt * num + tt ** 2 * den, 0.0)
+    return np.where(mpp > 0, e / np.where(mpp > 0, mpp, 1.0), 0.0)
+
+  return t, err(np.ones_like(t)), err(t)
+
+
+def guard(spec, variables: Mapping[str, Any], problems: Sequence[UnitProblem],
+          solutions: Sequence[UnitSolution], config=None) -> list[UnitSolution]:
+  """Applies :func:`guard_scales` to every unit's delivery (``RestoreConfig.guard='moments'``).
+
+  The moments are those of the BN-moments method (``config.bnm_cov``, default 'diag'): a
+  data-free prediction of how well each delivery row reproduces its pruned activation after the
+  ReLU, which LBYL's and NM's filter-space fits do not model. Rows are scaled by t_j; the per-unit
+  diagnostics gain ``guard_t_mean``, ``guard_zero_rows`` (rows with t < 1e-6: in effect plain pruning) and the
+  predicted relative errors before / after (``guard_pred_error_method`` / ``guard_pred_error``).
+  """
+  problems, solutions = list(problems), list(solutions)
+  cov_model = getattr(config, 'bnm_cov', 'diag') if config is not None else 'diag'
+  idx = [i for i, p in enumerate(problems) if p.prune.size]
+  out = list(solutions)
+  if not idx:
+    return out
+  mom = unit_moments(spec, variables, [problems[i] for i in idx], cov_model=cov_model)
+  for i, (_, M) in zip(idx, mom):
+    p, s = problems[i], solutions[i]
+    t, e_method, e_guard = guard_scales(s.S_P, M, p.keep, p.prune)
+    S = np.asarray(s.S_P, np.float64) * t[:, None]
+    diag = dict(s.diag, guard='moments', guard_t_mean=float(t.mean()),
+                guard_zero_rows=int(np.sum(t < 1e-6)), guard_pred_error_method=float(e_method.mean()),
+                guard_pred_error=float(e_guard.mean()), **coefficient_stats(S))
+    out[i] = dataclasses.replace(s, S_P=S.astype(np.asarray(s.S_P).dtype), diag=diag)
+  return out
+
+
+# --------------------------------------------------------------------------------------------
 # Bias constant for any S_P (BN_MOMENTS.md, optional bias correction).
 
 
@@ -565,7 +633,7 @@ def activation_means(spec, variables: Mapping[str, Any], problems: Sequence[Unit
 
 
 def bias_constant(spec, variables: Mapping[str, Any], problems, solutions, config=None, *,
-                  padding_aware: bool = True):
+                  padding_aware: bool | None = None):
   """c = E[a_P] - S_P E[a_K] (a_P ~ S_P a_K + c) under the Gaussian model, for a given S_P.
 
   Two call forms:
@@ -585,6 +653,8 @@ def bias_constant(spec, variables: Mapping[str, Any], problems, solutions, confi
   if len(problems) != len(solutions):
     raise ValueError(f'bias_constant: {len(problems)} problems but {len(solutions)} solutions')
   mode = getattr(config, 'bias_correction', 'on') if config is not None else 'on'
+  if padding_aware is None:
+    padding_aware = _option(config, 'bias_fold', 'padding_aware', BIAS_FOLDS) == 'padding_aware'
   out: list[np.ndarray | None] = [None] * len(problems)
   todo = []
   for i, (p, s) in enumerate(zip(problems, solutions)):

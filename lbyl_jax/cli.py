@@ -75,6 +75,11 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument('--seed', type=int, default=0, help='seed of the random criterion')
   p.add_argument('--bias-correction', default='off', choices=('off', 'on', 'auto'))
   p.add_argument('--bnm-cov', default='diag', choices=('identity', 'diag'))
+  p.add_argument('--bias-fold', default='padding_aware', choices=('padding_aware', 'all_taps'),
+                 help='how --bias-correction constants meet zero padding (all_taps: the prototype)')
+  p.add_argument('--guard', default='off', choices=('off', 'moments'),
+                 help="'moments': shrink each delivery row by its least-squares factor in [0, 1] under"
+                      ' the BN-moments model (data-free; 0 = plain pruning of that channel)')
   q = p.add_argument_group('quantization')
   q.add_argument('--weight-bits', type=int, help='quantize weights to N bits (2-8)')
   q.add_argument('--quant-method', default='rtn', choices=pipeline.QUANT_METHODS)
@@ -114,7 +119,8 @@ def _restore_config(args, method, criterion, ratio) -> restore_lib.RestoreConfig
       lambda1=args.lambda1, lambda2=args.lambda2, nm_t=args.nm_t, nm_lam=args.nm_lam,
       lbyl_mode=args.lbyl_mode, nm_mode=args.nm_mode, bn_sigma=args.bn_sigma,
       keep_rounding=args.keep_rounding, dtype=args.dtype, seed=args.seed,
-      bias_correction=args.bias_correction, bnm_cov=args.bnm_cov)
+      bias_correction=args.bias_correction, bnm_cov=args.bnm_cov,
+      guard=args.guard, bias_fold=args.bias_fold)
 
 
 def _quant_config(args, bits) -> pipeline.QuantConfig | None:

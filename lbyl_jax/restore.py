@@ -45,6 +45,8 @@ _CHOICES = dict(
     dtype=('float32', 'float64'),
     bias_correction=('off', 'on', 'auto'),
     bnm_cov=('identity', 'diag'),
+    guard=('off', 'moments'),
+    bias_fold=('padding_aware', 'all_taps'),
 )
 
 
@@ -95,6 +97,12 @@ class RestoreConfig:
     bias_correction: 'off', 'on' (constant c from :func:`lbyl_jax.bnm.bias_constant` on every
       unit) or 'auto' (``bias_constant`` decides per unit, returning None where it abstains).
     bnm_cov: input-patch covariance model of the BN-moments method ('identity' or 'diag').
+    guard: 'off' or 'moments': scale each pruned channel's delivery row by the factor in [0, 1]
+      that minimises its post-ReLU error under the BN-moments model (:func:`lbyl_jax.bnm.guard`;
+      data-free). Applied before the bias correction.
+    bias_fold: how the bias-correction constant is folded into a zero-padded consumer:
+      'padding_aware' (default: the position-averaged shift, :func:`lbyl_jax.bnm.fold_constant`) or
+      'all_taps' (the raw constant through every tap, as the BN_MOMENTS.md prototype does).
   """
 
   method: str = 'lbyl'
@@ -113,6 +121,8 @@ class RestoreConfig:
   seed: int = 0
   bias_correction: str = 'off'
   bnm_cov: str = 'diag'
+  guard: str = 'off'
+  bias_fold: str = 'padding_aware'
 
   def __post_init__(self):
     if self.method not in methods.names():
@@ -294,6 +304,9 @@ def restore(
   problems = build_problems(spec, variables, config)
   sols = list(methods.get(config.method)(spec, variables, problems, config))
   _check_solutions(problems, sols, config.method)
+  if config.guard != 'off':
+    sols = list(methods.bias_module().guard(spec, variables, problems, sols, config))
+    _check_solutions(problems, sols, config.method)
   if config.bias_correction != 'off':
     sols = _apply_bias_correction(spec, variables, problems, sols, config)
   plan = {p.unit.name: (p.keep, s.S_P, s.bias) for p, s in zip(problems, sols)}

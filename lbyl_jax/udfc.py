@@ -240,7 +240,8 @@ def _normalize_paths(variables, paths: Iterable[str]) -> set[str]:
 def udfc(spec, variables: Mapping[str, Any], *, bits: int, ratio: float = 0.0, criterion: str = 'l2',
          a1: float = DEFAULT_A1, a2: float = DEFAULT_A2, per_channel: bool = True,
          symmetric: bool = True, keep_8bit: Iterable[str] = (), bn_sigma: str = 'std',
-         seed: int = 0, scale_from: str = 'compensated', rescale_others: bool = False
+         seed: int = 0, scale_from: str = 'compensated', rescale_others: bool = False,
+         delivery_lambdas: tuple[float, float] | None = None
          ) -> tuple[tuple[int, ...], dict[str, Any], dict[str, Any], dict[str, Any]]:
   """UDFC-style pruning + weight quantization of a whole network (ALGORITHMS.md 6.2).
 
@@ -257,6 +258,8 @@ def udfc(spec, variables: Mapping[str, Any], *, bits: int, ratio: float = 0.0, c
     seed: seed of the 'random' criterion.
     scale_from: 'compensated' (default) or 'original' (see the module docstring).
     rescale_others: also rescale non-producer layers (exact folds, see the module docstring).
+    delivery_lambdas: ``(lam1, lam2)`` of the pruning delivery (b); None (the 6.2 default): a1 / a2.
+      The scalar rescale (a) always uses a1 / a2.
 
   Returns:
     ``(widths, qtree, qmeta, report)``: ``quant.dequantize_tree(qtree, qmeta)`` are float
@@ -267,6 +270,7 @@ def udfc(spec, variables: Mapping[str, Any], *, bits: int, ratio: float = 0.0, c
     raise ValueError(f"scale_from must be 'compensated' or 'original', got {scale_from!r}")
   if not 0.0 <= ratio < 1.0:
     raise ValueError(f'udfc: ratio must be in [0, 1), got {ratio!r}')
+  d1, d2 = (a1, a2) if delivery_lambdas is None else delivery_lambdas
   keep8 = _normalize_paths(variables, keep_8bit)
   qopts = dict(per_channel=per_channel, symmetric=symmetric)
   work = quant.copy_tree(variables)
@@ -295,7 +299,7 @@ def udfc(spec, variables: Mapping[str, Any], *, bits: int, ratio: float = 0.0, c
     # (b) pruning delivery from the ORIGINAL filters, the kept ones quantized.
     W_orig = _unit_rows(orig['kernel'], unit, orig_bias)
     S_P = delivery(orig_k_hat, alpha[keep], b[keep], W_orig[prune], alpha[prune], b[prune],
-                   a1=a1, a2=a2)
+                   a1=d1, a2=d2)
     # (c) V'_K = s V_K + S'^T V_P: scale the kept inputs, then let surgery mix and slice.
     cons = dict(units_lib.get_path(work['params'], unit.consumer))
     kdt = np.asarray(cons['kernel']).dtype
@@ -350,6 +354,7 @@ def udfc(spec, variables: Mapping[str, Any], *, bits: int, ratio: float = 0.0, c
     qmeta['layers'][path]['rel_error'] = quant.relative_error(w, deq)
   widths = units_lib.widths_of(work, spec.units)
   report = dict(method='udfc', bits=bits, ratio=ratio, criterion=criterion, a1=a1, a2=a2,
+                delivery_lambdas=[d1, d2],
                 per_channel=per_channel, symmetric=symmetric, keep_8bit=sorted(keep8),
                 scale_from=scale_from, bn_sigma=bn_sigma, widths=list(widths), units=unit_reports,
                 rescaled=rescaled, not_rescaled=not_rescaled,

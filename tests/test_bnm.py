@@ -377,3 +377,95 @@ def test_bias_constant_for_other_methods(resnet20):
   auto = bnm.bias_constant(spec, variables, probs, zero, _config(bias_correction='auto'))
   assert all(a is None or np.array_equal(a, b) for a, b in zip(auto, on))
   assert auto[0] is not None  # no upstream drift at the first unit
+
+
+# Guard (RestoreConfig.guard='moments'): shrink another method's delivery under the moment model.
+
+
+def test_guard_scales_minimise_the_modelled_error_and_stay_in_unit_interval():
+  rng = np.random.default_rng(3)
+  n, m = 10, 6
+  A = rng.normal(size=(n, 3 * n))
+  M = A @ A.T / (3 * n)
+  keep, prune = np.arange(m), np.arange(m, n)
+  S = rng.normal(size=(n - m, m))
+  t, e_method, e_guard = bnm.guard_scales(S, M, keep, prune)
+  assert np.all((t >= 0) & (t <= 1))
+  grid = np.linspace(0.0, 1.0, 2001)
+  for j, pj in enumerate(prune):
+    s = S[j]
+    errs = M[pj, pj] - 2 * grid * (s @ M[keep, pj]) + grid ** 2 * (s @ M[np.ix_(keep, keep)] @ s)
+    assert abs(grid[np.argmin(errs)] - t[j]) <= 1e-3 + 1e-12
+    np.testing.assert_allclose(e_guard[j] * M[pj, pj], errs.min(), rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(e_method[j] * M[pj, pj], errs[-1], rtol=1e-9, atol=1e-12)
+  assert np.all(e_guard <= e_method + 1e-12)
+  # A row that anti-correlates with its target is switched off; a dead channel (no second moment)
+  # is never compensated.
+  M2 = M.copy()
+  M2[prune[0], :] = M2[:, prune[0]] = 0.0
+  t2, _, e2 = bnm.guard_scales(S, M2, keep, prune)
+  assert t2[0] == 0.0 and e2[0] == 0.0
+  t3, _, _ = bnm.guard_scales(-np.abs(S) * np.sign(M[np.ix_(prune, keep)]), M, keep, prune)
+  assert np.all(t3 == 0.0)
+
+
+def test_guard_keeps_the_bnm_fit_and_leaves_a_dead_channel_uncompensated():
+  """bnm's delivery is already the least-squares fit under the same model, so the guard's factor
+  is 1 up to the ridge; an LBYL delivery of a channel that the BN statistics say is always off is
+  removed (plain pruning), since pruning such a channel is exact."""
+  import conftest
+  from lbyl_jax import methods
+
+  rng = np.random.default_rng(0)
+  n, d, o = 6, 9, 4
+  W = rng.normal(size=(n, d))
+  W[5] = 0.07 * W[0] + 0.03 * W[1]  # smallest L2 norm: the channel pruned at ratio 0.1
+  gamma = rng.uniform(0.5, 1.5, n)
+  beta = rng.normal(0.0, 0.3, n)
+  mu, var = np.zeros(n), np.ones(n)
+  V = rng.normal(size=(n, o))
+
+  def solve(method, gamma, beta, var=var):
+    spec, variables, _ = conftest.one_unit_network(W, gamma, beta, mu, var, V, np.zeros(o))
+    cfg = restore_lib.RestoreConfig(method=method, ratio=0.1, dtype='float64', bnm_cov='identity',
+                                    guard='moments')
+    probs = restore_lib.build_problems(spec, variables, cfg)
+    assert probs[0].prune.tolist() == [5]
+    sols = methods.get(method)(spec, variables, probs, cfg)
+    return sols, bnm.guard(spec, variables, probs, sols, cfg)
+
+  _, guarded = solve('bnm', gamma, beta)
+  assert guarded[0].diag['guard_t_mean'] > 0.99
+  beta_dead, gamma_dead = beta.copy(), gamma.copy()
+  var_dead = var.copy()
+  # Always off under the BN statistics (tiny gamma and sigma, as in dead channels of real nets).
+  beta_dead[5], gamma_dead[5], var_dead[5] = -0.4, 0.05, 0.05 ** 2
+  raw, guarded = solve('lbyl', gamma_dead, beta_dead, var_dead)
+  assert np.abs(raw[0].S_P).max() > 0.01
+  assert guarded[0].diag['guard'] == 'moments' and guarded[0].diag['guard_zero_rows'] == 1
+  assert np.abs(guarded[0].S_P).max() < 1e-8
+  _, guarded = solve('lbyl', gamma, beta)  # alive and well expressed: kept close to LBYL's row
+  assert guarded[0].diag['guard_t_mean'] > 0.5
+
+
+def test_guard_option_is_validated():
+  with pytest.raises(ValueError, match='guard'):
+    restore_lib.RestoreConfig(method='lbyl', guard='always')
+
+
+def test_bias_fold_all_taps_gives_the_raw_prototype_constants(resnet20):
+  spec, variables = resnet20
+  probs = _problems(spec, variables, 0.3)
+  raw = bnm.solve(spec, variables, probs, _config(bnm_cov='diag', bias_correction='on', bias_fold='all_taps'))
+  aware = bnm.solve(spec, variables, probs, _config(bnm_cov='diag', bias_correction='on'))
+  for a, b in zip(raw, aware):
+    assert a.diag['bias_padding_aware'] is False and a.diag['bias_padding_change'] == 0.0
+    np.testing.assert_array_equal(a.S_P, b.S_P)
+  assert any(not np.allclose(a.bias, b.bias) for a, b in zip(raw, aware))
+  zero = [UnitSolution(np.zeros((p.prune.size, p.m)), None, {'method': 'prune'}) for p in probs]
+  via_cfg = bnm.bias_constant(spec, variables, probs, zero, _config(bias_correction='on', bias_fold='all_taps'))
+  direct = bnm.bias_constant(spec, variables, probs, zero, _config(bias_correction='on'), padding_aware=False)
+  for a, b in zip(via_cfg, direct):
+    np.testing.assert_array_equal(a, b)
+  with pytest.raises(ValueError, match='bias_fold'):
+    restore_lib.RestoreConfig(method='bnm', bias_fold='middle')
