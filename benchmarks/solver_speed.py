@@ -130,6 +130,7 @@ def environment() -> dict:
   return dict(backend=jax.default_backend(), device=str(dev.device_kind), n_devices=jax.device_count(),
               jax=jax.__version__, jaxlib=jaxlib.__version__, python=platform.python_version(),
               machine=platform.machine(), cpu_count=os.cpu_count(),
+              loadavg_1_5_15=list(os.getloadavg()) if hasattr(os, 'getloadavg') else None,
               gram_precision='HIGHEST', float32_jitter='1e-6 * trace(A) / m',
               lambdas=dict(lambda1=LAM1, lambda2=LAM2))
 

@@ -85,18 +85,24 @@ def _mix_consumer(new, unit: units_lib.Unit, keep, prune, S_P, c) -> None:
   if unit.consumer_kind == 'conv':
     if V.ndim != 4 or V.shape[2] != n:
       raise ValueError(f'{unit.consumer}: expected an HWIO kernel with {n} inputs, got {V.shape}')
-    V64 = V.astype(np.float64)
-    VP = V64[:, :, prune, :]
-    Vk = V64[:, :, keep, :] + np.einsum('jk,hwjo->hwko', S, VP)
+    # float64 arithmetic on the slices only (a VGG classifier kernel is 10^8 entries).
+    VP = np.take(V, prune, axis=2).astype(np.float64)
+    h, w, _, o = V.shape
+    mixed = S.T @ np.moveaxis(VP, 2, 0).reshape(prune.size, h * w * o)  # BLAS, not c_einsum
+    Vk = np.take(V, keep, axis=2).astype(np.float64)
+    Vk += np.moveaxis(mixed.reshape(keep.size, h, w, o), 0, 2)
     delta = None if c is None else np.einsum('j,hwjo->o', np.asarray(c, np.float64), VP)
   elif unit.consumer_kind == 'dense':
     r = unit.flatten
     if V.ndim != 2 or V.shape[0] != n * r:
       raise ValueError(f'{unit.consumer}: expected a dense kernel with {n}*{r} inputs,'
                        f' got {V.shape}')
-    V3 = V.astype(np.float64).reshape(n, r, V.shape[1])  # NCHW flatten: channel-major blocks
-    VP = V3[prune]
-    Vk = (V3[keep] + np.einsum('jk,jso->kso', S, VP)).reshape(keep.size * r, V.shape[1])
+    V3 = V.reshape(n, r, V.shape[1])  # NCHW flatten: channel-major blocks
+    VP = np.take(V3, prune, axis=0).astype(np.float64)
+    mixed = (S.T @ VP.reshape(prune.size, -1)).reshape(keep.size, r, V.shape[1])
+    Vk = np.take(V3, keep, axis=0).astype(np.float64)
+    Vk += mixed
+    Vk = Vk.reshape(keep.size * r, V.shape[1])
     delta = None if c is None else np.einsum('j,jso->o', np.asarray(c, np.float64), VP)
   else:
     raise ValueError(f'{unit.name}: unknown consumer kind {unit.consumer_kind!r}')

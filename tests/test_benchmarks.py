@@ -25,7 +25,12 @@ def test_solver_speed_quick(tmp_path):
   for r in run['results']:
     assert r['batched_f32']['warm_s'] > 0 and r['batched_f32']['compiles'] >= 1
     assert r['numpy_per_filter']['extrapolated'] is True
+    lay = r['per_layer']
+    assert len(lay) == r['units'] and all(x['unbatched_f32_s'] > 0 for x in lay)
+    measured = [x for x in lay if 'numpy_per_filter_s' in x]
+    assert 0 < len(measured) == r['numpy_per_filter']['measured_units'] < len(lay)
   assert '| resnet50 | 0.3 |' in proc.stdout
+  assert 'unbatched f32 per layer' in proc.stdout
   compare = _run('benchmarks/solver_speed.py', '--compare', str(out), str(out))
   assert 'resnet50' in compare.stdout
 

@@ -132,3 +132,16 @@ def test_compress_is_pure(shared):
     np.testing.assert_array_equal(v, variables['params'][k]['kernel'])
   for k in a.variables['params']:
     np.testing.assert_array_equal(a.variables['params'][k]['kernel'], b.variables['params'][k]['kernel'])
+
+
+def test_guard_and_bias_flags_reach_the_report(shared, tmp_path, capsys):
+  out = tmp_path / 'guarded'
+  cli.main(_args(shared, out, '--method', 'nm', '--ratio', '0.6', '--guard', 'moments',
+                 '--bias-correction', 'on', '--bias-fold', 'all_taps', '--json'))
+  report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert report['config']['guard'] == 'moments' and report['config']['bias_fold'] == 'all_taps'
+  for layer in report['layers']:
+    d = layer['diagnostics']
+    assert d['guard'] == 'moments' and 0.0 <= d['guard_t_mean'] <= 1.0
+    assert d['guard_pred_error'] <= d['guard_pred_error_method'] + 1e-12
+  assert 10.0 < report['top1_after'] <= 100.0
