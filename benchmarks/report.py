@@ -249,7 +249,9 @@ def solver_section(results_dir: pathlib.Path) -> list[str]:
 
   for f in files:
     run = json.loads(f.read_text())
-    out += [f'`{run["command"]}` ({f.name})', '', markdown(run['results'], run['env']), '']
+    out += [f'`{run["command"]}` ({f.name})', '']
+    out += [f'{run[k]}' for k in ('command_vgg16_bn', 'note') if k in run]
+    out += ['', markdown(run['results'], run['env']), '']
     if any('per_layer' in r for r in run['results']):
       out += ['Per layer:', '', per_layer_markdown(run['results']), '']
   return out
