@@ -263,7 +263,7 @@ def throughput_section(results_dir: pathlib.Path) -> list[str]:
   if not f.exists():
     return out + ['(not run yet)', '']
   run = json.loads(f.read_text())
-  out += [f"`{run['command']}` on {run['machine']}", '',
+  out += [f"`{run['command']}` on {run['machine']}. {run.get('note', '')}", '',
           '| arch | ratio | params | GFLOPs | images/s | speed-up |', '|---|---|---|---|---|---|']
   for r in run['results']:
     out.append(f"| {r['arch']} | {r['ratio']} | {r['params']} | {r['flops'] / 1e9:.3f} | "
@@ -279,8 +279,8 @@ def render(results_dir: pathlib.Path, out_md: pathlib.Path, machine: str) -> Non
            f'Produced by the committed scripts in `benchmarks/` on {machine} (no GPU was lent to '
            'this task). Regenerate with `python benchmarks/reproduce.py --suite SUITE` then '
            '`python benchmarks/reproduce.py --render`; raw rows are in `benchmarks/results/*.jsonl`. '
-           'Timings (solver, throughput) were taken while other benchmark processes shared the two '
-           'cores, so they are pessimistic; accuracies do not depend on load.', '']
+           'Solver and throughput timings were taken with the accuracy sweeps paused (an otherwise '
+           'idle CPU); accuracies do not depend on load.', '']
   lines += restore_section(rows, plots)
   lines += lenet_section(rows)
   lines += bnm_section(rows, plots)
