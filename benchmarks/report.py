@@ -100,6 +100,7 @@ def restore_section(rows, plots_dir) -> list[str]:
         out.append(f"| {crit} | {r} | " + ' | '.join(_cell(c) for c in cells + [bnm] + guarded) + ' |')
     if not any_row:
       out.append('| (not run) | | | | | |')
+    out += [''] + _beats_prune_summary(rows, arch)
     series = {m: [(r, (_find(rows, arch=arch, method=m, criterion='l2', ratio=r) or {}).get('top1'))
                   for r in RATIOS] for m in ('prune', 'nm', 'lbyl')}
     series['bnm'] = [(r, (_find(rows, arch=arch, method='bnm', criterion='l2', ratio=r,
@@ -113,6 +114,28 @@ def restore_section(rows, plots_dir) -> list[str]:
     _plot(png, f'{arch}, L2 criterion, no fine-tuning', series, base)
     out += ['', f'![{arch}](plots/{png.name})', '']
   return out
+
+
+def _beats_prune_summary(rows, arch) -> list[str]:
+  """Issue 3's requirement, checked cell by cell: compensation above plain pruning at ratio >= 0.3."""
+  lines = []
+  for label, opts in (('', {}), (' + guard', GUARD)):
+    for m in ('nm', 'lbyl'):
+      fails, checked = [], 0
+      for crit in ('l2', 'l1', 'l2-gm'):
+        for r in (x for x in RATIOS if x >= 0.3):
+          p = _find(rows, arch=arch, method='prune', criterion=crit, ratio=r)
+          c = _find(rows, arch=arch, method=m, criterion=crit, ratio=r, options=opts)
+          if p is None or c is None:
+            continue
+          checked += 1
+          if c['top1'] <= p['top1']:
+            fails.append(f"{crit} {r}: {c['top1']:.2f} vs {p['top1']:.2f}")
+      if checked:
+        verdict = 'above prune in all' if not fails else f"NOT above prune in {len(fails)} of"
+        lines.append(f"- {m}{label} at ratio >= 0.3: {verdict} {checked} measured cells"
+                     + (f" ({'; '.join(fails)})" if fails else ''))
+  return lines
 
 
 def lenet_section(rows) -> list[str]:
@@ -144,6 +167,8 @@ def lenet_section(rows) -> list[str]:
 
 
 def _col_name(method: str, options: dict) -> str:
+  if options.get('guard') == 'moments':
+    return f'{method} + guard'
   if 'bnm_cov' in options:
     return f"{method} {options['bnm_cov']}"
   if 'bias_correction' in options:
@@ -172,7 +197,7 @@ def bnm_section(rows, plots_dir) -> list[str]:
       cols = [('prune', {}), ('nm', {}), ('lbyl', {}), ('bnm', {}), ('nm', {'bias_correction': 'on'}),
               ('nm', {'bias_correction': 'auto'}), ('lbyl', {'bias_correction': 'on'}),
               ('lbyl', {'bias_correction': 'auto'}), ('bnm', {'bias_correction': 'on'}),
-              ('bnm', {'bias_correction': 'auto'})]
+              ('bnm', {'bias_correction': 'auto'}), ('nm', GUARD), ('lbyl', GUARD)]
     names = [_col_name(m, o) for m, o in cols]
     out += [f'### {arch} (unpruned {base if base is not None else "-"})', '',
             '| ratio | ' + ' | '.join(names) + ' |', '|---|' + '---|' * len(cols)]

@@ -180,6 +180,10 @@ def guard_jobs(quick: bool) -> list[Job]:
   for r in LENET_RATIOS:
     for m in ('lbyl', 'nm'):
       jobs.append(Job('lenet_300_100', m, 'l2', r, g))
+  for crit in ('l1', 'l2-gm'):  # other criteria: ResNet-20 only (CPU budget)
+    for r in RATIOS:
+      for m in ('lbyl', 'nm'):
+        jobs.append(Job('resnet20', m, crit, r, g))
   return jobs
 
 
