@@ -554,8 +554,8 @@ def guard_scales(S: np.ndarray, M: np.ndarray, keep: np.ndarray, prune: np.ndarr
   t = 0, which is exactly right: removing it changes nothing.
 
   Returns:
-    (t, predicted error of the method's row, predicted error with t), both relative per row:
-    ``E(a_j - t s_j^T a_K)^2`` divided by ``M_jj`` (0 where M_jj = 0).
+    (t, predicted error of the method's rows, predicted error with t): per row
+    ``E(a_j - t s_j^T a_K)^2`` (absolute; M_jj is the error of no delivery).
   """
   S = np.asarray(S, np.float64)
   MKK = M[np.ix_(keep, keep)]
@@ -568,8 +568,7 @@ def guard_scales(S: np.ndarray, M: np.ndarray, keep: np.ndarray, prune: np.ndarr
   t = np.clip(np.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0), 0.0, 1.0)
 
   def err(tt):
-    e = np.maximum(mpp - 2.0 * tt * num + tt ** 2 * den, 0.0)
-    return np.where(mpp > 0, e / np.where(mpp > 0, mpp, 1.0), 0.0)
+    return np.maximum(mpp - 2.0 * tt * num + tt ** 2 * den, 0.0)
 
   return t, err(np.ones_like(t)), err(t)
 
@@ -581,8 +580,10 @@ def guard(spec, variables: Mapping[str, Any], problems: Sequence[UnitProblem],
   The moments are those of the BN-moments method (``config.bnm_cov``, default 'diag'): a
   data-free prediction of how well each delivery row reproduces its pruned activation after the
   ReLU, which LBYL's and NM's filter-space fits do not model. Rows are scaled by t_j; the per-unit
-  diagnostics gain ``guard_t_mean``, ``guard_zero_rows`` (rows with t < 1e-6: in effect plain pruning) and the
-  predicted relative errors before / after (``guard_pred_error_method`` / ``guard_pred_error``).
+  diagnostics gain ``guard_t_mean``, ``guard_zero_rows`` (rows with t < 1e-6: in effect plain
+  pruning) and the predicted errors of the unit's delivery relative to plain pruning's,
+  sum_j E(a_j - t_j s_j^T a_K)^2 / sum_j E a_j^2, with the method's rows (``guard_pred_error_method``)
+  and with the guarded rows (``guard_pred_error``, at most 1).
   """
   problems, solutions = list(problems), list(solutions)
   cov_model = getattr(config, 'bnm_cov', 'diag') if config is not None else 'diag'
@@ -595,9 +596,11 @@ def guard(spec, variables: Mapping[str, Any], problems: Sequence[UnitProblem],
     p, s = problems[i], solutions[i]
     t, e_method, e_guard = guard_scales(s.S_P, M, p.keep, p.prune)
     S = np.asarray(s.S_P, np.float64) * t[:, None]
+    energy = float(np.sum(np.diagonal(M)[p.prune]))
+    rel = (lambda e: float(np.sum(e) / energy)) if energy > 0 else (lambda e: 0.0)
     diag = dict(s.diag, guard='moments', guard_t_mean=float(t.mean()),
-                guard_zero_rows=int(np.sum(t < 1e-6)), guard_pred_error_method=float(e_method.mean()),
-                guard_pred_error=float(e_guard.mean()), **coefficient_stats(S))
+                guard_zero_rows=int(np.sum(t < 1e-6)), guard_pred_error_method=rel(e_method),
+                guard_pred_error=rel(e_guard), **coefficient_stats(S))
     out[i] = dataclasses.replace(s, S_P=S.astype(np.asarray(s.S_P).dtype), diag=diag)
   return out
 

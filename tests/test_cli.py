@@ -143,5 +143,5 @@ def test_guard_and_bias_flags_reach_the_report(shared, tmp_path, capsys):
   for layer in report['layers']:
     d = layer['diagnostics']
     assert d['guard'] == 'moments' and 0.0 <= d['guard_t_mean'] <= 1.0
-    assert d['guard_pred_error'] <= d['guard_pred_error_method'] + 1e-12
+    assert d['guard_pred_error'] <= min(d['guard_pred_error_method'], 1.0) + 1e-9
   assert 10.0 < report['top1_after'] <= 100.0
