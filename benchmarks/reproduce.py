@@ -156,7 +156,7 @@ def bnm_jobs(quick: bool) -> list[Job]:
     for opts in (bc_on, bc_auto):
       jobs.append(Job('resnet56', 'bnm', 'l2', r, opts))
     jobs.append(Job('resnet56', 'lbyl', 'l2', r, bc_on))
-  for arch in ('resnet56', 'resnet20'):
+  for arch in ('resnet56', 'resnet20', 'resnet56_b'):
     for r in RATIOS:
       jobs.append(Job(arch, 'nm', 'l2', r, bc_on))
   # The BN_MOMENTS.md prototype's fold of the constant (every tap, padding ignored).
