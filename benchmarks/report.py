@@ -119,7 +119,7 @@ def restore_section(rows, plots_dir) -> list[str]:
 def _beats_prune_summary(rows, arch) -> list[str]:
   """Issue 3's requirement, checked cell by cell: compensation above plain pruning at ratio >= 0.3."""
   lines = []
-  for label, opts in (('', {}), (' + guard', GUARD)):
+  for label, opts in (('', {}), (' + guard', GUARD), (' + bias correction', {'bias_correction': 'on'})):
     for m in ('nm', 'lbyl'):
       fails, checked = [], 0
       for crit in ('l2', 'l1', 'l2-gm'):
