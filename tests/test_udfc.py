@@ -338,3 +338,22 @@ def test_quantized_pruned_checkpoint_roundtrip(resnet20, tmp_path):
   for x, y in zip(jax.tree_util.tree_leaves(loaded.variables), jax.tree_util.tree_leaves(ref)):
     np.testing.assert_array_equal(x, y)
   np.testing.assert_allclose(resnet20.out(loaded.variables, widths), resnet20.out(ref, widths))
+
+
+def test_delivery_lambdas_only_change_the_pruning_delivery(resnet20):
+  """``delivery_lambdas`` replaces a1 / a2 in 6.2(b) only: equal to a1 / a2 it changes nothing; else
+  the consumers move, the producers' integers and the reported scalar rescales do not."""
+  spec, v = resnet20.spec, resnet20.v
+  base = udfc.udfc(spec, v, bits=4, ratio=0.3)
+  same = udfc.udfc(spec, v, bits=4, ratio=0.3, delivery_lambdas=(udfc.DEFAULT_A1, udfc.DEFAULT_A2))
+  for x, y in zip(jax.tree_util.tree_leaves(base[1]), jax.tree_util.tree_leaves(same[1])):
+    np.testing.assert_array_equal(x, y)
+  other = udfc.udfc(spec, v, bits=4, ratio=0.3, delivery_lambdas=(1e-5, 1e-3))
+  assert other[3]['delivery_lambdas'] == [1e-5, 1e-3] and base[3]['delivery_lambdas'] == [0.01, 0.008]
+  u = spec.units[0]
+  q = lambda r, path: units_lib.get_path(r[1]['params'], path)['kernel']['q']
+  np.testing.assert_array_equal(q(base, u.producer), q(other, u.producer))
+  assert base[3]['units'][u.name]['scale'] == other[3]['units'][u.name]['scale']
+  assert base[3]['units'][u.name]['coef'] != other[3]['units'][u.name]['coef']
+  with pytest.raises(ValueError, match='a1 and a2'):
+    udfc.udfc(spec, v, bits=4, ratio=0.3, delivery_lambdas=(-1.0, 0.0))
