@@ -362,11 +362,18 @@ def consumer_energy(consumer: Consumer, E: np.ndarray, M: np.ndarray) -> float:
   return float(np.sum(_tap_energy(consumer) * var) + np.sum(mean ** 2)) + consumer.shortcut_energy
 
 
+def _row_terms(S, M, keep, prune):
+  """Per pruned row j: (M_jj, s_j^T M_Kj, s_j^T M_KK s_j), so E(a_j - t s_j^T a_K)^2 =
+  M_jj - 2 t s_j^T M_Kj + t^2 s_j^T M_KK s_j under the model."""
+  MPK = M[np.ix_(prune, keep)]
+  return (np.diagonal(M)[prune], np.sum(S * MPK, axis=1),
+          np.sum((S @ M[np.ix_(keep, keep)]) * S, axis=1))
+
+
 def _residual_moments(E, M, keep, prune, S, c):
   """Per-channel variance and mean of r = a_P - S a_K - c under the model."""
-  MPK = M[np.ix_(prune, keep)]
-  second = (np.diagonal(M)[prune] - 2.0 * np.sum(S * MPK, axis=1)
-            + np.sum((S @ M[np.ix_(keep, keep)]) * S, axis=1))
+  mpp, num, den = _row_terms(S, M, keep, prune)
+  second = mpp - 2.0 * num + den
   mean = E[prune] - S @ E[keep]
   var = np.maximum(second - mean ** 2, 0.0)
   return var, mean - (0.0 if c is None else c)
@@ -557,12 +564,7 @@ def guard_scales(S: np.ndarray, M: np.ndarray, keep: np.ndarray, prune: np.ndarr
     (t, predicted error of the method's rows, predicted error with t): per row
     ``E(a_j - t s_j^T a_K)^2`` (absolute; M_jj is the error of no delivery).
   """
-  S = np.asarray(S, np.float64)
-  MKK = M[np.ix_(keep, keep)]
-  MKP = M[np.ix_(keep, prune)]
-  mpp = np.diagonal(M)[prune]
-  num = np.einsum('jk,kj->j', S, MKP)
-  den = np.einsum('jk,kl,jl->j', S, MKK, S)
+  mpp, num, den = _row_terms(np.asarray(S, np.float64), M, keep, prune)
   with np.errstate(divide='ignore', invalid='ignore'):
     t = np.where(den > 0, num / den, 0.0)
   t = np.clip(np.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0), 0.0, 1.0)
@@ -586,7 +588,7 @@ def guard(spec, variables: Mapping[str, Any], problems: Sequence[UnitProblem],
   and with the guarded rows (``guard_pred_error``, at most 1).
   """
   problems, solutions = list(problems), list(solutions)
-  cov_model = getattr(config, 'bnm_cov', 'diag') if config is not None else 'diag'
+  cov_model = _option(config, 'bnm_cov', 'diag', COV_MODELS)
   idx = [i for i, p in enumerate(problems) if p.prune.size]
   out = list(solutions)
   if not idx:
@@ -670,7 +672,7 @@ def bias_constant(spec, variables: Mapping[str, Any], problems, solutions, confi
   if not todo:
     return out
   probs = [problems[i] for i in todo]
-  cov_model = getattr(config, 'bnm_cov', 'diag') if config is not None else 'diag'
+  cov_model = _option(config, 'bnm_cov', 'diag', COV_MODELS)
   need_geo = variables is not None and (padding_aware or mode == 'auto')
   moments = moments_lib.propagate(spec, variables) if need_geo and spec is not None else None
   if mode == 'auto':
