@@ -60,6 +60,12 @@ def _cell(row) -> str:
   return '-' if row is None else f"{row['top1']:.2f}"
 
 
+def _l2_series(rows, arch, method, options=None) -> list[tuple[float, float | None]]:
+  """(ratio, top-1 or None) over RATIOS for one L2 column: the points of one plotted line."""
+  return [(r, (_find(rows, arch=arch, method=method, criterion='l2', ratio=r, options=options or {})
+               or {}).get('top1')) for r in RATIOS]
+
+
 def _baseline(rows, arch):
   for r in rows:
     if r.get('method') == 'baseline' and r['arch'] == arch and r['n'] in (10000,):
@@ -101,15 +107,10 @@ def restore_section(rows, plots_dir) -> list[str]:
     if not any_row:
       out.append('| (not run) | | | | | |')
     out += [''] + _beats_prune_summary(rows, arch)
-    series = {m: [(r, (_find(rows, arch=arch, method=m, criterion='l2', ratio=r) or {}).get('top1'))
-                  for r in RATIOS] for m in ('prune', 'nm', 'lbyl')}
-    series['bnm'] = [(r, (_find(rows, arch=arch, method='bnm', criterion='l2', ratio=r,
-                                 options={'bnm_cov': 'diag'}) or {}).get('top1')) for r in RATIOS]
-    for m in ('nm', 'lbyl'):
-      pts = [(r, (_find(rows, arch=arch, method=m, criterion='l2', ratio=r, options=GUARD) or {}).get('top1'))
-             for r in RATIOS]
-      if any(v is not None for _, v in pts):
-        series[f'{m} + guard'] = pts
+    series = {m: _l2_series(rows, arch, m) for m in ('prune', 'nm', 'lbyl')}
+    series['bnm'] = _l2_series(rows, arch, 'bnm', {'bnm_cov': 'diag'})
+    for m in ('nm', 'lbyl'):  # labels without any measured point are not drawn
+      series[f'{m} + guard'] = _l2_series(rows, arch, m, GUARD)
     png = plots_dir / f'{arch}_l2.png'
     _plot(png, f'{arch}, L2 criterion, no fine-tuning', series, base)
     out += ['', f'![{arch}](plots/{png.name})', '']
@@ -218,8 +219,7 @@ def bnm_section(rows, plots_dir) -> list[str]:
       out.append('')
       series = {}
       for (m, o), name in zip(cols, names):
-        series[name] = [(r, (_find(rows, arch=arch, method=m, criterion='l2', ratio=r, options=o) or {}).get('top1'))
-                        for r in RATIOS]
+        series[name] = _l2_series(rows, arch, m, o)
       png = plots_dir / 'resnet56_b_bnm.png'
       _plot(png, 'NM ResNet-56: BN-moments vs LBYL / NM / prune', series, base)
       out += [f'![bnm](plots/{png.name})', '']
