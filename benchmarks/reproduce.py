@@ -254,9 +254,8 @@ def run_suite(name: str, results_dir: pathlib.Path, *, quick: bool, limit: int |
   archs_needed = sorted({j.arch for j in jobs})
   known_baselines = {}
   for other in results_dir.glob('*.jsonl'):  # the unpruned accuracy is the same in every suite
-    for line in other.read_text().splitlines():
-      if line.strip() and json.loads(line).get('method') == 'baseline':
-        row = json.loads(line)
+    for row in (json.loads(line) for line in other.read_text().splitlines() if line.strip()):
+      if row.get('method') == 'baseline':
         known_baselines[row['key']] = row
   with open(path, 'a') as f:
     for arch in archs_needed:

@@ -101,16 +101,15 @@ def bench_arch(arch: str, ratio: float, *, repeats: int, modes: list[str], ref_l
     elif mode == 'numpy_per_filter':
       # Evenly spaced units (every stage represented), scaled up by the unit count.
       step = 1 if ref_limit is None else max(1, -(-len(problems) // ref_limit))
-      subset = problems[::step]
+      measured = range(0, len(problems), step)
       el = 0.0
-      for i in range(0, len(problems), step):
+      for i in measured:
         t = time.perf_counter()
         numpy_per_filter([problems[i]], LAM1, LAM2)
         per_layer[i]['numpy_per_filter_s'] = time.perf_counter() - t
         el += per_layer[i]['numpy_per_filter_s']
-      scale = len(problems) / len(subset)
-      row[mode] = dict(warm_s=el * scale, measured_units=len(subset),
-                       extrapolated=len(subset) < len(problems))
+      row[mode] = dict(warm_s=el * len(problems) / len(measured), measured_units=len(measured),
+                       extrapolated=len(measured) < len(problems))
     else:
       raise ValueError(f'unknown mode {mode!r}')
   # Whole restore (criteria + solve + surgery + stats), warm (solver executables cached).
