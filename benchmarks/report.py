@@ -30,7 +30,9 @@ BNM_TABLE = {
 }
 
 
-GUARD = {'guard': 'moments'}
+OFF = {'bias_correction': 'off'}   # the published LBYL / NM
+ON = {'bias_correction': 'on'}     # the lbyl / nm default since session 3
+GUARD = {'guard': 'moments', 'bias_correction': 'off'}
 
 
 def _load(results_dir: pathlib.Path) -> list[dict]:
@@ -85,18 +87,25 @@ def restore_section(rows, plots_dir) -> list[str]:
          '(ALGORITHMS.md 5.3) with the package defaults lambda1 = 1e-5, lambda2 = 1e-3 (see '
          '"How the lambdas were chosen" below); NM = exact BN algebra with t = 0.1, lam = 0.85 '
          '(the official ResNet-56 script values). Only conv1 of each block is pruned. '
-         '"+ guard" = `--guard moments`: each delivery row scaled by its least-squares factor in '
-         '[0, 1] under the BN-moments model (data-free, no tuning; see NOTES below).', '']
+         '"nm" and "lbyl" are the package defaults, which add the data-free BN-mean bias '
+         'correction (`--bias-correction on`: the pruned channels\' modelled mean activation, '
+         'less what the delivery carries, folded into the consumer); "published" = '
+         '`--bias-correction off`, the algorithms as published. '
+         '"+ guard" = `--guard moments --bias-correction off`: each delivery row scaled by its '
+         'least-squares factor in [0, 1] under the BN-moments model (data-free, no tuning; see '
+         'NOTES below).', '']
   for arch in ('resnet20', 'resnet56', 'resnet56_b'):
     base = _baseline(rows, arch)
     out.append(f'### {arch} (unpruned {base if base is not None else "-"})')
     out.append('')
-    out.append('| criterion | ratio | prune | nm | lbyl | bnm | nm + guard | lbyl + guard |')
-    out.append('|---|---|---|---|---|---|---|---|')
+    out.append('| criterion | ratio | prune | nm | lbyl | nm published | lbyl published | bnm '
+               '| nm + guard | lbyl + guard |')
+    out.append('|---|---|---|---|---|---|---|---|---|---|')
     any_row = False
     for crit in ('l2', 'l1', 'l2-gm'):
       for r in RATIOS:
-        cells = [_find(rows, arch=arch, method=m, criterion=crit, ratio=r) for m in ('prune', 'nm', 'lbyl')]
+        cells = [_find(rows, arch=arch, method=m, criterion=crit, ratio=r, options=o)
+                 for m, o in (('prune', {}), ('nm', ON), ('lbyl', ON), ('nm', OFF), ('lbyl', OFF))]
         bnm = _find(rows, arch=arch, method='bnm', criterion=crit, ratio=r, options={'bnm_cov': 'diag'})
         guarded = [_find(rows, arch=arch, method=m, criterion=crit, ratio=r, options=GUARD)
                    for m in ('nm', 'lbyl')]
@@ -107,7 +116,10 @@ def restore_section(rows, plots_dir) -> list[str]:
     if not any_row:
       out.append('| (not run) | | | | | |')
     out += [''] + _beats_prune_summary(rows, arch)
-    series = {m: _l2_series(rows, arch, m) for m in ('prune', 'nm', 'lbyl')}
+    series = {'prune': _l2_series(rows, arch, 'prune')}
+    for m in ('nm', 'lbyl'):
+      series[m] = _l2_series(rows, arch, m, ON)
+      series[f'{m} published'] = _l2_series(rows, arch, m, OFF)
     series['bnm'] = _l2_series(rows, arch, 'bnm', {'bnm_cov': 'diag'})
     for m in ('nm', 'lbyl'):  # labels without any measured point are not drawn
       series[f'{m} + guard'] = _l2_series(rows, arch, m, GUARD)
@@ -120,7 +132,7 @@ def restore_section(rows, plots_dir) -> list[str]:
 def _beats_prune_summary(rows, arch) -> list[str]:
   """Issue 3's requirement, checked cell by cell: compensation above plain pruning at ratio >= 0.3."""
   lines = []
-  for label, opts in (('', {}), (' + guard', GUARD), (' + bias correction', {'bias_correction': 'on'})):
+  for label, opts in ((' (default, bias correction on)', ON), (' published', OFF), (' + guard', GUARD)):
     for m in ('nm', 'lbyl'):
       fails, checked = [], 0
       for crit in ('l2', 'l1', 'l2-gm'):
@@ -157,8 +169,8 @@ def lenet_section(rows) -> list[str]:
     pr2 = _find(rows, arch='lenet_300_100', method='prune', criterion='l2', ratio=r, options=ref)
     nm1 = _find(rows, arch='lenet_300_100', method='nm', criterion='l1', ratio=r, options={**ref, 'nm_t': 0.45})
     pr1 = _find(rows, arch='lenet_300_100', method='prune', criterion='l1', ratio=r, options=ref)
-    cons = [_find(rows, arch='lenet_300_100', method=m, criterion='l2', ratio=r, tag='consistent')
-            for m in ('lbyl', 'nm', 'bnm')]
+    cons = [_find(rows, arch='lenet_300_100', method=m, criterion='l2', ratio=r, tag='consistent',
+                  options=o) for m, o in (('lbyl', OFF), ('nm', OFF), ('bnm', {}))]
     p = LENET_LBYL_TABLE[r]
     q = LENET_NM_TABLE[r]
     out.append(f'| {int(r * 100)}% | {_cell(lb)} / {p[0]} | {_cell(nm2)} / {p[1]} | {_cell(pr2)} / {p[2]}'
@@ -172,6 +184,8 @@ def _col_name(method: str, options: dict) -> str:
     return f'{method} + guard'
   if 'bnm_cov' in options:
     return f"{method} {options['bnm_cov']}"
+  if options.get('bias_correction') == 'off':
+    return method if method == 'bnm' else f'{method} published'
   if 'bias_correction' in options:
     name = f"{method} {'+bc' if options['bias_correction'] == 'on' else 'auto'}"
     return name + (' (all taps)' if options.get('bias_fold') == 'all_taps' else '')
@@ -187,7 +201,7 @@ def bnm_section(rows, plots_dir) -> list[str]:
   for arch in ('resnet56_b', 'resnet20', 'resnet56', 'lenet_300_100'):
     ratios = LENET_RATIOS if arch == 'lenet_300_100' else RATIOS
     base = _baseline(rows, arch)
-    cols = [('prune', {}), ('nm', {}), ('lbyl', {}), ('bnm', {'bnm_cov': 'diag'}),
+    cols = [('prune', {}), ('nm', OFF), ('lbyl', OFF), ('bnm', {'bnm_cov': 'diag'}),
             ('bnm', {'bnm_cov': 'identity'}), ('nm', {'bias_correction': 'on'}),
             ('lbyl', {'bias_correction': 'on'}), ('bnm', {'bias_correction': 'on'}),
             ('bnm', {'bias_correction': 'auto'})]
@@ -195,7 +209,7 @@ def bnm_section(rows, plots_dir) -> list[str]:
       taps = {'bias_correction': 'on', 'bias_fold': 'all_taps'}
       cols += [('lbyl', taps), ('bnm', taps)]
     if arch == 'lenet_300_100':
-      cols = [('prune', {}), ('nm', {}), ('lbyl', {}), ('bnm', {}), ('nm', {'bias_correction': 'on'}),
+      cols = [('prune', {}), ('nm', OFF), ('lbyl', OFF), ('bnm', {}), ('nm', {'bias_correction': 'on'}),
               ('nm', {'bias_correction': 'auto'}), ('lbyl', {'bias_correction': 'on'}),
               ('lbyl', {'bias_correction': 'auto'}), ('bnm', {'bias_correction': 'on'}),
               ('bnm', {'bias_correction': 'auto'}), ('nm', GUARD), ('lbyl', GUARD)]
@@ -249,12 +263,14 @@ def quant_section(rows) -> list[str]:
       nb = cells[2]['bytes_after'] if cells[2] else None
       out.append(f'| W{bits} | ' + ' | '.join(_cell(c) for c in cells) + f" | {nb if nb else '-'} |")
     out += ['', f'### {arch}, pruning (L2) + quantization', '',
-            '| ratio | bits | lbyl + rtn | lbyl + udfc (joint, 6.2) | bnm + rtn | bnm + udfc | UDFC paper (W4) |',
-            '|---|---|---|---|---|---|---|']
+            '| ratio | bits | lbyl published + rtn | lbyl + udfc (joint, 6.2) | lbyl (default, +bc) + rtn '
+            '| bnm + rtn | bnm + udfc | UDFC paper (W4) |',
+            '|---|---|---|---|---|---|---|---|']
     for r in (0.3, 0.4, 0.5):
       for bits in (6, 4):
-        cells = [_find(rows, arch=arch, method='lbyl', ratio=r, bits=bits, quant_method='rtn'),
-                 _find(rows, arch=arch, method='lbyl', ratio=r, bits=bits, quant_method='udfc'),
+        cells = [_find(rows, arch=arch, method='lbyl', ratio=r, bits=bits, quant_method='rtn', options=OFF),
+                 _find(rows, arch=arch, method='lbyl', ratio=r, bits=bits, quant_method='udfc', options=OFF),
+                 _find(rows, arch=arch, method='lbyl', ratio=r, bits=bits, quant_method='rtn', options=ON),
                  _find(rows, arch=arch, method='bnm', ratio=r, bits=bits, quant_method='rtn'),
                  _find(rows, arch=arch, method='bnm', ratio=r, bits=bits, quant_method='udfc')]
         paper = UDFC_TABLE[r][2] if (arch == 'resnet56_b' and bits == 4) else '-'

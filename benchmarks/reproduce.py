@@ -61,13 +61,34 @@ class Job:
   quant_method: str | None = None
   tag: str = ''
 
+  def __post_init__(self):
+    object.__setattr__(self, 'options', pin_bias_correction(self.method, self.options))
+
   def key(self) -> str:
     return hashlib.sha1(json.dumps(dataclasses.asdict(self), sort_keys=True).encode()).hexdigest()[:16]
 
 
+PUBLISHED_MODE = {'lbyl': ('lbyl_mode', 'consistent'), 'nm': ('nm_mode', 'exact')}
+
+
+def pin_bias_correction(method: str, options) -> tuple[tuple[str, object], ...]:
+  """Every LBYL / NM row names its bias correction: a row without one is the published form
+  ('off'), as it was before 'on' became the default for lbyl / nm (RestoreConfig)."""
+  options = tuple(tuple(o) for o in options)
+  if method in PUBLISHED_MODE and 'bias_correction' not in dict(options):
+    key, published = PUBLISHED_MODE[method]
+    if dict(options).get(key, published) == published:
+      options += (('bias_correction', 'off'),)
+  return options
+
+
+BC_ON = (('bias_correction', 'on'),)   # the lbyl / nm default
+
+
 def restore_jobs(quick: bool) -> list[Job]:
   if quick:
-    return [Job('resnet20', m, 'l2', 0.3) for m in ('prune', 'nm', 'lbyl')]
+    return [Job('resnet20', m, 'l2', 0.3) for m in ('prune', 'nm', 'lbyl')] + [
+        Job('resnet20', 'lbyl', 'l2', 0.3, BC_ON)]
   jobs = []
   for arch in ('resnet20', 'resnet56', 'resnet56_b'):
     for r in RATIOS:
@@ -78,6 +99,12 @@ def restore_jobs(quick: bool) -> list[Job]:
       for r in RATIOS:
         for m in ('prune', 'nm', 'lbyl'):
           jobs.append(Job(arch, m, crit, r))
+  # The defaults of lbyl / nm (bias correction on); rows measured by the bnm suite are reused.
+  for arch in ('resnet20', 'resnet56', 'resnet56_b'):
+    for crit in ('l2', 'l1', 'l2-gm'):
+      for r in RATIOS:
+        for m in ('nm', 'lbyl'):
+          jobs.append(Job(arch, m, crit, r, BC_ON))
   return jobs
 
 
@@ -123,6 +150,12 @@ def quant_jobs(quick: bool) -> list[Job]:
       jobs.append(Job('resnet56', 'prune', 'l2', 0.0, bits=bits, quant_method=q))
   jobs.append(Job('resnet56', 'lbyl', 'l2', 0.3, bits=6, quant_method='rtn'))
   jobs.append(Job('resnet56', 'lbyl', 'l2', 0.3, bits=6, quant_method='udfc'))
+  # The default lbyl (bias correction on) before round-to-nearest, and joint UDFC with the same
+  # bias correction (udfc.udfc(bias_correction=True): pruned constant + kept-channel mean match).
+  for arch, r, bits in (('resnet56_b', 0.3, 4), ('resnet56_b', 0.4, 4), ('resnet56_b', 0.5, 4),
+                        ('resnet56_b', 0.3, 6), ('resnet56', 0.3, 4), ('resnet56', 0.3, 6)):
+    jobs.append(Job(arch, 'lbyl', 'l2', r, BC_ON, bits=bits, quant_method='rtn'))
+    jobs.append(Job(arch, 'lbyl', 'l2', r, BC_ON, bits=bits, quant_method='udfc'))
   return jobs
 
 
@@ -164,6 +197,12 @@ def bnm_jobs(quick: bool) -> list[Job]:
   for r in RATIOS:
     for m in ('bnm', 'lbyl'):
       jobs.append(Job('resnet56_b', m, 'l2', r, taps))
+  # LBYL and NM with bias correction under the other two criteria, all three CIFAR models.
+  for arch in ('resnet20', 'resnet56', 'resnet56_b'):
+    for crit in ('l1', 'l2-gm'):
+      for r in RATIOS:
+        for m in ('lbyl', 'nm'):
+          jobs.append(Job(arch, m, crit, r, bc_on))
   return jobs
 
 
@@ -252,12 +291,18 @@ def run_suite(name: str, results_dir: pathlib.Path, *, quick: bool, limit: int |
   jobs = SUITES[name](quick)
   todo = [j for j in jobs if j.key() not in done]
   archs_needed = sorted({j.arch for j in jobs})
-  known_baselines = {}
+  known_baselines, elsewhere = {}, {}
   for other in results_dir.glob('*.jsonl'):  # the unpruned accuracy is the same in every suite
     for row in (json.loads(line) for line in other.read_text().splitlines() if line.strip()):
       if row.get('method') == 'baseline':
         known_baselines[row['key']] = row
+      elif other != path:
+        elsewhere[row['key']] = row
   with open(path, 'a') as f:
+    for job in [j for j in todo if j.key() in elsewhere]:  # same configuration, another suite
+      f.write(json.dumps(elsewhere[job.key()]) + '\n')
+      done[job.key()] = elsewhere[job.key()]
+    todo = [j for j in todo if j.key() not in done]
     for arch in archs_needed:
       key = f'baseline-{arch}-{limit}'
       if key not in done and key in known_baselines:

@@ -49,6 +49,14 @@ def _option(config, name: str, default, choices) -> Any:
   return value
 
 
+def _bias_mode(config, default: str) -> str:
+  """``config``'s bias-correction mode: RestoreConfig's resolved value (None means the method's
+  default there), a plain ``bias_correction`` attribute, or ``default``."""
+  resolve = getattr(config, 'resolved_bias_correction', None)
+  value = resolve() if callable(resolve) else getattr(config, 'bias_correction', None)
+  return _option(None, 'bias_correction', default if value is None else value, BIAS_MODES)
+
+
 # --------------------------------------------------------------------------------------------
 # Pre-activation model.
 
@@ -482,7 +490,7 @@ def solve(spec, variables: Mapping[str, Any], problems: Sequence[UnitProblem], c
     and its inputs in ``diag['bias_rule']``.
   """
   cov_model = _option(config, 'bnm_cov', 'diag', COV_MODELS)
-  bias_mode = _option(config, 'bias_correction', 'off', BIAS_MODES)
+  bias_mode = _bias_mode(config, 'off')
   if padding_aware is None:
     padding_aware = _option(config, 'bias_fold', 'padding_aware', BIAS_FOLDS) == 'padding_aware'
   if activation not in ACTIVATIONS:
@@ -657,7 +665,7 @@ def bias_constant(spec, variables: Mapping[str, Any], problems, solutions, confi
   problems, solutions = list(problems), list(solutions)
   if len(problems) != len(solutions):
     raise ValueError(f'bias_constant: {len(problems)} problems but {len(solutions)} solutions')
-  mode = getattr(config, 'bias_correction', 'on') if config is not None else 'on'
+  mode = _bias_mode(config, 'on')
   if padding_aware is None:
     padding_aware = _option(config, 'bias_fold', 'padding_aware', BIAS_FOLDS) == 'padding_aware'
   out: list[np.ndarray | None] = [None] * len(problems)

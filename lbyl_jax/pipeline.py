@@ -75,7 +75,9 @@ def compress(spec, variables: Mapping[str, Any], config: restore_lib.RestoreConf
   With ``qconfig.method == 'udfc'`` and ``config.method == 'lbyl'``, the pruning delivery is
   UDFC's (6.2 b: the LBYL closed form on the quantized kept filters, a1/a2 as lambdas); with any
   other restore method the network is restored first and UDFC then compensates the quantization
-  of the pruned network (6.2 a). 'rtn' and 'dfq' always quantize the restored network.
+  of the pruned network (6.2 a). In the joint path ``config``'s bias correction ('on' by default
+  for lbyl) adds UDFC's mean terms (:mod:`lbyl_jax.udfc`, ``bias_correction=True``); 'auto' and
+  the guard are errors there. 'rtn' and 'dfq' always quantize the restored network.
   """
   t0 = time.perf_counter()
   joint_udfc = (qconfig is not None and qconfig.method == 'udfc' and config.method == 'lbyl'
@@ -83,6 +85,11 @@ def compress(spec, variables: Mapping[str, Any], config: restore_lib.RestoreConf
   if joint_udfc:
     if config.ratio_overrides:
       raise ValueError('udfc with lbyl delivery does not support per-layer ratio overrides')
+    if config.bias_correction == 'auto' or config.guard != 'off':
+      raise ValueError('udfc with lbyl delivery computes its own delivery (ALGORITHMS.md 6.2 b): '
+                       f'bias_correction={config.bias_correction!r} and guard={config.guard!r} are not '
+                       "supported there; use bias_correction 'on' / 'off' without the guard, or quant "
+                       "method 'rtn'")
     base_report = _plain_report(spec, variables, config)
     pruned = variables
   else:
@@ -100,7 +107,8 @@ def compress(spec, variables: Mapping[str, Any], config: restore_lib.RestoreConf
     ratio = config.ratio if joint_udfc else 0.0
     widths, qtree, qmeta, qreport = udfc.udfc(
         spec, pruned, ratio=ratio, criterion=config.criterion, a1=qconfig.a1, a2=qconfig.a2,
-        bn_sigma=config.bn_sigma, seed=config.seed, **qopts)
+        bn_sigma=config.bn_sigma, seed=config.seed,
+        bias_correction=joint_udfc and base_report['bias_correction'] == 'on', **qopts)
   elif qconfig.method == 'dfq':
     from lbyl_jax import dfq  # pylint: disable=import-outside-toplevel
 
@@ -131,7 +139,8 @@ def _plain_report(spec, variables, config) -> dict[str, Any]:
   """The size part of a restore report, for paths where another driver does the pruning."""
   s = stats.summary(spec, variables)
   return dict(arch=spec.name, method=config.method, criterion=config.criterion, ratio=config.ratio,
-              config=dataclasses.asdict(config), widths=list(spec.default_widths()),
+              config=dataclasses.asdict(config), bias_correction=config.resolved_bias_correction(),
+              widths=list(spec.default_widths()),
               params_before=s['params'], macs_before=s['macs'], flops_before=s['flops'],
               bytes_before=s['bytes'], solve_seconds=0.0, compile_seconds=0.0, layers=[])
 

@@ -43,7 +43,7 @@ _CHOICES = dict(
     bn_sigma=('std', 'variance'),
     keep_rounding=(None, 'floor', 'round'),
     dtype=('float32', 'float64'),
-    bias_correction=('off', 'on', 'auto'),
+    bias_correction=(None, 'off', 'on', 'auto'),
     bnm_cov=('identity', 'diag'),
     guard=('off', 'moments'),
     bias_fold=('padding_aware', 'all_taps'),
@@ -95,7 +95,11 @@ class RestoreConfig:
     dtype: solver precision, 'float32' or 'float64' (A12).
     seed: seed of the 'random' criterion (combined with the unit index).
     bias_correction: 'off', 'on' (constant c from :func:`lbyl_jax.bnm.bias_constant` on every
-      unit) or 'auto' (``bias_constant`` decides per unit, returning None where it abstains).
+      unit), 'auto' (``bias_constant`` decides per unit, returning None where it abstains) or
+      None: the method's default (:meth:`resolved_bias_correction`): 'on' for 'lbyl' and 'nm' in
+      their consistent / exact forms, 'off' otherwise. LBYL and NM fit their delivery on filter
+      weights, which leaves the pruned channel's mean activation undelivered; the constant adds
+      it. 'bnm' defaults to 'off' because its uncentred fit already carries the means.
     bnm_cov: input-patch covariance model of the BN-moments method ('identity' or 'diag').
     guard: 'off' or 'moments': scale each pruned channel's delivery row by the factor in [0, 1]
       that minimises its post-ReLU error under the BN-moments model (:func:`lbyl_jax.bnm.guard`;
@@ -119,7 +123,7 @@ class RestoreConfig:
   keep_rounding: str | None = None
   dtype: str = 'float32'
   seed: int = 0
-  bias_correction: str = 'off'
+  bias_correction: str | None = None
   bnm_cov: str = 'diag'
   guard: str = 'off'
   bias_fold: str = 'padding_aware'
@@ -165,6 +169,16 @@ class RestoreConfig:
       if _matches(pattern, unit_name):
         r = value
     return r
+
+  def resolved_bias_correction(self) -> str:
+    """'off' | 'on' | 'auto': the explicit setting, else the method's default (see above)."""
+    if self.bias_correction is not None:
+      return self.bias_correction
+    if self.method == 'lbyl' and self.lbyl_mode == 'consistent':
+      return 'on'
+    if self.method == 'nm' and self.nm_mode == 'exact':
+      return 'on'
+    return 'off'
 
   def rounding_for(self, spec) -> str:
     if self.keep_rounding is not None:
@@ -307,8 +321,10 @@ def restore(
   if config.guard != 'off':
     sols = list(methods.bias_module().guard(spec, variables, problems, sols, config))
     _check_solutions(problems, sols, config.method)
-  if config.bias_correction != 'off':
-    sols = _apply_bias_correction(spec, variables, problems, sols, config)
+  bias_correction = config.resolved_bias_correction()
+  if bias_correction != 'off':
+    sols = _apply_bias_correction(spec, variables, problems, sols,
+                                  dataclasses.replace(config, bias_correction=bias_correction))
   plan = {p.unit.name: (p.keep, s.S_P, s.bias) for p, s in zip(problems, sols)}
   widths, new_variables = surgery.apply(spec, variables, plan)
   before = stats.summary(spec, variables)
@@ -320,7 +336,7 @@ def restore(
         ratio=config.ratio_for(p.unit.name), pool=p.unit.pool, diagnostics=dict(s.diag)))
   report = dict(
       arch=spec.name, method=config.method, criterion=config.criterion, ratio=config.ratio,
-      config=dataclasses.asdict(config), widths=list(widths),
+      config=dataclasses.asdict(config), bias_correction=bias_correction, widths=list(widths),
       params_before=before['params'], params_after=after['params'],
       macs_before=before['macs'], macs_after=after['macs'],
       flops_before=before['flops'], flops_after=after['flops'],

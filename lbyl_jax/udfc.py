@@ -31,6 +31,18 @@ It is off by default because the least-squares scale of independent rounding noi
 (s ~ 1 / (1 + ||e||^2 / ||W||^2) < 1): optimal for one layer's output MSE, but the shrinkage is
 coherent across layers, and on random BN networks it raised the 4-bit output error.
 
+With ``bias_correction=True`` (what ``lbyl``'s default asks for in the joint path of
+:func:`lbyl_jax.pipeline.compress`) two data-free mean terms under the BN-moments model
+(BN_MOMENTS.md) are added, neither of which 6.2 has:
+- the pruned channels' mean that the delivery does not carry, c = E[a_P] - S'_P E[a_K], folded
+  into the consumer's BN mean exactly as ``lbyl`` + bias correction folds it (padding-aware);
+- :func:`mean_match` for every kept channel: its BN shift is moved so that the deployed
+  activation s_k ReLU(z_hat_k) has the original mean E[ReLU(z_k)] again, z_hat_k ~ N(m_hat_k,
+  gamma_k^2) with m_hat_k = beta_k + alpha_k (What_k - W_k) . E[x] (the quantization's mean shift,
+  DFQ's bias-correction term, 7.1). The scalar s_k of (a) is a least-squares shrinkage
+  (s_k ~ 1 / (1 + ||e||^2 / ||W||^2)) that also shrinks the channel's mean; this puts the mean
+  back and leaves s_k acting on the fluctuation only.
+
 All per-unit math is float64 NumPy on the host.
 """
 
@@ -41,6 +53,7 @@ from typing import Any
 
 import numpy as np
 import scipy.linalg
+import scipy.special
 
 from lbyl_jax import criteria as criteria_lib
 from lbyl_jax import quant
@@ -121,6 +134,43 @@ def delivery(What_K, alpha_K, b_K, W_P, alpha_P, b_P, *, a1: float = DEFAULT_A1,
   except (np.linalg.LinAlgError, scipy.linalg.LinAlgError):
     St = np.linalg.pinv(A, hermitian=True) @ R
   return St.T
+
+
+def relu_mean(m, sd) -> np.ndarray:
+  """E[ReLU(y)] for y ~ N(m, sd^2), elementwise (sd = 0: ReLU(m))."""
+  m = np.asarray(m, np.float64)
+  sd = np.asarray(sd, np.float64)
+  pos = sd > 0
+  t = m / np.where(pos, sd, 1.0)
+  val = m * scipy.special.ndtr(t) + sd * np.exp(-0.5 * t * t) / np.sqrt(2.0 * np.pi)
+  return np.where(pos, val, np.maximum(m, 0.0))
+
+
+def mean_match(target, s, sd, *, iters: int = 200) -> np.ndarray:
+  """Per channel, the mean m with ``s * E[ReLU(N(m, sd^2))] = target`` (s > 0, sd > 0).
+
+  E[ReLU(N(m, sd^2))] rises strictly from 0 to infinity in m, so for target > 0 the root is
+  unique; it is found by bisection on a bracket grown until it holds the root. A channel with
+  target <= 0, s <= 0 or sd <= 0 has no such m: NaN (callers leave it unchanged).
+  """
+  target = np.asarray(target, np.float64)
+  s = np.broadcast_to(np.asarray(s, np.float64), target.shape)
+  sd = np.broadcast_to(np.asarray(sd, np.float64), target.shape)
+  ok = (target > 0) & (s > 0) & (sd > 0) & np.isfinite(target) & np.isfinite(s) & np.isfinite(sd)
+  goal = np.where(ok, target / np.where(ok, s, 1.0), 1.0)
+  sd_ = np.where(ok, sd, 1.0)
+  lo, hi = -np.abs(goal) - 10.0 * sd_, np.abs(goal) + 10.0 * sd_
+  for _ in range(60):  # grow until relu_mean(lo) <= goal <= relu_mean(hi)
+    bad_lo, bad_hi = relu_mean(lo, sd_) > goal, relu_mean(hi, sd_) < goal
+    if not (bad_lo.any() or bad_hi.any()):
+      break
+    lo = np.where(bad_lo, 2.0 * lo, lo)
+    hi = np.where(bad_hi, 2.0 * hi, hi)
+  for _ in range(iters):
+    mid = 0.5 * (lo + hi)
+    below = relu_mean(mid, sd_) < goal
+    lo, hi = np.where(below, mid, lo), np.where(below, hi, mid)
+  return np.where(ok, 0.5 * (lo + hi), np.nan)
 
 
 def consumer_update(V, *, keep, s, S_P, kind: str, flatten: int = 1) -> np.ndarray:
@@ -241,7 +291,7 @@ def udfc(spec, variables: Mapping[str, Any], *, bits: int, ratio: float = 0.0, c
          a1: float = DEFAULT_A1, a2: float = DEFAULT_A2, per_channel: bool = True,
          symmetric: bool = True, keep_8bit: Iterable[str] = (), bn_sigma: str = 'std',
          seed: int = 0, scale_from: str = 'compensated', rescale_others: bool = False,
-         delivery_lambdas: tuple[float, float] | None = None
+         delivery_lambdas: tuple[float, float] | None = None, bias_correction: bool = False
          ) -> tuple[tuple[int, ...], dict[str, Any], dict[str, Any], dict[str, Any]]:
   """UDFC-style pruning + weight quantization of a whole network (ALGORITHMS.md 6.2).
 
@@ -260,6 +310,8 @@ def udfc(spec, variables: Mapping[str, Any], *, bits: int, ratio: float = 0.0, c
     rescale_others: also rescale non-producer layers (exact folds, see the module docstring).
     delivery_lambdas: ``(lam1, lam2)`` of the pruning delivery (b); None (the 6.2 default): a1 / a2.
       The scalar rescale (a) always uses a1 / a2.
+    bias_correction: add the pruned channels' constant and the kept channels' mean match (module
+      docstring); needs the ORIGINAL variables (the moments are those of the unpruned network).
 
   Returns:
     ``(widths, qtree, qmeta, report)``: ``quant.dequantize_tree(qtree, qmeta)`` are float
@@ -275,8 +327,11 @@ def udfc(spec, variables: Mapping[str, Any], *, bits: int, ratio: float = 0.0, c
   qopts = dict(per_channel=per_channel, symmetric=symmetric)
   work = quant.copy_tree(variables)
   unit_reports = {}
+  selected = [_select(spec, variables, unit, index, ratio, criterion, seed)
+              for index, unit in enumerate(spec.units)]
+  means = _MeanModel(spec, variables, selected, bn_sigma) if bias_correction else None
   for index, unit in enumerate(spec.units):
-    keep, prune = _select(spec, variables, unit, index, ratio, criterion, seed)
+    keep, prune = selected[index]
     alpha, b = unit_bn(variables, unit, sigma=bn_sigma)
     b_unit = _bits_for(unit.producer, bits, keep8)
     orig = units_lib.get_path(variables['params'], unit.producer)
@@ -289,9 +344,11 @@ def udfc(spec, variables: Mapping[str, Any], *, bits: int, ratio: float = 0.0, c
       cur = units_lib.get_path(work['params'], unit.producer)
       dep = np.take(np.asarray(cur['kernel'], np.float32), keep, axis=-1)
       dep_bias = None if cur.get('bias') is None else np.take(np.asarray(cur['bias']), keep)
+      dep_hat = quant.fake_quantize(dep, bits=b_unit, **qopts)
       Wk = _unit_rows(dep, unit, dep_bias)
-      Wk_hat = _unit_rows(quant.fake_quantize(dep, bits=b_unit, **qopts), unit, dep_bias)
+      Wk_hat = _unit_rows(dep_hat, unit, dep_bias)
     else:
+      dep, dep_hat = orig_k, quant.fake_quantize(orig_k, bits=b_unit, **qopts)
       Wk, Wk_hat = _unit_rows(orig_k, unit, orig_kb), orig_k_hat
     s = quant_scales(Wk, Wk_hat, alpha[keep], b[keep], a1=a1, a2=a2)
     bad = ~(np.isfinite(s) & (s > 0))  # ReLU homogeneity needs s > 0
@@ -305,13 +362,21 @@ def udfc(spec, variables: Mapping[str, Any], *, bits: int, ratio: float = 0.0, c
     kdt = np.asarray(cons['kernel']).dtype
     cons['kernel'] = _scale_inputs(cons['kernel'], unit, keep, s).astype(kdt)
     units_lib.set_path(work['params'], unit.consumer, cons)
-    _, work = surgery.apply(spec, work, {unit.name: (keep, S_P, None)})
+    const = means.pruned_constant(index, S_P) if means is not None else None
+    _, work = surgery.apply(spec, work, {unit.name: (keep, S_P, const)})
     lq1 = quant_objective(Wk, Wk_hat, alpha[keep], b[keep], 1.0, a1=a1, a2=a2).sum()
     lqs = quant_objective(Wk, Wk_hat, alpha[keep], b[keep], s, a1=a1, a2=a2).sum()
     unit_reports[unit.name] = dict(
         kept=int(keep.size), pruned=int(prune.size), bits=b_unit, scale=_stats(s),
         scale_fallbacks=int(bad.sum()), coef=_stats(np.abs(S_P)),
         quant_loss_rtn=float(lq1), quant_loss_udfc=float(lqs))
+    if means is not None:
+      delta, n_skipped = means.kept_shift(index, np.asarray(dep_hat, np.float64)
+                                          - np.asarray(dep, np.float64), s)
+      _shift_producer(work, unit, delta)
+      unit_reports[unit.name].update(
+          bias_constant=_stats(np.abs(const)) if const is not None else None,
+          mean_shift=_stats(delta), mean_match_skipped=n_skipped)
 
   producers = {u.producer for u in spec.units}
   trace = quant.trace_layers(spec)
@@ -354,13 +419,83 @@ def udfc(spec, variables: Mapping[str, Any], *, bits: int, ratio: float = 0.0, c
     qmeta['layers'][path]['rel_error'] = quant.relative_error(w, deq)
   widths = units_lib.widths_of(work, spec.units)
   report = dict(method='udfc', bits=bits, ratio=ratio, criterion=criterion, a1=a1, a2=a2,
-                delivery_lambdas=[d1, d2],
+                delivery_lambdas=[d1, d2], bias_correction=bool(bias_correction),
                 per_channel=per_channel, symmetric=symmetric, keep_8bit=sorted(keep8),
                 scale_from=scale_from, bn_sigma=bn_sigma, widths=list(widths), units=unit_reports,
                 rescaled=rescaled, not_rescaled=not_rescaled,
                 layer_errors={p: d['rel_error'] for p, d in qmeta['layers'].items()},
                 nbytes=quant.tree_nbytes(qtree))
   return widths, qtree, qmeta, report
+
+
+class _MeanModel:
+  """The BN-moments model of the ORIGINAL network, for ``udfc(..., bias_correction=True)``."""
+
+  def __init__(self, spec, variables, selected, bn_sigma: str):
+    from lbyl_jax import bnm  # pylint: disable=import-outside-toplevel
+    from lbyl_jax import moments as moments_lib  # pylint: disable=import-outside-toplevel
+    from lbyl_jax import restore  # pylint: disable=import-outside-toplevel
+    from lbyl_jax.methods import UnitProblem  # pylint: disable=import-outside-toplevel
+
+    self.units = list(spec.units)
+    self.problems = [
+        UnitProblem(u, np.asarray(units_lib.filters(variables, u), np.float64),
+                    restore.bn_terms(variables, u, sigma=bn_sigma), keep, prune)
+        for u, (keep, prune) in zip(self.units, selected)]
+    self.moments = moments_lib.propagate(spec, variables)
+    self.E = bnm.activation_means(spec, variables, self.problems, moments=self.moments)
+    self.consumers = bnm.consumers(spec, variables, self.problems, self.moments)
+    self._fold = bnm.fold_constant
+    self.sd, self.mean = [], []
+    for p in self.problems:
+      if p.unit.bn is None:
+        mean, cov = moments_lib.dense_preactivation(p.W, self.moments[p.unit.name])
+        self.sd.append(np.sqrt(np.maximum(np.diagonal(cov), 0.0)))
+        self.mean.append(mean)
+      else:
+        self.sd.append(np.abs(p.bn['gamma']))
+        self.mean.append(np.asarray(p.bn['beta'], np.float64))
+    # A producer that is another unit's consumer reads only that unit's kept channels.
+    self.reads = {u.consumer: keep for u, (keep, _) in zip(self.units, selected)}
+
+  def pruned_constant(self, index: int, S_P) -> np.ndarray | None:
+    """c = E[a_P] - S'_P E[a_K], made padding-aware for surgery's all-taps fold."""
+    p, E = self.problems[index], self.E[index]
+    if not p.prune.size:
+      return None
+    c = E[p.prune] - np.asarray(S_P, np.float64) @ E[p.keep]
+    return self._fold(self.consumers[index], p.prune, c)
+
+  def kept_shift(self, index: int, err_kernel, s) -> tuple[np.ndarray, int]:
+    """Per kept channel, the shift of its pre-activation mean that gives s_k ReLU(z_hat_k) the
+    original mean (:func:`mean_match`); ``err_kernel`` = quantized - deployed kept kernel."""
+    p = self.problems[index]
+    keep = p.keep
+    x_mean = np.asarray(self.moments[p.unit.name].mean, np.float64)
+    if p.unit.producer in self.reads:
+      x_mean = x_mean[self.reads[p.unit.producer]]
+    err = err_kernel.reshape(-1, err_kernel.shape[-2], err_kernel.shape[-1]).sum(axis=0)  # (C_in, m)
+    if err.shape[0] != x_mean.shape[0]:
+      raise ValueError(f'{p.unit.name}: the producer reads {err.shape[0]} input channels but the '
+                       f'moment model has {x_mean.shape[0]}')
+    alpha = np.asarray(p.bn['alpha'], np.float64)[keep] if p.unit.bn is not None else 1.0
+    m_hat = self.mean[index][keep] + alpha * (x_mean @ err)
+    target = self.E[index][keep]
+    m_star = mean_match(target, s, self.sd[index][keep])
+    ok = np.isfinite(m_star)
+    return np.where(ok, m_star - m_hat, 0.0), int((~ok).sum())
+
+
+def _shift_producer(work, unit: units_lib.Unit, delta: np.ndarray) -> None:
+  """Adds ``delta`` to the pre-activation of the unit's (already pruned) channels: the BN shift
+  beta, or the producer bias without BN."""
+  path = unit.bn if unit.bn is not None else unit.producer
+  layer = dict(units_lib.get_path(work['params'], path))
+  if layer.get('bias') is None:
+    raise ValueError(f'{unit.name}: {path} has no bias to carry the mean correction')
+  dt = np.asarray(layer['bias']).dtype
+  layer['bias'] = (np.asarray(layer['bias'], np.float64) + delta).astype(dt)
+  units_lib.set_path(work['params'], path, layer)
 
 
 def rtn(spec, variables: Mapping[str, Any], *, bits: int, ratio: float = 0.0, criterion: str = 'l2',

@@ -116,6 +116,7 @@ def test_entry_point_json_last_line(shared, tmp_path):
                         capture_output=True, text=True, timeout=300, check=True)
   report = json.loads(proc.stdout.strip().splitlines()[-1])
   assert report['ratio'] == 0.6 and report['top1_after'] is not None
+  assert report['method'] == 'lbyl' and report['bias_correction'] == 'on'  # the default for lbyl
 
 
 def test_compress_is_pure(shared):
@@ -132,6 +133,24 @@ def test_compress_is_pure(shared):
     np.testing.assert_array_equal(v, variables['params'][k]['kernel'])
   for k in a.variables['params']:
     np.testing.assert_array_equal(a.variables['params'][k]['kernel'], b.variables['params'][k]['kernel'])
+
+
+def test_joint_udfc_bias_correction_follows_the_config(shared):
+  import converters
+
+  spec = archs.get('lenet_300_100')
+  variables = converters.load_variables(shared / 'weights' / LENET, spec)
+  q = pipeline.QuantConfig(bits=4, method='udfc')
+  for extra in (dict(bias_correction='auto'), dict(guard='moments')):
+    with pytest.raises(ValueError, match='udfc with lbyl delivery computes its own delivery'):
+      pipeline.compress(spec, variables, restore.RestoreConfig(method='lbyl', ratio=0.5, **extra), q)
+  for bc, want in ((None, True), ('on', True), ('off', False)):
+    res = pipeline.compress(spec, variables,
+                            restore.RestoreConfig(method='lbyl', ratio=0.5, bias_correction=bc), q)
+    assert res.report['bias_correction'] == ('on' if want else 'off')
+    assert res.report['quant_report']['bias_correction'] is want
+    unit = res.report['quant_report']['units']['ip1']
+    assert ('mean_shift' in unit) is want
 
 
 def test_guard_and_bias_flags_reach_the_report(shared, tmp_path, capsys):

@@ -5,7 +5,9 @@
 * Plain L2 pruning of the NM ResNet-56 equals the "Prune" row UDFC reports for this very file
   (9.3: 76.95 / 24.34 at 30 / 50 %), which pins the criterion, the kept count and the surgery;
   compensation beats it at 30 %, and BN-moments stays far above it at 50 %.
-* On the akamaster ResNet-20, LBYL and NM with the data-free moment guard beat plain pruning.
+* On the akamaster ResNet-20, LBYL and NM beat plain pruning at 30 % with their defaults (bias
+  correction on) and, as published (bias correction off), with the data-free moment guard.
+* Joint UDFC with the bias correction beats joint UDFC without it at 30 % / W4.
 """
 
 from __future__ import annotations
@@ -115,5 +117,30 @@ def test_guard_makes_lbyl_and_nm_beat_pruning_on_akamaster_resnet20(shared):
   prune = _top1(shared, *R20, method='prune', criterion='l2', ratio=0.3)
   assert prune == pytest.approx(64.39, abs=0.05)
   for method in ('lbyl', 'nm'):
-    got = _top1(shared, *R20, method=method, criterion='l2', ratio=0.3, guard='moments')
+    got = _top1(shared, *R20, method=method, criterion='l2', ratio=0.3, guard='moments',
+                bias_correction='off')
     assert got > prune + 3.0, (method, got, prune)
+
+
+def test_default_lbyl_and_nm_beat_pruning_on_akamaster_resnet20(shared):
+  """Issue 3's requirement on the checkpoint where the published forms fail it (LBYL 46.79, NM
+  63.83 vs prune 64.39 at 30 %): the defaults (bias correction on) measured 77.04 and 67.08."""
+  prune = _top1(shared, *R20, method='prune', criterion='l2', ratio=0.3)
+  published = _top1(shared, *R20, method='lbyl', criterion='l2', ratio=0.3, bias_correction='off')
+  assert published < prune  # the failure the default exists for; if it changes, revisit the default
+  for method, margin in (('lbyl', 8.0), ('nm', 1.5)):
+    got = _top1(shared, *R20, method=method, criterion='l2', ratio=0.3)
+    assert got > prune + margin, (method, got, prune)
+
+
+def test_joint_udfc_bias_correction_at_30_w4(shared):
+  """NM ResNet-56, 30 % L2 + 4-bit weights, first 2000 test images (measured 89.00 vs 85.35)."""
+  spec, variables, ds, ev = _setup(shared, *NM56)
+  ds = ds.subset(2000)
+  acc = {}
+  for bc in ('on', 'off'):
+    cfg = restore.RestoreConfig(method='lbyl', criterion='l2', ratio=0.3, bias_correction=bc)
+    res = pipeline.compress(spec, variables, cfg, pipeline.QuantConfig(bits=4, method='udfc'))
+    assert res.report['quant_report']['bias_correction'] is (bc == 'on')
+    acc[bc] = ev.evaluate(res.variables, ds, widths=res.widths, progress=False)['top1']
+  assert acc['on'] > acc['off'] + 2.0, acc

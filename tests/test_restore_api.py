@@ -169,7 +169,9 @@ def test_methods_run_and_lbyl_large_lambda_is_prune(net, forward):
       'lbyl': RestoreConfig(method='lbyl', ratio=0.3, lambda1=1e-4, lambda2=1e-2),
       'lbyl64': RestoreConfig(method='lbyl', ratio=0.3, lambda1=1e-4, lambda2=1e-2, dtype='float64'),
       'lbyl_code': RestoreConfig(method='lbyl', ratio=0.3, lbyl_mode='reference_code'),
-      'lbyl_inf': RestoreConfig(method='lbyl', ratio=0.3, lambda2=1e12),
+      'lbyl_inf': RestoreConfig(method='lbyl', ratio=0.3, lambda2=1e12, bias_correction='off'),
+      'lbyl_inf_bc': RestoreConfig(method='lbyl', ratio=0.3, lambda2=1e12),
+      'prune_bc': RestoreConfig(method='prune', ratio=0.3, bias_correction='on'),
   }.items():
     widths, new, reports[name] = restore.restore(spec, variables, cfg)
     assert widths == (11,) * 3 + (22,) * 3 + (44,) * 3
@@ -177,6 +179,9 @@ def test_methods_run_and_lbyl_large_lambda_is_prune(net, forward):
     assert np.all(np.isfinite(outs[name]))
   scale = np.abs(y0).max()
   np.testing.assert_allclose(outs['lbyl_inf'], outs['prune'], atol=1e-5 * scale)
+  # With the default bias correction, S_P -> 0 leaves only the constant E[a_P]: prune + constant.
+  np.testing.assert_allclose(outs['lbyl_inf_bc'], outs['prune_bc'], atol=1e-5 * scale)
+  assert np.abs(outs['prune_bc'] - outs['prune']).max() > 1e-3 * scale
   np.testing.assert_allclose(outs['lbyl'], outs['lbyl64'], atol=1e-3 * scale)
   assert np.abs(outs['lbyl'] - outs['prune']).max() > 1e-3 * scale  # compensation did something
   assert np.abs(outs['nm'] - outs['prune']).max() > 1e-3 * scale
@@ -198,9 +203,40 @@ def test_methods_run_and_lbyl_large_lambda_is_prune(net, forward):
 
 def test_nm_threshold_one_equals_prune_on_network(net):
   spec, variables, _ = net
-  _, a, _ = restore.restore(spec, variables, RestoreConfig(method='nm', ratio=0.4, nm_t=1.0))
+  cfg = RestoreConfig(method='nm', ratio=0.4, nm_t=1.0, bias_correction='off')
+  _, a, _ = restore.restore(spec, variables, cfg)
   _, b, _ = restore.restore(spec, variables, RestoreConfig(method='prune', ratio=0.4))
   assert leaves_equal(a, b)
+
+
+def test_default_bias_correction_is_on_for_lbyl_and_nm_only(net):
+  """None resolves per method; the default equals an explicit 'on', and the constant moves only
+  the consumers' BN running means (the delivered kernels are those of 'off')."""
+  resolved = {(m, mode): RestoreConfig(method=m, lbyl_mode=lm, nm_mode=nm).resolved_bias_correction()
+              for m in ('prune', 'nm', 'lbyl', 'bnm')
+              for mode, lm, nm in (('pub', 'consistent', 'exact'), ('code', 'reference_code', 'reference_code'))}
+  assert resolved == {('prune', 'pub'): 'off', ('prune', 'code'): 'off', ('nm', 'pub'): 'on',
+                      ('nm', 'code'): 'off', ('lbyl', 'pub'): 'on', ('lbyl', 'code'): 'off',
+                      ('bnm', 'pub'): 'off', ('bnm', 'code'): 'off'}
+  assert RestoreConfig(method='lbyl', bias_correction='auto').resolved_bias_correction() == 'auto'
+  assert RestoreConfig(method='bnm', bias_correction='on').resolved_bias_correction() == 'on'
+  with pytest.raises(ValueError, match='bias_correction must be one of'):
+    RestoreConfig(bias_correction='yes')
+  spec, variables, _ = net
+  for method in ('lbyl', 'nm'):
+    out = {}
+    for bc in (None, 'on', 'off'):
+      _, new, rep = restore.restore(spec, variables, RestoreConfig(method=method, ratio=0.3,
+                                                                   bias_correction=bc))
+      out[bc] = new
+      assert rep['bias_correction'] == (bc or 'on') and rep['config']['bias_correction'] == bc
+    assert leaves_equal(out[None], out['on'])
+    on = dict(jax.tree_util.tree_leaves_with_path(out['on']))
+    off = dict(jax.tree_util.tree_leaves_with_path(out['off']))
+    assert on.keys() == off.keys()
+    moved = {jax.tree_util.keystr(p) for p in on if not np.array_equal(on[p], off[p])}
+    units = {u.name.split('/')[0] for u in spec.units}
+    assert moved == {f"['batch_stats']['{u}']['bn2']['mean']" for u in units}, (method, moved)
 
 
 def test_overrides_reach_the_widths(net):

@@ -357,3 +357,61 @@ def test_delivery_lambdas_only_change_the_pruning_delivery(resnet20):
   assert base[3]['units'][u.name]['coef'] != other[3]['units'][u.name]['coef']
   with pytest.raises(ValueError, match='a1 and a2'):
     udfc.udfc(spec, v, bits=4, ratio=0.3, delivery_lambdas=(-1.0, 0.0))
+
+
+# --------------------------------------------------------------------------------------------
+# Mean terms of ``bias_correction=True``.
+
+
+def test_relu_mean_and_mean_match_invert_each_other():
+  from lbyl_jax import moments as moments_lib
+
+  rng = np.random.default_rng(7)
+  sd = rng.uniform(0.05, 3.0, 300)
+  m0 = rng.uniform(-2.0, 3.0, 300) * sd
+  np.testing.assert_allclose(udfc.relu_mean(m0, sd), moments_lib.relu_mean_var(m0, sd ** 2)[0],
+                             rtol=1e-6)
+  np.testing.assert_allclose(udfc.relu_mean([-1.0, 2.0], [0.0, 0.0]), [0.0, 2.0])
+  # s = 1 and the original rectified mean as target: the original pre-activation mean back.
+  np.testing.assert_allclose(udfc.mean_match(udfc.relu_mean(m0, sd), 1.0, sd), m0,
+                             rtol=1e-7, atol=1e-9)
+  s = rng.uniform(0.5, 1.5, 300)
+  target = udfc.relu_mean(m0, sd) * rng.uniform(0.2, 50.0, 300)  # roots far from m0 too
+  m = udfc.mean_match(target, s, sd)
+  np.testing.assert_allclose(s * udfc.relu_mean(m, sd), target, rtol=1e-9)
+  bad = udfc.mean_match([0.0, -1.0, 1.0, 1.0, np.nan], [1.0, 1.0, 0.0, 1.0, 1.0],
+                        [1.0, 1.0, 1.0, 0.0, 1.0])
+  assert np.isnan(bad).all()
+
+
+def test_kept_shift_with_unit_scale_is_dfq_bias_correction(resnet20):
+  """s = 1: the mean match must only undo the quantization's mean shift alpha (What - W) . E[x]."""
+  spec, v = resnet20.spec, resnet20.v
+  selected = [udfc._select(spec, v, u, i, 0.0, 'l2', 0) for i, u in enumerate(spec.units)]
+  model = udfc._MeanModel(spec, v, selected, 'std')
+  for index in (0, 4, 8):
+    u = spec.units[index]
+    k = np.asarray(units_lib.get_path(v['params'], u.producer)['kernel'], np.float64)
+    err = np.asarray(quant.fake_quantize(k.astype(np.float32), bits=3), np.float64) - k
+    delta, skipped = model.kept_shift(index, err, np.ones(k.shape[-1]))
+    alpha = units_lib.bn_affine(v, u)['alpha']
+    want = -alpha * (model.moments[u.name].mean @ err.sum(axis=(0, 1)))
+    assert skipped == 0 and np.abs(want).max() > 1e-4
+    np.testing.assert_allclose(delta, want, rtol=1e-6, atol=1e-9)
+
+
+def test_udfc_bias_correction_moves_only_bn_shifts_and_consumer_means(resnet20):
+  spec, v = resnet20.spec, resnet20.v
+  off = udfc.udfc(spec, v, bits=4, ratio=0.3)
+  on = udfc.udfc(spec, v, bits=4, ratio=0.3, bias_correction=True)
+  assert on[0] == off[0] and on[3]['bias_correction'] and not off[3]['bias_correction']
+  a = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(on[1])}
+  b = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(off[1])}
+  assert a.keys() == b.keys()
+  moved = {p for p in a if not np.array_equal(a[p], b[p])}
+  blocks = {u.name.split('/')[0] for u in spec.units}
+  want = ({f"['params']['{blk}']['bn1']['bias']" for blk in blocks}
+          | {f"['batch_stats']['{blk}']['bn2']['mean']" for blk in blocks})
+  assert moved == want, moved ^ want  # every integer kernel and scale is unchanged
+  for name, unit in on[3]['units'].items():
+    assert unit['mean_match_skipped'] == 0 and unit['bias_constant']['max'] > 0, name
