@@ -253,7 +253,9 @@ def quant_section(rows) -> list[str]:
   out = ['## Weight quantization (issue 4)', '',
          'Weights only, per-channel symmetric (A8), first conv and classifier kept at 8 bits, full '
          'CIFAR-10 test set. rtn = round to nearest; dfq = BN fold + CLE + bias correction; udfc = '
-         'ALGORITHMS.md 6.2 with a1 = 0.01, a2 = 0.008. Bytes = what the checkpoint stores.', '']
+         'ALGORITHMS.md 6.2 with a1 = 0.01, a2 = 0.008. Bytes = what the checkpoint stores. '
+         '"+bc" = the default `--bias-correction on`: for rtn the restore\'s constant, for joint '
+         'udfc that constant plus the kept-channel mean match (`lbyl_jax/udfc.py`).', '']
   for arch in ('resnet56', 'resnet56_b'):
     base = _baseline(rows, arch)
     out += [f'### {arch} (float {base if base is not None else "-"}), no pruning', '',
@@ -264,13 +266,14 @@ def quant_section(rows) -> list[str]:
       out.append(f'| W{bits} | ' + ' | '.join(_cell(c) for c in cells) + f" | {nb if nb else '-'} |")
     out += ['', f'### {arch}, pruning (L2) + quantization', '',
             '| ratio | bits | lbyl published + rtn | lbyl + udfc (joint, 6.2) | lbyl (default, +bc) + rtn '
-            '| bnm + rtn | bnm + udfc | UDFC paper (W4) |',
-            '|---|---|---|---|---|---|---|---|']
+            '| lbyl + udfc (joint, +bc) | bnm + rtn | bnm + udfc | UDFC paper (W4) |',
+            '|---|---|---|---|---|---|---|---|---|']
     for r in (0.3, 0.4, 0.5):
       for bits in (6, 4):
         cells = [_find(rows, arch=arch, method='lbyl', ratio=r, bits=bits, quant_method='rtn', options=OFF),
                  _find(rows, arch=arch, method='lbyl', ratio=r, bits=bits, quant_method='udfc', options=OFF),
                  _find(rows, arch=arch, method='lbyl', ratio=r, bits=bits, quant_method='rtn', options=ON),
+                 _find(rows, arch=arch, method='lbyl', ratio=r, bits=bits, quant_method='udfc', options=ON),
                  _find(rows, arch=arch, method='bnm', ratio=r, bits=bits, quant_method='rtn'),
                  _find(rows, arch=arch, method='bnm', ratio=r, bits=bits, quant_method='udfc')]
         paper = UDFC_TABLE[r][2] if (arch == 'resnet56_b' and bits == 4) else '-'
