@@ -187,7 +187,8 @@ def _col_name(method: str, options: dict) -> str:
   if options.get('bias_correction') == 'off':
     return method if method == 'bnm' else f'{method} published'
   if 'bias_correction' in options:
-    name = f"{method} {'+bc' if options['bias_correction'] == 'on' else 'auto'}"
+    bc = options['bias_correction']
+    name = f"{method} {'+bc' if bc == 'on' else bc}"
     return name + (' (all taps)' if options.get('bias_fold') == 'all_taps' else '')
   return method
 
@@ -204,7 +205,7 @@ def bnm_section(rows, plots_dir) -> list[str]:
     cols = [('prune', {}), ('nm', OFF), ('lbyl', OFF), ('bnm', {'bnm_cov': 'diag'}),
             ('bnm', {'bnm_cov': 'identity'}), ('nm', {'bias_correction': 'on'}),
             ('lbyl', {'bias_correction': 'on'}), ('bnm', {'bias_correction': 'on'}),
-            ('bnm', {'bias_correction': 'auto'})]
+            ('bnm', {'bias_correction': 'auto'}), ('bnm', {'bias_correction': 'blend'})]
     if arch == 'resnet56_b':
       taps = {'bias_correction': 'on', 'bias_fold': 'all_taps'}
       cols += [('lbyl', taps), ('bnm', taps)]
@@ -225,6 +226,7 @@ def bnm_section(rows, plots_dir) -> list[str]:
         cells.append(_cell(row))
       out.append(f'| {r} | ' + ' | '.join(cells) + ' |')
     out.append('')
+    out += _goal_summary(rows, arch, ratios)
     if arch == 'resnet56_b':
       out += ['BN_MOMENTS.md prototype numbers on the same checkpoint, for comparison:', '',
               '| method | 10% | 20% | 30% | 40% | 50% |', '|---|---|---|---|---|---|']
@@ -247,6 +249,30 @@ def bnm_section(rows, plots_dir) -> list[str]:
                    + (f": {', '.join(r['auto_bias_layers'][:6])}{' ...' if n > 6 else ''}" if n else ''))
       out.append('')
   return out
+
+
+def _goal_summary(rows, arch, ratios) -> list[str]:
+  """Issue 6's goal per ratio: a data-free rule at least as good as the better of bnm without
+  ('off' = `--bnm-cov diag`) and with the bias correction ('on')."""
+  lines = []
+  for mode in ('auto', 'blend'):
+    misses, checked = [], 0
+    for r in ratios:
+      off = (_find(rows, arch=arch, method='bnm', criterion='l2', ratio=r, options={'bnm_cov': 'diag'})
+             or _find(rows, arch=arch, method='bnm', criterion='l2', ratio=r, options={}))
+      on = _find(rows, arch=arch, method='bnm', criterion='l2', ratio=r, options={'bias_correction': 'on'})
+      rule = _find(rows, arch=arch, method='bnm', criterion='l2', ratio=r, options={'bias_correction': mode})
+      if off is None or on is None or rule is None:
+        continue
+      checked += 1
+      best = max(off['top1'], on['top1'])
+      if rule['top1'] < best:
+        misses.append(f"{r}: {rule['top1']:.2f} vs {best:.2f}")
+    if checked:
+      lines.append(f'- bnm {mode} >= best of off / on: '
+                   + (f'at all {checked} ratios' if not misses else
+                      f"missed at {len(misses)} of {checked} ({'; '.join(misses)})"))
+  return lines + [''] if lines else []
 
 
 def quant_section(rows) -> list[str]:

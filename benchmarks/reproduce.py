@@ -197,6 +197,10 @@ def bnm_jobs(quick: bool) -> list[Job]:
   for r in RATIOS:
     for m in ('bnm', 'lbyl'):
       jobs.append(Job('resnet56_b', m, 'l2', r, taps))
+  # 'blend': the rule's weight in [0, 1] per unit instead of auto's 0 / 1 (bnm, L2).
+  for arch in ('resnet56_b', 'resnet56', 'resnet20'):
+    for r in RATIOS:
+      jobs.append(Job(arch, 'bnm', 'l2', r, (('bias_correction', 'blend'),)))
   # LBYL and NM with bias correction under the other two criteria, all three CIFAR models.
   for arch in ('resnet20', 'resnet56', 'resnet56_b'):
     for crit in ('l1', 'l2-gm'):
@@ -266,6 +270,8 @@ def run_job(job: Job, limit: int | None) -> dict:
   if job.options and dict(job.options).get('bias_correction') == 'auto':
     row['auto_bias_layers'] = [l['name'] for l in rep['layers']
                                if l['diagnostics'].get('bias_correction')]
+  if job.options and dict(job.options).get('bias_correction') == 'blend':
+    row['blend_weights'] = {l['name']: l['diagnostics'].get('bias_weight') for l in rep['layers']}
   return row
 
 

@@ -12,7 +12,9 @@ Per unit (ALGORITHMS.md section 1 notation):
 3. Fit. Default, no intercept: S_P = M_PK (M_KK + eps I)^{-1}, eps = 1e-6 trace(M_KK) / m.
    With an intercept (``bias_correction='on'``): S_P = C_PK (C_KK + eps I)^{-1} with
    C = M - E[a] E[a]^T and the constant c = E[a_P] - S_P E[a_K] (a_P ~ S_P a_K + c).
-   ``bias_correction='auto'`` chooses per unit, data-free, see :func:`auto_bias_rule`.
+   ``bias_correction='auto'`` chooses per unit, data-free, see :func:`auto_bias_rule`;
+   ``'blend'`` takes the per-unit mixture of the two fits that the same rule's error model
+   prefers (a weight in [0, 1] instead of 0 or 1).
 4. Constants are returned ready for surgery's fold (consumer pre-BN output += sum over all taps
    V[:, P] c), corrected for zero padding (:func:`fold_constant`).
 
@@ -37,7 +39,8 @@ from lbyl_jax.methods import UnitProblem, UnitSolution, coefficient_stats
 
 EPS_SCALE = 1e-6
 COV_MODELS = ('identity', 'diag')
-BIAS_MODES = ('off', 'on', 'auto')
+BIAS_MODES = ('off', 'on', 'auto', 'blend')
+RULE_MODES = ('auto', 'blend')  # modes decided per unit by auto_bias_rule
 BIAS_FOLDS = ('padding_aware', 'all_taps')
 ACTIVATIONS = ('relu', 'linear')
 
@@ -393,7 +396,7 @@ def _residual_moments(E, M, keep, prune, S, c):
 
 def auto_bias_rule(problems: Sequence[UnitProblem], moments2: Sequence[tuple[np.ndarray, np.ndarray]],
                    candidates: Sequence[Sequence[tuple[np.ndarray, np.ndarray | None]]],
-                   cons: Sequence[Consumer]) -> list[dict[str, Any]]:
+                   cons: Sequence[Consumer], *, fractional: bool = False) -> list[dict[str, Any]]:
   """Per unit, whether to use the intercept fit, decided from the model's own predictions only.
 
   Why a rule is needed: under the Gaussian model the intercept fit is never worse, but it moves
@@ -413,11 +416,17 @@ def auto_bias_rule(problems: Sequence[UnitProblem], moments2: Sequence[tuple[np.
     scale is off by a relative amount whose square is D_l;
   - intercept iff risk_l < gain_l.
 
+  ``fractional=True`` ('blend'): the same error model over the mixtures S_w = (1 - w) S0 + w S1,
+  c_w = w c1 (r_w = (1 - w) r0 + w r1): minimise (1 - w)^2 A + 2 w (1 - w) B + w^2 (C + R) with
+  A = E||r0||^2, C = E||r1||^2, B = E[r0 . r1] and R = D_l ||c1||^2, so
+  w = (A - B) / (A - 2B + C + R), clipped to [0, 1]. With R = 0 the model's best is w = 1.
+
   Args:
     problems: the units in forward order.
     moments2: (E[a], M) per unit.
     candidates: per unit [(S, None), (S', c')]: the no-constant option and the constant option.
     cons: the consumers.
+    fractional: return the blend weight in [0, 1] ('blend') instead of 0 or 1 ('auto').
 
   Returns:
     Per unit a dict: weight (1.0: use the constant option, 0.0: not), drift D_l, injected eps_l^2
@@ -431,18 +440,36 @@ def auto_bias_rule(problems: Sequence[UnitProblem], moments2: Sequence[tuple[np.
     for S, c in cand:
       var, mean = _residual_moments(E, M, p.keep, p.prune, S, c)
       res.append((float(np.sum(var + mean ** 2)), var, mean))
-    (S1, c1) = cand[1]
+    (S0, _), (S1, c1) = cand[0], cand[1]
     gain = max(res[0][0] - res[1][0], 0.0)
     risk = drift * float(np.sum(np.asarray(c1) ** 2))
-    use = risk < gain
-    _, var, mean = res[1] if use else res[0]
+    if fractional:
+      A, C = res[0][0], res[1][0]
+      B = _residual_cross(E, M, p.keep, p.prune, S0, S1, c1)
+      den = A - 2.0 * B + C + risk
+      w = float(np.clip((A - B) / den, 0.0, 1.0)) if den > 0 else 0.0
+      S_w = (1.0 - w) * np.asarray(S0, np.float64) + w * np.asarray(S1, np.float64)
+      var, mean = _residual_moments(E, M, p.keep, p.prune, S_w, w * np.asarray(c1, np.float64))
+    else:
+      w = 1.0 if risk < gain else 0.0
+      _, var, mean = res[1] if w else res[0]
     energy = consumer_energy(con, E, M)
     eps2 = injected_error(con, p.prune, var, mean) / energy if energy > 0 else 0.0
     scale = second if second > 0 else 1.0
-    out.append(dict(weight=1.0 if use else 0.0, drift=drift, injected=eps2, gain=gain / scale,
-                    risk=risk / scale))
+    out.append(dict(weight=w, drift=drift, injected=eps2, gain=gain / scale, risk=risk / scale))
     drift += eps2
   return out
+
+
+def _residual_cross(E, M, keep, prune, S0, S1, c1) -> float:
+  """E[r0 . r1] for r0 = a_P - S0 a_K and r1 = a_P - S1 a_K - c1 under the model."""
+  S0 = np.asarray(S0, np.float64)
+  S1 = np.asarray(S1, np.float64)
+  MPK = M[np.ix_(prune, keep)]
+  MKK = M[np.ix_(keep, keep)]
+  second = (np.sum(np.diagonal(M)[prune]) - np.sum(S0 * MPK) - np.sum(S1 * MPK)
+            + np.sum((S0 @ MKK) * S1))
+  return float(second - np.dot(np.asarray(c1, np.float64), E[prune] - S0 @ E[keep]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -474,7 +501,7 @@ def solve(spec, variables: Mapping[str, Any], problems: Sequence[UnitProblem], c
       ``bnm_cov='identity'`` and bias 'off' / 'on' without padding correction: synthetic tests).
     problems: one :class:`UnitProblem` per unit, in forward order.
     config: reads ``bnm_cov`` ('identity' | 'diag', default 'diag') and ``bias_correction``
-      ('off' | 'on' | 'auto', default 'off').
+      ('off' | 'on' | 'auto' | 'blend', default 'off').
     activation: 'relu' (the method) or 'linear' (a = y; for exactness tests).
     moments: precomputed :func:`lbyl_jax.moments.propagate` output (computed when needed).
     eps_scale: the ridge eps = eps_scale * trace(A) / m.
@@ -498,19 +525,20 @@ def solve(spec, variables: Mapping[str, Any], problems: Sequence[UnitProblem], c
   t0 = time.perf_counter()
   idx = [i for i, p in enumerate(problems) if p.prune.size]
   active = [problems[i] for i in idx]
-  if bias_mode == 'auto' and active and variables is None:
-    raise ValueError("bnm: bias_correction='auto' needs the network's variables")
-  if bias_mode == 'auto' and moments is None and spec is not None:
+  if bias_mode in RULE_MODES and active and variables is None:
+    raise ValueError(f"bnm: bias_correction={bias_mode!r} needs the network's variables")
+  if bias_mode in RULE_MODES and moments is None and spec is not None:
     moments = moments_lib.propagate(spec, variables)
   prepared, kinds, moments = _prepare(spec, variables, active, cov_model, moments)
   fits = fit(active, prepared, activation=activation, eps_scale=eps_scale)
   cons = None
-  if active and variables is not None and (bias_mode == 'auto' or (bias_mode == 'on' and padding_aware)):
+  if active and variables is not None and (bias_mode in RULE_MODES or (bias_mode == 'on' and padding_aware)):
     cons = consumers(spec, variables, active, moments)
   rules = None
-  if bias_mode == 'auto' and active:
+  if bias_mode in RULE_MODES and active:
     rules = auto_bias_rule(active, [(f['E'], f['M']) for f in fits],
-                           [[(f['S0'], None), (f['S1'], f['c1'])] for f in fits], cons)
+                           [[(f['S0'], None), (f['S1'], f['c1'])] for f in fits], cons,
+                           fractional=bias_mode == 'blend')
   share = (time.perf_counter() - t0) / max(len(problems), 1)
   out: list[UnitSolution] = []
   where = dict(zip(idx, range(len(idx))))
@@ -525,7 +553,12 @@ def solve(spec, variables: Mapping[str, Any], problems: Sequence[UnitProblem], c
     j = where[i]
     fr = fits[j]
     w = float(rules[j]['weight']) if rules is not None else (1.0 if bias_mode == 'on' else 0.0)
-    if w > 0:
+    if 0 < w < 1:
+      S, c_raw = (1.0 - w) * fr['S0'] + w * fr['S1'], w * fr['c1']
+      var, mean = _residual_moments(fr['E'], fr['M'], p.keep, p.prune, S, c_raw)
+      res, cond, eps, fit_name = float(np.sum(var + mean ** 2)), fr['cond1'], fr['eps1'], 'blend'
+      c = fold_constant(cons[j], p.prune, c_raw) if (cons is not None and padding_aware) else c_raw
+    elif w > 0:
       S, c_raw = fr['S1'], fr['c1']
       res, cond, eps, fit_name = fr['res1'], fr['cond1'], fr['eps1'], 'centred'
       c = fold_constant(cons[j], p.prune, c_raw) if (cons is not None and padding_aware) else c_raw
@@ -657,7 +690,7 @@ def bias_constant(spec, variables: Mapping[str, Any], problems, solutions, confi
     already chose its constant ('on' / 'auto') keeps it. Otherwise c is computed for the given
     S_P, made padding-aware (:func:`fold_constant`) when ``padding_aware``, and with
     ``config.bias_correction == 'auto'`` kept only where :func:`auto_bias_rule` (with the given
-    S_P for both options) says so.
+    S_P for both options) says so, with 'blend' scaled by its weight in [0, 1].
   """
   if isinstance(problems, UnitProblem):
     (E,) = activation_means(spec, variables, [problems])
@@ -673,7 +706,7 @@ def bias_constant(spec, variables: Mapping[str, Any], problems, solutions, confi
   for i, (p, s) in enumerate(zip(problems, solutions)):
     if not p.prune.size:
       continue
-    if s.diag.get('method') == 'bnm' and s.diag.get('bias_mode') in ('on', 'auto'):
+    if s.diag.get('method') == 'bnm' and s.diag.get('bias_mode') in ('on',) + RULE_MODES:
       out[i] = None if s.bias is None else np.asarray(s.bias, np.float64)
     else:
       todo.append(i)
@@ -681,9 +714,9 @@ def bias_constant(spec, variables: Mapping[str, Any], problems, solutions, confi
     return out
   probs = [problems[i] for i in todo]
   cov_model = _option(config, 'bnm_cov', 'diag', COV_MODELS)
-  need_geo = variables is not None and (padding_aware or mode == 'auto')
+  need_geo = variables is not None and (padding_aware or mode in RULE_MODES)
   moments = moments_lib.propagate(spec, variables) if need_geo and spec is not None else None
-  if mode == 'auto':
+  if mode in RULE_MODES:
     mom2 = unit_moments(spec, variables, probs, cov_model=cov_model, moments=moments)
     means = [E for E, _ in mom2]
   else:
@@ -691,12 +724,14 @@ def bias_constant(spec, variables: Mapping[str, Any], problems, solutions, confi
   consts = [E[p.prune] - np.asarray(solutions[i].S_P, np.float64) @ E[p.keep]
             for i, p, E in zip(todo, probs, means)]
   cons = consumers(spec, variables, probs, moments) if need_geo else None
-  use = [True] * len(todo)
-  if mode == 'auto':
+  weight = [1.0] * len(todo)
+  if mode in RULE_MODES:
     S_list = [np.asarray(solutions[i].S_P, np.float64) for i in todo]
-    rules = auto_bias_rule(probs, mom2, [[(S, None), (S, c)] for S, c in zip(S_list, consts)], cons)
-    use = [r['weight'] > 0 for r in rules]
+    rules = auto_bias_rule(probs, mom2, [[(S, None), (S, c)] for S, c in zip(S_list, consts)], cons,
+                           fractional=mode == 'blend')
+    weight = [r['weight'] for r in rules]
   for k, (i, p, c) in enumerate(zip(todo, probs, consts)):
-    if use[k]:
+    if weight[k] > 0:
+      c = weight[k] * c
       out[i] = fold_constant(cons[k], p.prune, c) if (cons is not None and padding_aware) else c
   return out

@@ -73,7 +73,7 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument('--keep-rounding', choices=('floor', 'round'))
   p.add_argument('--dtype', default='float32', choices=('float32', 'float64'), help='solver precision')
   p.add_argument('--seed', type=int, default=0, help='seed of the random criterion')
-  p.add_argument('--bias-correction', choices=('off', 'on', 'auto'),
+  p.add_argument('--bias-correction', choices=('off', 'on', 'auto', 'blend'),
                  help="fold the pruned channels' BN-modelled mean activation into the consumer bias;"
                       " default: 'on' for lbyl and nm (consistent / exact forms), 'off' otherwise"
                       " ('off' gives the published LBYL / NM exactly)")

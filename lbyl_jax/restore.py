@@ -43,7 +43,7 @@ _CHOICES = dict(
     bn_sigma=('std', 'variance'),
     keep_rounding=(None, 'floor', 'round'),
     dtype=('float32', 'float64'),
-    bias_correction=(None, 'off', 'on', 'auto'),
+    bias_correction=(None, 'off', 'on', 'auto', 'blend'),
     bnm_cov=('identity', 'diag'),
     guard=('off', 'moments'),
     bias_fold=('padding_aware', 'all_taps'),
@@ -95,7 +95,8 @@ class RestoreConfig:
     dtype: solver precision, 'float32' or 'float64' (A12).
     seed: seed of the 'random' criterion (combined with the unit index).
     bias_correction: 'off', 'on' (constant c from :func:`lbyl_jax.bnm.bias_constant` on every
-      unit), 'auto' (``bias_constant`` decides per unit, returning None where it abstains) or
+      unit), 'auto' (``bias_constant`` decides per unit, returning None where it abstains),
+      'blend' (the same rule's error model picks a weight in [0, 1] per unit) or
       None: the method's default (:meth:`resolved_bias_correction`): 'on' for 'lbyl' and 'nm' in
       their consistent / exact forms, 'off' otherwise. LBYL and NM fit their delivery on filter
       weights, which leaves the pruned channel's mean activation undelivered; the constant adds
@@ -171,7 +172,7 @@ class RestoreConfig:
     return r
 
   def resolved_bias_correction(self) -> str:
-    """'off' | 'on' | 'auto': the explicit setting, else the method's default (see above)."""
+    """'off' | 'on' | 'auto' | 'blend': the explicit setting, else the method's default (see above)."""
     if self.bias_correction is not None:
       return self.bias_correction
     if self.method == 'lbyl' and self.lbyl_mode == 'consistent':

@@ -360,6 +360,52 @@ def test_auto_rule_decisions_and_diagnostics(resnet20):
   assert counts[0.6] < len(spec.units)
 
 
+def test_blend_weight_minimises_the_rule_error_model(resnet20):
+  """'blend': per unit the w in [0, 1] minimising the modelled error of the mixture of the two
+  fits plus the drift risk of its constant; the cross term B is checked through the identity
+  E||r_w||^2 = (1 - w)^2 A + 2 w (1 - w) B + w^2 C at an interior w."""
+  spec, variables = resnet20
+  probs = _problems(spec, variables, 0.6)
+  sols = bnm.solve(spec, variables, probs, _config(bnm_cov='diag', bias_correction='blend'))
+  fits = bnm.fit(probs, bnm._prepare(spec, variables, probs, 'diag', None)[0])
+  weights = []
+  for p, s, f in zip(probs, sols, fits):
+    w, rule = s.diag['bias_weight'], s.diag['bias_rule']
+    assert 0.0 <= w <= 1.0
+    E, M = f['E'], f['M']
+
+    def err(t, p=p, f=f, E=E, M=M):
+      S = (1 - t) * f['S0'] + t * f['S1']
+      var, mean = bnm._residual_moments(E, M, p.keep, p.prune, S, t * f['c1'])
+      return float(np.sum(var + mean ** 2))
+
+    A, C = err(0.0), err(1.0)
+    B = bnm._residual_cross(E, M, p.keep, p.prune, f['S0'], f['S1'], f['c1'])
+    np.testing.assert_allclose(err(0.3), 0.49 * A + 0.42 * B + 0.09 * C, rtol=1e-9)
+    second = float(np.sum(np.diagonal(M)[p.prune]))
+    R = rule['risk'] * second
+    grid = np.linspace(0.0, 1.0, 2001)
+    total = [(1 - t) ** 2 * A + 2 * t * (1 - t) * B + t ** 2 * (C + R) for t in grid]
+    assert abs(w - grid[int(np.argmin(total))]) <= 1e-3 + 1e-9
+    if 0 < w < 1:
+      assert s.diag['fit'] == 'blend'
+      np.testing.assert_allclose(s.S_P, (1 - w) * f['S0'] + w * f['S1'], rtol=1e-6, atol=1e-9)
+    weights.append(w)
+  assert weights[0] == pytest.approx(1.0, abs=1e-6)  # no drift yet: the intercept fit is best
+  assert any(0 < w < 1 for w in weights)  # drift makes later units mix
+  auto = bnm.solve(spec, variables, probs, _config(bnm_cov='diag', bias_correction='auto'))
+  assert [a.diag['bias_rule']['drift'] for a in auto][:1] == [0.0]
+  # lbyl / nm / prune: the constant is scaled by the weight.
+  zero = [UnitSolution(np.zeros((p.prune.size, p.m)), None, {'method': 'prune'}) for p in probs]
+  on = bnm.bias_constant(spec, variables, probs, zero, _config(bias_correction='on'))
+  blend = bnm.bias_constant(spec, variables, probs, zero, _config(bias_correction='blend'))
+  ratios = [float(np.dot(b, a) / np.dot(a, a)) for a, b in zip(on, blend) if b is not None]
+  assert all(0 < r <= 1 + 1e-12 for r in ratios) and ratios[0] == pytest.approx(1.0)
+  for a, b in zip(on, blend):
+    if b is not None:
+      np.testing.assert_allclose(b, a * float(np.dot(b, a) / np.dot(a, a)), rtol=1e-9, atol=1e-12)
+
+
 def test_bias_constant_for_other_methods(resnet20):
   """lbyl / nm / prune + bias correction: constants for the given S_P, padding-aware, gated by
   the rule in 'auto' mode."""
