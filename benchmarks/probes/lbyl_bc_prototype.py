@@ -4,7 +4,7 @@ all-taps fold, full CIFAR-10 test set. Each line varies one thing from our run: 
 the BN sigma convention, or LBYL's lambdas (the grid of benchmarks/probes/lambda_grid.py).
 Reads ../shared or $LBYL_JAX_SHARED.
 
-  python benchmarks/probes/lbyl_bc_prototype.py
+  python benchmarks/probes/lbyl_bc_prototype.py ['VARIANT NAME' ...] [--ratios=0.1,0.2,0.3]
 """
 import os
 import sys
@@ -19,11 +19,19 @@ VARIANTS = {
     'bn_sigma variance': dict(bn_sigma='variance'),
     'lambda1 0, lambda2 1e-4': dict(lambda1=0.0, lambda2=1e-4),
     'lambda1 1e-2, lambda2 1e-2': dict(lambda1=1e-2, lambda2=1e-2),
+    'reference-code LBYL form': dict(lbyl_mode='reference_code'),
 }
+RATIOS = (0.4, 0.5)
+args = sys.argv[1:]
+for a in [a for a in args if a.startswith('--ratios=')]:  # e.g. --ratios=0.1,0.2,0.3
+  RATIOS = tuple(float(x) for x in a.split('=', 1)[1].split(','))
+  args.remove(a)
+if args:  # run only the named variants, e.g. 'reference-code LBYL form'
+  VARIANTS = {k: v for k, v in VARIANTS.items() if k in args}
 
 spec, variables, ds, ev = reproduce._loaded('resnet56_b')  # pylint: disable=protected-access
 for name, extra in VARIANTS.items():
-  for ratio in (0.4, 0.5):
+  for ratio in RATIOS:
     cfg = restore.RestoreConfig(method='lbyl', ratio=ratio, bias_correction='on',
                                 bias_fold='all_taps', **extra)
     widths, new, _ = restore.restore(spec, variables, cfg)
