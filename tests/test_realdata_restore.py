@@ -89,6 +89,14 @@ def test_nm_resnet56_bn_moments_at_50(shared):
   assert bnm >= 63.25 - 0.5  # BN_MOMENTS.md prototype: 63.25
 
 
+def test_bn_moments_prototype_lbyl_bias_correction_row_at_50(shared):
+  """BN_MOMENTS.md's "LBYL + bias correction" row (36.00 at 50 %) with the prototype's lambdas
+  (1e-2 / 1e-2, found by benchmarks/probes/lbyl_bc_prototype.py) and its all-taps fold."""
+  got = _top1(shared, *NM56, method='lbyl', criterion='l2', ratio=0.5, lambda1=1e-2, lambda2=1e-2,
+              bias_correction='on', bias_fold='all_taps')
+  assert got == pytest.approx(36.00, abs=0.5)
+
+
 def test_udfc_beats_round_to_nearest_at_w4(shared):
   """4-bit per-channel weights, no pruning (ALGORITHMS.md 6.2 a): the rescale must help.
 
