@@ -553,14 +553,14 @@ def solve(spec, variables: Mapping[str, Any], problems: Sequence[UnitProblem], c
     j = where[i]
     fr = fits[j]
     w = float(rules[j]['weight']) if rules is not None else (1.0 if bias_mode == 'on' else 0.0)
-    if 0 < w < 1:
-      S, c_raw = (1.0 - w) * fr['S0'] + w * fr['S1'], w * fr['c1']
-      var, mean = _residual_moments(fr['E'], fr['M'], p.keep, p.prune, S, c_raw)
-      res, cond, eps, fit_name = float(np.sum(var + mean ** 2)), fr['cond1'], fr['eps1'], 'blend'
-      c = fold_constant(cons[j], p.prune, c_raw) if (cons is not None and padding_aware) else c_raw
-    elif w > 0:
-      S, c_raw = fr['S1'], fr['c1']
-      res, cond, eps, fit_name = fr['res1'], fr['cond1'], fr['eps1'], 'centred'
+    if w > 0:
+      if w < 1:  # 'blend': the mixture of the two fits
+        S, c_raw = (1.0 - w) * fr['S0'] + w * fr['S1'], w * fr['c1']
+        var, mean = _residual_moments(fr['E'], fr['M'], p.keep, p.prune, S, c_raw)
+        res, fit_name = float(np.sum(var + mean ** 2)), 'blend'
+      else:
+        S, c_raw, res, fit_name = fr['S1'], fr['c1'], fr['res1'], 'centred'
+      cond, eps = fr['cond1'], fr['eps1']
       c = fold_constant(cons[j], p.prune, c_raw) if (cons is not None and padding_aware) else c_raw
     else:
       S, c_raw, c = fr['S0'], None, None

@@ -137,7 +137,11 @@ def delivery(What_K, alpha_K, b_K, W_P, alpha_P, b_P, *, a1: float = DEFAULT_A1,
 
 
 def relu_mean(m, sd) -> np.ndarray:
-  """E[ReLU(y)] for y ~ N(m, sd^2), elementwise (sd = 0: ReLU(m))."""
+  """E[ReLU(y)] for y ~ N(m, sd^2), elementwise (sd = 0: ReLU(m)).
+
+  The NumPy twin of :func:`lbyl_jax.moments.relu_mean_var`'s mean (the tests compare them), for
+  :func:`mean_match`'s bisection: hundreds of calls per unit, where a jitted call would pay
+  dispatch on each and a compile per channel count."""
   m = np.asarray(m, np.float64)
   sd = np.asarray(sd, np.float64)
   pos = sd > 0
