@@ -85,7 +85,7 @@ def compress(spec, variables: Mapping[str, Any], config: restore_lib.RestoreConf
   if joint_udfc:
     if config.ratio_overrides:
       raise ValueError('udfc with lbyl delivery does not support per-layer ratio overrides')
-    if config.bias_correction in ('auto', 'blend') or config.guard != 'off':
+    if config.resolved_bias_correction() not in ('on', 'off') or config.guard != 'off':
       raise ValueError('udfc with lbyl delivery computes its own delivery (ALGORITHMS.md 6.2 b): '
                        f'bias_correction={config.bias_correction!r} and guard={config.guard!r} are not '
                        "supported there; use bias_correction 'on' / 'off' without the guard, or quant "
