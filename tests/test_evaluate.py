@@ -141,6 +141,61 @@ def test_errors(evaluator):
   with pytest.raises(ValueError, match='batch_size'):
     evaluate.Evaluator(spec, batch_size=0)
 
+  with pytest.raises(ValueError, match='empty'):
+    evaluator.predictions(variables, case(n=0)[2], progress=False)
+
+
+@pytest.mark.parametrize('widths', [None, (200, 50)])
+def test_predictions_match_numpy_and_evaluate(evaluator, widths):
+  spec, variables, ds = case(widths=widths)
+  logits = mlp_logits64(variables, ds.images)
+  srt = np.sort(logits, axis=1)
+  near = srt[:, -1] - srt[:, -2] < 1e-3  # float32 may order a near tie differently
+  assert near.sum() <= 3
+  r = evaluator.predictions(variables, ds, progress=False)
+  assert r['pred'].shape == r['labels'].shape == r['correct'].shape == (len(ds),)
+  np.testing.assert_array_equal(r['pred'][~near], np.argmax(logits, axis=1)[~near])
+  np.testing.assert_array_equal(r['labels'], ds.labels)  # the dataset's order, padding dropped
+  np.testing.assert_array_equal(r['correct'], r['pred'] == ds.labels)
+  acc = evaluator.evaluate(variables, ds, progress=False)
+  assert 100.0 * r['correct'].mean() == pytest.approx(acc['top1'], abs=1e-9)
+  assert len(ds) % evaluator.batch_size != 0  # the padded tail was exercised
+
+
+def test_paired_comparison_against_reference():
+  import scipy.stats
+
+  rng = np.random.default_rng(3)
+  n = 1000
+  a = rng.random(n) < 0.8
+  b = np.where(rng.random(n) < 0.1, ~a, a)  # 10 % of the examples flipped
+  c = evaluate.paired_comparison(a, b)
+  only_a, only_b = int(np.sum(a & ~b)), int(np.sum(b & ~a))
+  assert (c['only_a'], c['only_b'], c['n']) == (only_a, only_b, n) and only_a + only_b > 50
+  assert c['diff'] == pytest.approx(100 * (a.mean() - b.mean()), abs=1e-12)
+  assert (c['top1_a'], c['top1_b']) == pytest.approx((100 * a.mean(), 100 * b.mean()))
+  assert c['mcnemar_p'] == pytest.approx(
+      scipy.stats.binomtest(only_a, only_a + only_b, 0.5).pvalue, rel=1e-12)
+  d = a.astype(np.float64) - b  # the per-example differences
+  half = 196.0 * d.std(ddof=1) / np.sqrt(n)
+  assert c['ci95'] == pytest.approx((c['diff'] - half, c['diff'] + half), rel=1e-12)
+  # Hand cases: ten discordant examples all for A give p = 2 / 2^10; nothing discordant, p = 1.
+  a10 = np.r_[np.ones(10, bool), np.zeros(90, bool)]
+  assert evaluate.paired_comparison(a10, np.zeros(100, bool))['mcnemar_p'] == pytest.approx(2 / 1024)
+  same = evaluate.paired_comparison(a, a)
+  assert (same['diff'], same['mcnemar_p'], same['ci95']) == (0.0, 1.0, (0.0, 0.0))
+  swapped = evaluate.paired_comparison(b, a)
+  assert swapped['diff'] == -c['diff'] and swapped['mcnemar_p'] == pytest.approx(c['mcnemar_p'])
+
+
+def test_paired_comparison_errors():
+  with pytest.raises(ValueError, match=r'equal length, got shapes \(3,\) and \(2,\)'):
+    evaluate.paired_comparison(np.ones(3, bool), np.ones(2, bool))
+  with pytest.raises(ValueError, match='non-empty'):
+    evaluate.paired_comparison(np.ones(0, bool), np.ones(0, bool))
+  with pytest.raises(ValueError, match='1-D'):
+    evaluate.paired_comparison(np.ones((2, 2), bool), np.ones((2, 2), bool))
+
 
 _MULTI = """
 import json, sys
@@ -216,3 +271,45 @@ def test_cli_errors(tmp_path):
     evaluate.main(['--arch', 'no_such_arch'])
   with pytest.raises(SystemExit, match='directory without lbyl_lenet_300_100'):
     evaluate.main(['--arch', 'lenet_300_100', '--weights', str(tmp_path)])
+
+
+def test_cli_compare(tmp_path, capsys):
+  """--compare: two saved checkpoints (one pruned) on the same examples, against the API."""
+  from lbyl_jax import checkpoint
+
+  spec, full, ds = case(n=157)
+  _, pruned, _ = case(widths=(120, 30))
+  run_a = checkpoint.save(tmp_path / 'a', spec.name, None, full)
+  run_b = checkpoint.save(tmp_path / 'b', spec.name, (120, 30), pruned, meta={'ratio': 0.6})
+  npz = tmp_path / 'd.npz'
+  np.savez(npz, images=ds.images, labels=ds.labels)
+  evaluate.main(['--compare', str(run_a), str(run_b), '--data', str(npz), '--batch-size', '64',
+                 '--json', '--no-progress', '--no-download'])
+  lines = capsys.readouterr().out.strip().splitlines()
+  report = json.loads(lines[-1])
+  ev = evaluate.Evaluator(spec, batch_size=64)
+  ca = ev.predictions(full, ds, progress=False)['correct']
+  cb = ev.predictions(pruned, ds, widths=(120, 30), progress=False)['correct']
+  expected = evaluate.paired_comparison(ca, cb)
+  assert report['n'] == 157 and report['arch'] == 'lenet_300_100'
+  assert report['only_a'] + report['only_b'] > 0  # two different models: a non-trivial test
+  for k in ('top1_a', 'top1_b', 'diff', 'only_a', 'only_b', 'mcnemar_p'):
+    assert report[k] == pytest.approx(expected[k], abs=1e-12), k
+  assert report['ci95'] == pytest.approx(list(expected['ci95']), abs=1e-12)
+  assert report['a'] == str(run_a) and 'McNemar' in lines[-2]
+
+
+def test_cli_compare_errors(tmp_path):
+  from lbyl_jax import checkpoint
+
+  with pytest.raises(SystemExit):  # argparse: neither --arch nor --compare
+    evaluate.main(['--no-download'])
+  spec, full, _ = case(n=2)
+  run_a = checkpoint.save(tmp_path / 'a', spec.name, None, full)
+  r20 = checkpoint.save(tmp_path / 'r', 'resnet20', None, random_variables(archs.get('resnet20')))
+  with pytest.raises(SystemExit, match='one architecture, got lenet_300_100 .* and resnet20'):
+    evaluate.main(['--compare', str(run_a), str(r20), '--no-download'])
+  with pytest.raises(SystemExit, match='not an lbyl_jax checkpoint'):
+    evaluate.main(['--compare', str(run_a), str(tmp_path), '--no-download'])
+  with pytest.raises(SystemExit, match='--arch resnet20 does not match'):
+    evaluate.main(['--compare', str(run_a), str(run_a), '--arch', 'resnet20', '--no-download'])
