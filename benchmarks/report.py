@@ -341,6 +341,51 @@ def throughput_section(results_dir: pathlib.Path) -> list[str]:
   return out + ['']
 
 
+def _forest_plot(path: pathlib.Path, labels: list[str], summary: dict) -> None:
+  import matplotlib  # pylint: disable=import-outside-toplevel
+
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+
+  fig, ax = plt.subplots(figsize=(9, 0.32 * len(labels) + 1.2))
+  y = list(range(len(labels)))[::-1]
+  diff = [summary[k]['diff'] for k in labels]
+  lo = [summary[k]['diff'] - summary[k]['ci95'][0] for k in labels]
+  hi = [summary[k]['ci95'][1] - summary[k]['diff'] for k in labels]
+  colors = ['tab:red' if summary[k]['mcnemar_p'] < 0.05 else 'tab:gray' for k in labels]
+  for yi, d, l, h, c in zip(y, diff, lo, hi, colors):
+    ax.errorbar(d, yi, xerr=[[l], [h]], fmt='o', color=c, capsize=2, ms=3)
+  ax.axvline(0.0, color='k', lw=0.8)
+  ax.set_yticks(y, labels, fontsize=7)
+  ax.set_xlabel('A - B, top-1 points (95 % interval; red: McNemar p < 0.05)')
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def significance_section(results_dir: pathlib.Path, plots_dir: pathlib.Path) -> list[str]:
+  """The paired comparisons of `probes/paired_significance.py` (issues 4 and 6)."""
+  f = results_dir / 'paired_significance.json'
+  out = ['## Which margins the test set resolves (issues 4 and 6)', '']
+  if not f.exists():
+    return out + ['(not run yet: `python benchmarks/probes/paired_significance.py`)', '']
+  summary = json.loads(f.read_text())
+  out += ['`python benchmarks/probes/paired_significance.py`: both models of each row evaluated on '
+          'the same 10,000 test images. "only A" / "only B": images exactly one of them gets '
+          'right; p: exact two-sided McNemar test; the interval is the 95 % normal interval of '
+          'the paired difference. For the bnm rows B is whichever of bias correction off / on '
+          'scored higher, chosen after seeing both, so the p-values there are optimistic for B.',
+          '', '| A vs B | A | B | A - B | 95 % interval | only A | only B | p |',
+          '|---|---|---|---|---|---|---|---|']
+  for label, c in summary.items():
+    lo, hi = c['ci95']
+    out.append(f"| {label} | {c['top1_a']:.2f} | {c['top1_b']:.2f} | {c['diff']:+.2f} | "
+               f"{lo:+.2f} to {hi:+.2f} | {c['only_a']} | {c['only_b']} | {c['mcnemar_p']:.3g} |")
+  plots_dir.mkdir(exist_ok=True)
+  _forest_plot(plots_dir / 'paired_significance.png', list(summary), summary)
+  return out + ['', '![paired differences](plots/paired_significance.png)', '']
+
+
 def render(results_dir: pathlib.Path, out_md: pathlib.Path, machine: str) -> None:
   rows = _load(results_dir)
   plots = out_md.parent / 'plots'
@@ -355,6 +400,7 @@ def render(results_dir: pathlib.Path, out_md: pathlib.Path, machine: str) -> Non
   lines += lenet_section(rows)
   lines += bnm_section(rows, plots)
   lines += quant_section(rows)
+  lines += significance_section(results_dir, plots)
   lines += solver_section(results_dir)
   lines += throughput_section(results_dir)
   notes = out_md.parent / 'NOTES.md'

@@ -7,6 +7,7 @@ import pathlib
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -59,3 +60,22 @@ def test_throughput_quick(tmp_path):
   run = json.loads(out.read_text())
   assert [r['ratio'] for r in run['results']] == [0.0, 0.5]
   assert run['results'][1]['flops'] < run['results'][0]['flops']
+
+
+def test_significance_section(tmp_path):
+  """RESULTS.md's table of paired comparisons, and its plot, from the probe's summary file."""
+  sys.path.insert(0, str(ROOT / 'benchmarks'))
+  import report
+  from lbyl_jax import evaluate
+
+  res, plots = tmp_path / 'results', tmp_path / 'plots'
+  res.mkdir()
+  assert 'not run yet' in '\n'.join(report.significance_section(res, plots))
+  a = np.r_[np.ones(60, bool), np.zeros(40, bool)]
+  b = np.r_[np.ones(50, bool), np.zeros(50, bool)]
+  summary = {'x vs y': evaluate.paired_comparison(a, b), 'y vs x': evaluate.paired_comparison(b, a)}
+  (res / 'paired_significance.json').write_text(json.dumps(summary))
+  lines = report.significance_section(res, plots)
+  assert '| x vs y | 60.00 | 50.00 | +10.00 |' in '\n'.join(lines)
+  assert '| 10 | 0 | 0.00195 |' in lines[-5] and '| -10.00 |' in lines[-4]
+  assert (plots / 'paired_significance.png').stat().st_size > 0
