@@ -341,23 +341,27 @@ def throughput_section(results_dir: pathlib.Path) -> list[str]:
   return out + ['']
 
 
-def _forest_plot(path: pathlib.Path, labels: list[str], summary: dict) -> None:
+def _forest_plot(path: pathlib.Path, panels: list[tuple[str, list[str]]], summary: dict) -> None:
   import matplotlib  # pylint: disable=import-outside-toplevel
 
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
-  fig, ax = plt.subplots(figsize=(9, 0.32 * len(labels) + 1.2))
-  y = list(range(len(labels)))[::-1]
-  diff = [summary[k]['diff'] for k in labels]
-  lo = [summary[k]['diff'] - summary[k]['ci95'][0] for k in labels]
-  hi = [summary[k]['ci95'][1] - summary[k]['diff'] for k in labels]
-  colors = ['tab:red' if summary[k]['mcnemar_p'] < 0.05 else 'tab:gray' for k in labels]
-  for yi, d, l, h, c in zip(y, diff, lo, hi, colors):
-    ax.errorbar(d, yi, xerr=[[l], [h]], fmt='o', color=c, capsize=2, ms=3)
-  ax.axvline(0.0, color='k', lw=0.8)
-  ax.set_yticks(y, labels, fontsize=7)
-  ax.set_xlabel('A - B, top-1 points (95 % interval; red: McNemar p < 0.05)')
+  panels = [(t, labels) for t, labels in panels if labels]
+  heights = [len(labels) for _, labels in panels]
+  fig, axes = plt.subplots(len(panels), 1, figsize=(9, 0.3 * sum(heights) + 1.6 * len(panels)),
+                           gridspec_kw=dict(height_ratios=heights), squeeze=False)
+  for ax, (title, labels) in zip(axes[:, 0], panels):
+    y = list(range(len(labels)))[::-1]
+    for yi, k in zip(y, labels):
+      c = summary[k]
+      color = 'tab:red' if c['mcnemar_p'] < 0.05 else 'tab:gray'
+      ax.errorbar(c['diff'], yi, xerr=[[c['diff'] - c['ci95'][0]], [c['ci95'][1] - c['diff']]],
+                  fmt='o', color=color, capsize=2, ms=3)
+    ax.axvline(0.0, color='k', lw=0.8)
+    ax.set_yticks(y, labels, fontsize=7)
+    ax.set_title(title, fontsize=9)
+  axes[-1, 0].set_xlabel('A - B, top-1 points (95 % interval; red: McNemar p < 0.05)')
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
@@ -370,11 +374,15 @@ def significance_section(results_dir: pathlib.Path, plots_dir: pathlib.Path) -> 
   if not f.exists():
     return out + ['(not run yet: `python benchmarks/probes/paired_significance.py`)', '']
   summary = json.loads(f.read_text())
+  quant = [k for k in summary if ' bnm ' not in k]
+  rules = [k for k in summary if ' bnm ' in k]
+  summary = {k: summary[k] for k in quant + rules}
   out += ['`python benchmarks/probes/paired_significance.py`: both models of each row evaluated on '
           'the same 10,000 test images. "only A" / "only B": images exactly one of them gets '
           'right; p: exact two-sided McNemar test; the interval is the 95 % normal interval of '
           'the paired difference. For the bnm rows B is whichever of bias correction off / on '
-          'scored higher, chosen after seeing both, so the p-values there are optimistic for B.',
+          'scored higher, chosen after seeing both, so the p-values there are optimistic for B. '
+          'The plot leaves out the "on vs off" rows (context for the table).',
           '', '| A vs B | A | B | A - B | 95 % interval | only A | only B | p |',
           '|---|---|---|---|---|---|---|---|']
   for label, c in summary.items():
@@ -382,7 +390,10 @@ def significance_section(results_dir: pathlib.Path, plots_dir: pathlib.Path) -> 
     out.append(f"| {label} | {c['top1_a']:.2f} | {c['top1_b']:.2f} | {c['diff']:+.2f} | "
                f"{lo:+.2f} to {hi:+.2f} | {c['only_a']} | {c['only_b']} | {c['mcnemar_p']:.3g} |")
   plots_dir.mkdir(exist_ok=True)
-  _forest_plot(plots_dir / 'paired_significance.png', list(summary), summary)
+  _forest_plot(plots_dir / 'paired_significance.png',
+               [('issue 4: joint UDFC (A) vs round-to-nearest (B)', quant),
+                ('issue 6: the rule (A) vs the better of bias correction off / on (B)',
+                 [k for k in rules if not k.endswith('on vs off')])], summary)
   return out + ['', '![paired differences](plots/paired_significance.png)', '']
 
 
