@@ -284,6 +284,17 @@ def baseline_row(arch: str, limit: int | None) -> dict:
               top5=acc['top5'], n=acc['n'])
 
 
+def stored_rows(results_dir: pathlib.Path | None = None) -> dict[str, dict]:
+  """Every measured row of every suite, by job key."""
+  rows = {}
+  for path in sorted((results_dir or ROOT / 'benchmarks' / 'results').glob('*.jsonl')):
+    for line in path.read_text().splitlines():
+      if line.strip():
+        row = json.loads(line)
+        rows[row['key']] = row
+  return rows
+
+
 def run_suite(name: str, results_dir: pathlib.Path, *, quick: bool, limit: int | None) -> list[dict]:
   from tqdm import tqdm
 

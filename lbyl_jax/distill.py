@@ -15,6 +15,7 @@ which a per-layer error model cannot: the drift that upstream pruning causes dow
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -91,13 +92,18 @@ def distill(spec, variables: Mapping[str, Any], *, n: int = 64, steps: int = 300
   return np.asarray(x), dict(loss_start=start, loss_end=end)
 
 
+@functools.cache
+def _jitted_apply(spec, widths: tuple[int, ...]):
+  return jax.jit(spec.build(widths).apply)
+
+
 def logits(spec, variables: Mapping[str, Any], inputs: np.ndarray,
            widths=None) -> np.ndarray:
-  """The model's float32 logits on already-normalized inputs."""
+  """The model's float32 logits on already-normalized inputs (one jitted apply per widths)."""
   if widths is None:
     widths = units_lib.widths_of(variables, spec.units)
-  model = spec.build(tuple(widths))
-  return np.asarray(jax.jit(model.apply)(variables, jnp.asarray(inputs, jnp.float32)))
+  apply = _jitted_apply(spec, tuple(int(w) for w in widths))
+  return np.asarray(apply(variables, jnp.asarray(inputs, jnp.float32)))
 
 
 def output_kl(reference_logits: np.ndarray, other_logits: np.ndarray) -> float:

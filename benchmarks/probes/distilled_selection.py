@@ -16,7 +16,6 @@ distilled inputs or from output agreement itself.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -44,12 +43,7 @@ def main(argv=None) -> None:
   ap.add_argument('--n', type=int, default=64)
   ap.add_argument('--real', type=int, default=0, help='also the KL on the first N test images')
   args = ap.parse_args(argv)
-  stored = {}
-  for path in reproduce.ROOT.joinpath('benchmarks', 'results').glob('*.jsonl'):
-    for line in path.read_text().splitlines():
-      if line.strip():
-        row = json.loads(line)
-        stored[row['key']] = row
+  stored = reproduce.stored_rows()
   hits = misses = 0
   for arch in args.arch or ['resnet56_b', 'resnet56', 'resnet20']:
     spec, variables, ds, _ = reproduce._loaded(arch)  # pylint: disable=protected-access

@@ -61,16 +61,6 @@ def bnm_jobs() -> list[tuple[str, float, dict[str, Job]]]:
           for arch in ('resnet56_b', 'resnet20', 'resnet56') for r in RATIOS]
 
 
-def stored_rows() -> dict[str, dict]:
-  rows = {}
-  for path in RESULTS.glob('*.jsonl'):
-    for line in path.read_text().splitlines():
-      if line.strip():
-        row = json.loads(line)
-        rows[row['key']] = row
-  return rows
-
-
 class Correctness:
   """Per-example correctness per job, cached bit-packed in an npz keyed by the job's key."""
 
@@ -80,7 +70,7 @@ class Correctness:
     if path.exists() and not limit:
       with np.load(path) as z:
         self.cache = {k: z[k] for k in z.files}
-    self.stored = stored_rows()
+    self.stored = reproduce.stored_rows()
 
   def get(self, job: Job) -> np.ndarray:
     key = job.key()
