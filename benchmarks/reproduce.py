@@ -83,6 +83,9 @@ def pin_bias_correction(method: str, options) -> tuple[tuple[str, object], ...]:
 
 
 BC_ON = (('bias_correction', 'on'),)   # the lbyl / nm default
+# bnm's four bias-correction settings ('off' is bnm's default, diag covariance), as job options.
+BNM_MODES = {'off': (('bnm_cov', 'diag'),), 'on': BC_ON, 'auto': (('bias_correction', 'auto'),),
+             'blend': (('bias_correction', 'blend'),)}
 
 
 def restore_jobs(quick: bool) -> list[Job]:
@@ -246,17 +249,23 @@ def _loaded(arch: str):
   return spec, variables, ds, evaluate.Evaluator(spec, batch_size=1000)
 
 
-def run_job(job: Job, limit: int | None) -> dict:
+def compress_job(job: Job):
+  """``pipeline.compress`` of the job's configuration on its loaded checkpoint."""
   from lbyl_jax import pipeline, restore
 
-  spec, variables, ds, ev = _loaded(job.arch)
-  if limit:
-    ds = ds.subset(limit)
+  spec, variables, _, _ = _loaded(job.arch)
   cfg = restore.RestoreConfig(method=job.method, criterion=job.criterion, ratio=job.ratio,
                               **dict(job.options))
   qcfg = None if job.bits is None else pipeline.QuantConfig(bits=job.bits, method=job.quant_method)
+  return pipeline.compress(spec, variables, cfg, qcfg)
+
+
+def run_job(job: Job, limit: int | None) -> dict:
+  _, _, ds, ev = _loaded(job.arch)
+  if limit:
+    ds = ds.subset(limit)
   t = time.perf_counter()
-  res = pipeline.compress(spec, variables, cfg, qcfg)
+  res = compress_job(job)
   t_restore = time.perf_counter() - t
   acc = ev.evaluate(res.variables, ds, widths=res.widths, progress=False)
   rep = res.report

@@ -40,14 +40,18 @@ from lbyl_jax import units as units_lib
 _Key = tuple[Any, ...]
 
 
+def _top_classes(model, normalize, variables, images, k: int):
+  """The k highest-scoring classes per row; top_k puts the lower index first among equal
+  logits, like argmax."""
+  logits = model.apply(variables, normalize(images))
+  return jax.lax.top_k(logits.astype(jnp.float32), k)[1]
+
+
 def _make_step(model, normalize, k: int):
   """Adds this batch's (top-1, top-k) hit counts, over valid rows only, to ``total``."""
 
   def step(variables, images, labels, valid, total):
-    logits = model.apply(variables, normalize(images))
-    # top_k puts the lower index first among equal logits, like argmax.
-    topk = jax.lax.top_k(logits.astype(jnp.float32), k)[1]
-    hit = topk == labels[:, None]
+    hit = _top_classes(model, normalize, variables, images, k) == labels[:, None]
     top1 = jnp.sum(hit[:, 0] & valid)
     topk_hits = jnp.sum(jnp.any(hit, axis=1) & valid)
     return total + jnp.stack([top1, topk_hits]).astype(jnp.int32)
@@ -56,11 +60,10 @@ def _make_step(model, normalize, k: int):
 
 
 def _make_predict(model, normalize):
-  """Top-1 class per row (ties to the lower index, as in :func:`_make_step`)."""
+  """Top-1 class per row (the same ranking and tie rule as :func:`_make_step`)."""
 
   def predict(variables, images):
-    logits = model.apply(variables, normalize(images))
-    return jax.lax.top_k(logits.astype(jnp.float32), 1)[1][:, 0].astype(jnp.int32)
+    return _top_classes(model, normalize, variables, images, 1)[:, 0].astype(jnp.int32)
 
   return predict
 

@@ -25,12 +25,11 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', '..'))
 import reproduce  # noqa: E402
-from reproduce import RATIOS, Job  # noqa: E402
-from lbyl_jax import distill, pipeline, restore  # noqa: E402
+from reproduce import BNM_MODES, RATIOS, Job  # noqa: E402
+from lbyl_jax import distill  # noqa: E402
 
 MODES = {
-    'bnm': {'off': (('bnm_cov', 'diag'),), 'on': (('bias_correction', 'on'),),
-            'auto': (('bias_correction', 'auto'),), 'blend': (('bias_correction', 'blend'),)},
+    'bnm': BNM_MODES,
     'lbyl': {'off': (('bias_correction', 'off'),), 'on': (('bias_correction', 'on'),)},
     'nm': {'off': (('bias_correction', 'off'),), 'on': (('bias_correction', 'on'),)},
 }
@@ -63,8 +62,7 @@ def main(argv=None) -> None:
         kl, acc, kl_real = {}, {}, {}
         for name, opts in modes.items():
           job = Job(arch, method, 'l2', r, opts)
-          cfg = restore.RestoreConfig(method=method, criterion='l2', ratio=r, **dict(opts))
-          res = pipeline.compress(spec, variables, cfg, None)
+          res = reproduce.compress_job(job)
           kl[name] = distill.output_kl(ref, distill.logits(spec, res.variables, inputs, res.widths))
           if real is not None:
             kl_real[name] = distill.output_kl(real_ref, distill.logits(spec, res.variables, real,

@@ -31,12 +31,10 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', '..'))
 import reproduce  # noqa: E402
-from reproduce import BC_ON, RATIOS, Job  # noqa: E402
-from lbyl_jax import evaluate, pipeline, restore  # noqa: E402
+from reproduce import BC_ON, BNM_MODES, RATIOS, Job  # noqa: E402
+from lbyl_jax import evaluate  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parents[1] / 'results'
-BNM = {'off': (('bnm_cov', 'diag'),), 'on': (('bias_correction', 'on'),),
-       'auto': (('bias_correction', 'auto'),), 'blend': (('bias_correction', 'blend'),)}
 
 
 def quant_pairs() -> list[tuple[str, Job, Job]]:
@@ -57,7 +55,7 @@ def quant_pairs() -> list[tuple[str, Job, Job]]:
 
 
 def bnm_jobs() -> list[tuple[str, float, dict[str, Job]]]:
-  return [(arch, r, {name: Job(arch, 'bnm', 'l2', r, opts) for name, opts in BNM.items()})
+  return [(arch, r, {name: Job(arch, 'bnm', 'l2', r, opts) for name, opts in BNM_MODES.items()})
           for arch in ('resnet56_b', 'resnet20', 'resnet56') for r in RATIOS]
 
 
@@ -74,16 +72,13 @@ class Correctness:
 
   def get(self, job: Job) -> np.ndarray:
     key = job.key()
-    spec, variables, ds, ev = reproduce._loaded(job.arch)  # pylint: disable=protected-access
+    _, _, ds, ev = reproduce._loaded(job.arch)  # pylint: disable=protected-access
     n = self.limit or len(ds)
     if key in self.cache:
       return np.unpackbits(self.cache[key], count=n).astype(bool)
     if self.limit:
       ds = ds.subset(self.limit)
-    cfg = restore.RestoreConfig(method=job.method, criterion=job.criterion, ratio=job.ratio,
-                                **dict(job.options))
-    qcfg = None if job.bits is None else pipeline.QuantConfig(bits=job.bits, method=job.quant_method)
-    res = pipeline.compress(spec, variables, cfg, qcfg)
+    res = reproduce.compress_job(job)
     correct = ev.predictions(res.variables, ds, widths=res.widths, progress=False)['correct']
     top1 = 100.0 * correct.mean()
     row = self.stored.get(key)
