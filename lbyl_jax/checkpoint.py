@@ -19,9 +19,6 @@ import functools
 import json
 import os
 import pathlib
-import shutil
-import tempfile
-import uuid
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -29,6 +26,7 @@ import jax
 import numpy as np
 
 from lbyl_jax import archs
+from lbyl_jax.io import publish
 
 FORMAT_VERSION = 1
 META_FILE = 'meta.json'
@@ -189,8 +187,9 @@ def save(out_dir: str | os.PathLike, arch_name: str, widths, variables: Mapping[
       may be 'float' or 'quantized'; it defaults to 'quantized' when ``meta['quant']`` is given.
       A quantized checkpoint needs ``meta['quant']`` (the argument of
       ``lbyl_jax.quant.dequantize_tree``).
-    overwrite: replace an existing ``out_dir`` (atomically: the old one is removed only after
-      the new one is in place).
+    overwrite: replace an existing ``out_dir`` that this tool wrote (crash-safe, see
+      :mod:`lbyl_jax.io.publish`: the old one is removed only after the new one is in place;
+      files, foreign directories, the current or home directory and roots are refused).
     files: extra files (name -> text or bytes) written into the directory before it is
       published, e.g. ``{'report.json': ...}``; names must be plain file names.
 
@@ -199,6 +198,7 @@ def save(out_dir: str | os.PathLike, arch_name: str, widths, variables: Mapping[
 
   Raises:
     FileExistsError: ``out_dir`` exists and ``overwrite`` is False.
+    lbyl_jax.io.publish.UnsafeOutputError: ``out_dir`` must not be replaced (see there).
     PermissionError / FileNotFoundError: the parent directory is not writable / does not exist.
     ValueError: unknown arch, wrong number of widths, float variables whose shapes do not match
       the arch at these widths, non-JSON meta, reserved meta keys.
@@ -243,48 +243,15 @@ def save(out_dir: str | os.PathLike, arch_name: str, widths, variables: Mapping[
       raise ValueError(f'extra file name {name!r} must be a plain file name other than '
                        f'{META_FILE!r} / {VARIABLES_DIR!r}')
 
-  out = pathlib.Path(out_dir).absolute()
-  parent = out.parent
-  if not parent.is_dir():
-    raise FileNotFoundError(f'cannot save to {out}: parent directory {parent} does not exist')
-  if out.exists() and not overwrite:
-    raise FileExistsError(f'{out} already exists (pass overwrite=True to replace it)')
-  if not os.access(parent, os.W_OK | os.X_OK):
-    raise PermissionError(f'cannot save to {out}: parent directory {parent} is not writable')
-
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f'.{out.name}.tmp-', dir=parent))
-  try:
+  with publish.staging_dir(out_dir, kind='checkpoint', overwrite=overwrite,
+                          flag='out_dir', overwrite_flag='overwrite=True') as tmp:
     _write_orbax(tmp / VARIABLES_DIR, tree)
     _write_json(tmp / META_FILE, full_meta)
     for name, content in files.items():
       mode = 'wb' if isinstance(content, bytes) else 'w'
       with open(tmp / name, mode) as f:
         f.write(content)
-    _publish(tmp, out, overwrite=overwrite)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
-  return out
-
-
-def _publish(tmp: pathlib.Path, out: pathlib.Path, *, overwrite: bool) -> None:
-  """Renames the finished ``tmp`` to ``out``; an existing ``out`` is moved away first."""
-  if out.exists() or out.is_symlink():
-    if not overwrite:  # appeared while we were writing
-      raise FileExistsError(f'{out} already exists (pass overwrite=True to replace it)')
-    old = out.parent / f'.{out.name}.old-{uuid.uuid4().hex[:8]}'
-    os.rename(out, old)
-    try:
-      os.rename(tmp, out)
-    except BaseException:
-      os.rename(old, out)
-      raise
-    if old.is_dir() and not old.is_symlink():
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      old.unlink()
-  else:
-    os.rename(tmp, out)
+  return publish.resolve_out(out_dir)
 
 
 # --------------------------------------------------------------------------------------------

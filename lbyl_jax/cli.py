@@ -14,11 +14,8 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import pathlib
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -26,6 +23,7 @@ from typing import Any
 from lbyl_jax import archs
 from lbyl_jax import pipeline
 from lbyl_jax import restore as restore_lib
+from lbyl_jax.io import publish
 
 
 def _floats(text: str) -> list[float]:
@@ -134,15 +132,6 @@ def _quant_config(args, bits) -> pipeline.QuantConfig | None:
       symmetric=not args.asymmetric, keep_8bit_ends=not args.quantize_ends, a1=args.a1, a2=args.a2)
 
 
-def _check_out(out: pathlib.Path, overwrite: bool) -> None:
-  if out.exists() and not overwrite:
-    raise SystemExit(f'error: {out} already exists; pass --overwrite to replace it')
-  if not out.parent.is_dir():
-    raise SystemExit(f'error: parent directory {out.parent} of --out does not exist')
-  if not os.access(out.parent, os.W_OK | os.X_OK):
-    raise SystemExit(f'error: parent directory {out.parent} of --out is not writable')
-
-
 def _save(out: pathlib.Path, spec, result: pipeline.Compressed, report, *, overwrite: bool) -> None:
   from lbyl_jax import checkpoint  # pylint: disable=import-outside-toplevel
 
@@ -164,8 +153,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
   t0 = time.perf_counter()
   spec = archs.get(args.arch)
-  out = pathlib.Path(args.out).absolute()
-  _check_out(out, args.overwrite)
+  publish.recover(publish.resolve_out(args.out))  # a swap left half done by a killed run
+  out = publish.check_target(args.out, overwrite=args.overwrite)
   progress = not args.no_progress
   path = weights_lib.resolve_weights(spec, args.weights, download=not args.no_download)
   _log(f'weights: {path}')
@@ -235,8 +224,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _write_sweep(out, spec, rows, results, baseline, args) -> dict[str, Any]:
-  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f'.{out.name}.tmp-', dir=out.parent))
-  try:
+  with publish.staging_dir(out, kind='sweep', overwrite=args.overwrite) as tmp:
     slim = [{k: v for k, v in r.items() if k not in ('layers', 'quant_report', 'quant_errors')}
             for r in rows]
     summary = dict(arch=spec.name, baseline=baseline, rows=slim)
@@ -254,16 +242,6 @@ def _write_sweep(out, spec, rows, results, baseline, args) -> dict[str, Any]:
         tag = f"{r['method']}_{r['criterion']}_r{r['ratio']:.2f}" + (
             f"_w{r['weight_bits']}{r['quant_method']}" if r.get('weight_bits') else '')
         _save(tmp / 'models' / tag, spec, res, r, overwrite=False)
-    if out.exists():
-      old = out.with_name(f'.{out.name}.old-{os.getpid()}')
-      os.replace(out, old)
-      os.replace(tmp, out)
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.replace(tmp, out)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
   print(f'saved: {out}/sweep.json, sweep.md' + (', sweep.png' if (out / 'sweep.png').exists() else ''))
   return summary
 
@@ -272,6 +250,6 @@ def main(argv: Sequence[str] | None = None) -> None:
   args = parser().parse_args(argv)
   try:
     run(args)
-  except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as e:
+  except (ValueError, OSError) as e:
     print(f'error: {e}', file=sys.stderr)
     raise SystemExit(2) from None

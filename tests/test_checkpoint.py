@@ -47,7 +47,7 @@ def test_round_trip_is_bitwise(tmp_path, resnet20_vars):
   out = checkpoint.save(tmp_path / 'ck', 'resnet20', None, variables, meta=meta)
 
   assert out == (tmp_path / 'ck').absolute()
-  assert sorted(os.listdir(out)) == ['meta.json', 'variables']
+  assert sorted(os.listdir(out)) == ['.lbyl_jax.json', 'meta.json', 'variables']
   assert _siblings(out) == ['ck']  # no temporary directory left behind
   stored = json.loads((out / 'meta.json').read_text())
   assert stored['format_version'] == checkpoint.FORMAT_VERSION
@@ -213,7 +213,7 @@ def test_parent_refused_by_the_os(tmp_path, resnet20_vars, monkeypatch):
   def refuse(*args, **kwargs):
     raise PermissionError(13, 'Permission denied', str(tmp_path))
 
-  monkeypatch.setattr(checkpoint.tempfile, 'mkdtemp', refuse)
+  monkeypatch.setattr(pathlib.Path, 'mkdir', refuse)
   with pytest.raises(PermissionError):
     checkpoint.save(tmp_path / 'ck', 'resnet20', None, resnet20_vars)
   assert os.listdir(tmp_path) == []

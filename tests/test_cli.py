@@ -59,15 +59,25 @@ def test_restore_cli_report_and_reload(shared, tmp_path, lenet_eval, capsys):
   assert again['top1'] == report['top1_after']
 
 
-def test_existing_out_is_refused_and_untouched(shared, tmp_path):
+def test_existing_out_is_refused_and_untouched(shared, tmp_path, capsys):
   out = tmp_path / 'run'
   out.mkdir()
   (out / 'keep.txt').write_text('mine')
   with pytest.raises(SystemExit):
     cli.main(_args(shared, out, '--ratio', '0.5'))
   assert (out / 'keep.txt').read_text() == 'mine'
-  cli.main(_args(shared, out, '--ratio', '0.5', '--overwrite'))
-  assert not (out / 'keep.txt').exists() and (out / 'report.json').exists()
+  # A directory this tool did not write is never replaced, not even with --overwrite.
+  with pytest.raises(SystemExit):
+    cli.main(_args(shared, out, '--ratio', '0.5', '--overwrite'))
+  assert 'not a directory this tool wrote' in capsys.readouterr().err
+  assert sorted(p.name for p in out.iterdir()) == ['keep.txt']
+  # An earlier result of ours is replaced with --overwrite.
+  run = tmp_path / 'ours'
+  cli.main(_args(shared, run, '--ratio', '0.5'))
+  first = json.loads((run / 'report.json').read_text())
+  cli.main(_args(shared, run, '--ratio', '0.6', '--overwrite'))
+  second = json.loads((run / 'report.json').read_text())
+  assert (first['ratio'], second['ratio']) == (0.5, 0.6)
 
 
 @pytest.mark.parametrize('bad', [['--ratio', '1.0'], ['--ratio', '-0.1'], ['--method', 'magic'],
