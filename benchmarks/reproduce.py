@@ -240,7 +240,9 @@ SUITES = {'restore': restore_jobs, 'lenet': lenet_jobs, 'quant': quant_jobs, 'bn
 @functools.cache
 def _loaded(arch: str):
   import converters
-  from lbyl_jax import archs, data, evaluate
+  from lbyl_jax.models import archs
+  from lbyl_jax.io import data
+  from lbyl_jax import evaluation as evaluate
 
   spec = archs.get(arch)
   wfile, dfile = MODELS[arch]
@@ -251,7 +253,8 @@ def _loaded(arch: str):
 
 def compress_job(job: Job):
   """``pipeline.compress`` of the job's configuration on its loaded checkpoint."""
-  from lbyl_jax import pipeline, restore
+  from lbyl_jax import pipeline
+  from lbyl_jax.compress import restore
 
   spec, variables, _, _ = _loaded(job.arch)
   cfg = restore.RestoreConfig(method=job.method, criterion=job.criterion, ratio=job.ratio,

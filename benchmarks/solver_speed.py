@@ -3,7 +3,7 @@
 For each architecture (random weights in the real shapes; no data needed) and pruning ratio, the
 LBYL consistent-form systems (ALGORITHMS.md 5.3) of every prunable unit are solved with:
 
-* ``batched_f32`` / ``batched_f64``: :func:`lbyl_jax.solvers.solve` on all units at once (shape
+* ``batched_f32`` / ``batched_f64``: :func:`lbyl_jax.compress.solvers.solve` on all units at once (shape
   buckets, one compiled executable per bucket);
 * ``unbatched_f32``: the same solver called once per layer (one executable per layer shape);
 * ``numpy_per_filter``: the reference implementations' style, one ``scipy.linalg.solve`` per
@@ -64,7 +64,10 @@ def numpy_per_filter(problems, lam1: float, lam2: float) -> None:
 
 def bench_arch(arch: str, ratio: float, *, repeats: int, modes: list[str], ref_limit: int | None):
   import jax
-  from lbyl_jax import archs, lbyl, restore, solvers
+  from lbyl_jax.models import archs
+  from lbyl_jax.compress.methods import lbyl
+  from lbyl_jax.compress import restore
+  from lbyl_jax.compress import solvers
 
   spec = archs.get(arch)
   variables = spec.init(0)

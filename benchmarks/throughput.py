@@ -25,7 +25,9 @@ def measure(arch: str, ratio: float, *, n: int, batch_size: int, repeats: int) -
   import jax
   import numpy as np
 
-  from lbyl_jax import archs, restore, stats
+  from lbyl_jax.models import archs
+  from lbyl_jax.compress import restore
+  from lbyl_jax.compress import stats
 
   spec = archs.get(arch)
   variables = spec.init(0)

@@ -60,5 +60,5 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def load_variables(path: str | os.PathLike, spec) -> dict[str, Any]:
-  """Flax variables of ``spec`` (an ``lbyl_jax.archs.ArchSpec``) read from a checkpoint file."""
+  """Flax variables of ``spec`` (an ``lbyl_jax.models.archs.ArchSpec``) read from a checkpoint file."""
   return to_variables(read_state_dict(path), spec)

@@ -35,7 +35,9 @@ def _leaves(tree: Any) -> list[np.ndarray]:
 def convert(arch: str, weights: str, out: str, *, overwrite: bool = False) -> dict[str, Any]:
   """Reads ``weights`` for ``arch``, saves the checkpoint to ``out``; returns a summary dict."""
   import converters  # pylint: disable=import-outside-toplevel
-  from lbyl_jax import archs, checkpoint, units  # pylint: disable=import-outside-toplevel
+  from lbyl_jax.models import archs
+  from lbyl_jax.io import checkpoint
+  from lbyl_jax.compress import units  # pylint: disable=import-outside-toplevel
 
   spec = archs.get(arch)
   src = pathlib.Path(weights).absolute()
@@ -71,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
       description='Convert PyTorch (.pth/.th/.pth.tar, legacy or zip), .safetensors or .npz weights'
                   ' into an lbyl_jax checkpoint directory.',
   )
-  p.add_argument('--arch', required=True, help='architecture name (see lbyl_jax.archs.names())')
+  p.add_argument('--arch', required=True, help='architecture name (see lbyl_jax.models.archs.names())')
   p.add_argument('--weights', required=True, help='weight file to convert')
   p.add_argument('--out', required=True, help='checkpoint directory to create')
   p.add_argument('--overwrite', action='store_true', help='replace an existing --out directory')

@@ -178,7 +178,7 @@ def to_variables(state_dict: Mapping[str, np.ndarray], spec) -> dict[str, Any]:
   """Maps a normalized state dict onto ``spec``'s variables; widths are read from the file.
 
   A checkpoint of a pruned network (smaller unit widths) loads into ``spec.build(widths)``; the
-  widths can be recovered with ``lbyl_jax.units.widths_of``.
+  widths can be recovered with ``lbyl_jax.compress.units.widths_of``.
 
   Raises:
     CheckpointError: listing missing, unexpected and mis-shaped entries (torch and Flax names).

@@ -1,10 +1,13 @@
-"""lbyl_jax: data-free, fine-tuning-free compression of pretrained CNNs in JAX/Flax."""
+"""lbyl_jax: data-free, fine-tuning-free compression of pretrained CNNs in JAX/Flax.
 
-__version__ = '0.1.0'
+``import lbyl_jax`` is light: the public functions import their modules on first use.
+"""
+
+from lbyl_jax.core.version import __version__
 
 
 def load(path):
-  """Loads a checkpoint directory written by :func:`lbyl_jax.checkpoint.save` (see there)."""
-  from lbyl_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  """Loads a checkpoint directory written by :func:`lbyl_jax.io.checkpoint.save` (see there)."""
+  from lbyl_jax.io import checkpoint  # pylint: disable=import-outside-toplevel  (light import)
 
   return checkpoint.load(path)

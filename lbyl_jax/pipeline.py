@@ -1,56 +1,29 @@
-"""The whole job: pruning + compensation, optional weight quantization, evaluation, reports.
+"""Runs a :class:`~lbyl_jax.plan.Plan`: selection -> delivery -> corrections -> surgery ->
+quantization, and reports sizes, FLOPs, timings and per-layer diagnostics.
 
-:func:`compress` is pure (architecture, variables, configs -> new widths, variables, report); the
-rest of this module handles what the CLI needs around it: evaluation before / after, the per-layer
-width table, sweeps that reuse the loaded model and compiled evaluators, and plots.
+:func:`compress` is pure: it never modifies ``variables`` and its result depends only on its
+arguments (the random criterion is seeded by the plan's seed and the unit index).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
-
-from lbyl_jax import quant
-from lbyl_jax import restore as restore_lib
-from lbyl_jax import stats
-
-QUANT_METHODS = ('rtn', 'udfc', 'dfq')
-
-
-@dataclasses.dataclass(frozen=True)
-class QuantConfig:
-  """Weight quantization after (or jointly with) pruning.
-
-  Attributes:
-    bits: weight bit width, 2..8.
-    method: 'rtn' (round to nearest, 7.2), 'udfc' (6.2: per-channel rescale + pruning delivery on
-      quantized kept filters, with a1/a2) or 'dfq' (7.1: BN fold, CLE, bias correction).
-    per_channel: per-output-channel ranges (default) or one range per tensor.
-    symmetric: symmetric (default) or asymmetric ranges.
-    keep_8bit_ends: keep the first conv / dense and the classifier at 8 bits.
-    a1, a2: UDFC regularization weights (8.2).
-  """
-
-  bits: int = 8
-  method: str = 'rtn'
-  per_channel: bool = True
-  symmetric: bool = True
-  keep_8bit_ends: bool = True
-  a1: float = 0.01
-  a2: float = 0.008
-
-  def __post_init__(self):
-    quant.check_bits(self.bits, where='QuantConfig')
-    if self.method not in QUANT_METHODS:
-      raise ValueError(f'unknown quantization method {self.method!r}; known: {", ".join(QUANT_METHODS)}')
-    for name in ('a1', 'a2'):
-      v = getattr(self, name)
-      if not (np.isfinite(v) and v >= 0):
-        raise ValueError(f'{name} must be a finite number >= 0, got {v!r}')
+from lbyl_jax.compress import bias as bias_lib
+from lbyl_jax.compress import selection as selection_lib
+from lbyl_jax.compress import stats
+from lbyl_jax.compress import surgery
+from lbyl_jax.compress.methods import Context
+from lbyl_jax.compress.problem import check_solutions
+from lbyl_jax.experimental import guard as guard_lib
+from lbyl_jax.experimental import rules as rules_lib
+from lbyl_jax.models import trace
+from lbyl_jax.plan import Plan
+from lbyl_jax.quant import uniform
+from lbyl_jax.report import jsonable
 
 
 @dataclasses.dataclass
@@ -68,196 +41,100 @@ class Compressed:
   qmeta: dict[str, Any] | None = None
 
 
-def compress(spec, variables: Mapping[str, Any], config: restore_lib.RestoreConfig,
-             qconfig: QuantConfig | None = None) -> Compressed:
-  """Prune + compensate (``config``), then quantize (``qconfig``); no side effects.
-
-  With ``qconfig.method == 'udfc'`` and ``config.method == 'lbyl'``, the pruning delivery is
-  UDFC's (6.2 b: the LBYL closed form on the quantized kept filters, a1/a2 as lambdas); with any
-  other restore method the network is restored first and UDFC then compensates the quantization
-  of the pruned network (6.2 a). In the joint path ``config``'s bias correction ('on' by default
-  for lbyl) adds UDFC's mean terms (:mod:`lbyl_jax.udfc`, ``bias_correction=True``); 'auto' and
-  the guard are errors there. 'rtn' and 'dfq' always quantize the restored network.
-  """
+def _timed(timings: dict[str, float], phase: str, fn, *args, **kwargs):
   t0 = time.perf_counter()
-  joint_udfc = (qconfig is not None and qconfig.method == 'udfc' and config.method == 'lbyl'
-                and config.ratio > 0)
-  if joint_udfc:
-    if config.ratio_overrides:
-      raise ValueError('udfc with lbyl delivery does not support per-layer ratio overrides')
-    if config.resolved_bias_correction() not in ('on', 'off') or config.guard != 'off':
-      raise ValueError('udfc with lbyl delivery computes its own delivery (ALGORITHMS.md 6.2 b): '
-                       f'bias_correction={config.bias_correction!r} and guard={config.guard!r} are not '
-                       "supported there; use bias_correction 'on' / 'off' without the guard, or quant "
-                       "method 'rtn'")
-    base_report = _plain_report(spec, variables, config)
-    pruned = variables
+  out = fn(*args, **kwargs)
+  timings[phase] = timings.get(phase, 0.0) + time.perf_counter() - t0
+  return out
+
+
+def compress(spec, variables: Mapping[str, Any], plan: Plan | None = None, **options) -> Compressed:
+  """Prunes every unit of ``spec``, compensates, and optionally quantizes.
+
+  Args:
+    spec: :class:`lbyl_jax.models.archs.ArchSpec`.
+    variables: original-width float variables ({'params', 'batch_stats'}), not modified.
+    plan: the :class:`~lbyl_jax.plan.Plan`; or, instead, flat ``options`` for
+      :meth:`Plan.from_options` (``compress(spec, v, method='nm', ratio=0.4)``).
+
+  Returns:
+    :class:`Compressed`. The report holds arch, method, criterion, ratio, the resolved bias
+    correction, the plan, params / MACs / FLOPs / bytes before and after, solve and compile
+    seconds, the time per phase, and per layer its widths and the solver's diagnostics.
+  """
+  if plan is None:
+    plan = Plan.from_options(**options)
+  elif options:
+    raise ValueError('pass a Plan or flat options, not both')
+  t_start = time.perf_counter()
+  phases: dict[str, float] = {}
+  _timed(phases, 'validate', selection_lib.validate_variables, spec, variables)
+  problems = _timed(phases, 'selection', selection_lib.build_problems, spec, variables,
+                    plan.selection)
+  bc = plan.bias_correction
+  keep8 = (trace.first_and_last_layers(spec)
+           if plan.quantizer is not None and plan.quantizer.keep_8bit_ends else ())
+  sols = None
+  qres = None
+  if plan.joint:
+    widths, qres = _timed(phases, 'quantization', plan.quantizer.joint, spec, variables,
+                          selection=plan.selection, keep_8bit=keep8, bias_correction=bc,
+                          bias_fold=plan.corrections.bias_fold)
+    new = None
   else:
-    _, pruned, base_report = restore_lib.restore(spec, variables, config)
-  if qconfig is None:
-    widths = tuple(base_report['widths'])
-    return Compressed(widths, pruned, base_report)
-
-  keep8 = quant.first_and_last_layers(spec) if qconfig.keep_8bit_ends else ()
-  qopts = dict(bits=qconfig.bits, per_channel=qconfig.per_channel, symmetric=qconfig.symmetric,
-               keep_8bit=keep8)
-  if qconfig.method == 'udfc':
-    from lbyl_jax import udfc  # pylint: disable=import-outside-toplevel
-
-    ratio = config.ratio if joint_udfc else 0.0
-    widths, qtree, qmeta, qreport = udfc.udfc(
-        spec, pruned, ratio=ratio, criterion=config.criterion, a1=qconfig.a1, a2=qconfig.a2,
-        bn_sigma=config.bn_sigma, seed=config.seed,
-        bias_correction=joint_udfc and base_report['bias_correction'] == 'on', **qopts)
-  elif qconfig.method == 'dfq':
-    from lbyl_jax import dfq  # pylint: disable=import-outside-toplevel
-
-    qtree, qmeta, qreport = dfq.dfq(spec, pruned, **qopts)
-    widths = tuple(base_report['widths'])
-  else:
-    qtree, qmeta = quant.quantize_tree(pruned, **qopts)
-    widths = tuple(base_report['widths'])
-    qreport = {}
-  deq = quant.dequantize_tree(qtree, qmeta)
-  after = stats.summary(spec, deq)
-  report = dict(base_report)
-  report.update(
-      widths=list(widths),
-      params_after=after['params'], macs_after=after['macs'], flops_after=after['flops'],
-      weight_bits=qconfig.bits, quant_method=qconfig.method, quant_config=dataclasses.asdict(qconfig),
-      keep_8bit=list(keep8),
-      bytes_after=quant.tree_nbytes(qtree),
-      bytes_after_float=after['bytes'],
-      quant_errors={p: d['rel_error'] for p, d in qmeta['layers'].items()},
-      quant_report=jsonable(qreport),
-      seconds=time.perf_counter() - t0,
-  )
-  return Compressed(widths, deq, report, qtree, qmeta)
+    sols = _timed(phases, 'delivery', plan.method.deliver, spec, variables, problems,
+                  Context(bias_correction=bc, bias_fold=plan.corrections.bias_fold))
+    check_solutions(problems, sols, plan.method.name)
+    if plan.corrections.guard != 'off':
+      sols = _timed(phases, 'guard', guard_lib.guard, spec, variables, problems, sols)
+      check_solutions(problems, sols, plan.method.name)
+    if bc != 'off':
+      rule = rules_lib.weights(bc) if bc in rules_lib.RULE_MODES else None
+      consts = _timed(phases, 'bias_correction', bias_lib.constants, spec, variables, problems,
+                      sols, fold=plan.corrections.bias_fold, rule=rule)
+      sols = bias_lib.apply(problems, sols, consts)
+    widths, new = _timed(phases, 'surgery', surgery.apply, spec, variables,
+                         {p.unit.name: (p.keep, s.S_P, s.bias) for p, s in zip(problems, sols)})
+    if plan.quantizer is not None:
+      qres = _timed(phases, 'quantization', plan.quantizer.quantize, spec, new, keep_8bit=keep8,
+                    context=dict(selection=plan.selection, original=variables))
+  qtree = qmeta = None
+  if qres is not None:
+    qtree, qmeta = qres.qtree, qres.qmeta
+    new = uniform.dequantize_tree(qtree, qmeta)
+  before = _timed(phases, 'stats', stats.summary, spec, variables)
+  after = _timed(phases, 'stats', stats.summary, spec, new)
+  report = _report(spec, plan, problems, sols, widths, before, after, bc)
+  if qres is not None:
+    report.update(
+        weight_bits=plan.quantizer.bits, quant_method=plan.quantizer.name, keep_8bit=list(keep8),
+        bytes_after=uniform.tree_nbytes(qtree), bytes_after_float=after['bytes'],
+        quant_errors={p: d['rel_error'] for p, d in qmeta['layers'].items()},
+        quant_report=jsonable(qres.report))
+  # Solve / compile seconds are measured inside the delivery; the rest of the delivery phase is
+  # building the systems (and host-side fits).
+  phases['solve'] = report['solve_seconds']
+  phases['compile'] = report['compile_seconds']
+  report['phases'] = phases
+  report['seconds'] = time.perf_counter() - t_start
+  return Compressed(tuple(widths), new, report, qtree, qmeta)
 
 
-def _plain_report(spec, variables, config) -> dict[str, Any]:
-  """The size part of a restore report, for paths where another driver does the pruning."""
-  s = stats.summary(spec, variables)
-  return dict(arch=spec.name, method=config.method, criterion=config.criterion, ratio=config.ratio,
-              config=dataclasses.asdict(config), bias_correction=config.resolved_bias_correction(),
-              widths=list(spec.default_widths()),
-              params_before=s['params'], macs_before=s['macs'], flops_before=s['flops'],
-              bytes_before=s['bytes'], solve_seconds=0.0, compile_seconds=0.0, layers=[])
-
-
-def jsonable(obj: Any) -> Any:
-  """``obj`` with NumPy arrays / scalars turned into JSON-native values."""
-  if isinstance(obj, Mapping):
-    return {str(k): jsonable(v) for k, v in obj.items()}
-  if isinstance(obj, (list, tuple)):
-    return [jsonable(v) for v in obj]
-  if isinstance(obj, np.ndarray):
-    return obj.tolist()
-  if isinstance(obj, np.generic):
-    return obj.item()
-  return obj
-
-
-# --------------------------------------------------------------------------------------------
-# Human-readable output.
-
-
-def _fmt_count(n: float) -> str:
-  for unit, div in (('G', 1e9), ('M', 1e6), ('K', 1e3)):
-    if abs(n) >= div:
-      return f'{n / div:.2f}{unit}'
-  return f'{n:.0f}'
-
-
-def layer_table(report: Mapping[str, Any]) -> str:
-  """Per-layer widths and solver diagnostics as a fixed-width text table."""
-  rows = [('layer', 'width', 'kept', 'cond(A)', 'rel.resid', 'mean|s|', 'max|s|')]
-  for layer in report.get('layers', []):
-    d = layer.get('diagnostics', {})
-
-    def g(key, fmt='{:.2e}'):
-      v = d.get(key)
-      return fmt.format(v) if isinstance(v, (int, float)) and v == v else '-'
-
-    rows.append((layer['name'], str(layer['width_before']), str(layer['width_after']),
-                 g('cond'), g('rel_residual'), g('coef_mean_abs'),
-                 g('coef_max_abs')))
-  widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-  lines = ['  '.join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-           for r in rows]
-  lines.insert(1, '-' * len(lines[0]))
-  return '\n'.join(lines)
-
-
-def summary_text(report: Mapping[str, Any]) -> str:
-  """Params, FLOPs, bytes before/after, timings and accuracies."""
-  def ratio(a, b):
-    return f'{100.0 * (1 - b / a):.1f}% smaller' if a else ''
-
-  lines = [f"{report['arch']}: method={report['method']} criterion={report['criterion']}"
-           f" ratio={report['ratio']}"
-           + (f" weight_bits={report['weight_bits']} quant={report['quant_method']}"
-              if report.get('weight_bits') else '')]
-  for key, label in (('params', 'params'), ('flops', 'FLOPs'), ('bytes', 'bytes')):
-    a, b = report.get(f'{key}_before'), report.get(f'{key}_after')
-    if a is not None and b is not None:
-      lines.append(f'  {label:7s} {_fmt_count(a):>9s} -> {_fmt_count(b):>9s}  ({ratio(a, b)})')
-  lines.append(f"  solve {report.get('solve_seconds', 0.0):.3f} s, compile "
-               f"{report.get('compile_seconds', 0.0):.3f} s, total {report.get('seconds', 0.0):.2f} s")
-  if report.get('top1_before') is not None:
-    lines.append(f"  top-1 {report['top1_before']:.2f} -> {report['top1_after']:.2f}   "
-                 f"top-5 {report['top5_before']:.2f} -> {report['top5_after']:.2f}"
-                 f"   (n={report['n_eval']})")
-  return '\n'.join(lines)
-
-
-def sweep_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
-  """One Markdown row per configuration of a sweep."""
-  head = ('| method | criterion | ratio | bits | quant | params | FLOPs | bytes | top-1 | top-5 | solve s |\n'
-          '|---|---|---|---|---|---|---|---|---|---|---|')
-  out = [head]
-  for r in rows:
-    t1 = '-' if r.get('top1_after') is None else f"{r['top1_after']:.2f}"
-    t5 = '-' if r.get('top5_after') is None else f"{r['top5_after']:.2f}"
-    out.append(f"| {r['method']} | {r['criterion']} | {r['ratio']:.2f} | {r.get('weight_bits') or 32}"
-               f" | {r.get('quant_method') or '-'} | {_fmt_count(r['params_after'])}"
-               f" | {_fmt_count(r['flops_after'])} | {_fmt_count(r['bytes_after'])} | {t1} | {t5}"
-               f" | {r.get('solve_seconds', 0.0):.3f} |")
-  return '\n'.join(out)
-
-
-def plot_sweep(rows: Sequence[Mapping[str, Any]], path, *, title: str, baseline: float | None = None):
-  """Top-1 versus ratio, one line per (method, criterion, bits); writes a PNG."""
-  series: dict[str, list[tuple[float, float]]] = {}
-  for r in rows:
-    if r.get('top1_after') is None:
-      continue
-    label = f"{r['method']} ({r['criterion']}"
-    label += f", W{r['weight_bits']} {r['quant_method']})" if r.get('weight_bits') else ')'
-    series.setdefault(label, []).append((r['ratio'], r['top1_after']))
-  plot_series(series, path, title=title, baseline=baseline)
-
-
-def plot_series(series: Mapping[str, Sequence[tuple[float, float | None]]], path, *, title: str,
-                baseline: float | None = None) -> None:
-  """One line per label of (ratio, top-1) points (None points skipped); writes a PNG."""
-  import matplotlib  # pylint: disable=import-outside-toplevel
-
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-
-  fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-  for label, pts in sorted(series.items()):
-    pts = sorted(p for p in pts if p[1] is not None)
-    if pts:
-      ax.plot([p[0] for p in pts], [p[1] for p in pts], marker='o', label=label)
-  if baseline is not None:
-    ax.axhline(baseline, color='gray', linestyle='--', linewidth=1, label=f'unpruned {baseline:.2f}')
-  ax.set_xlabel('pruning ratio per layer')
-  ax.set_ylabel('top-1 accuracy (%)')
-  ax.set_title(title)
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=7)
-  fig.tight_layout()
-  fig.savefig(path)
-  plt.close(fig)
+def _report(spec, plan: Plan, problems, sols, widths, before, after, bc) -> dict[str, Any]:
+  layers = []
+  for i, p in enumerate(problems):
+    diag = {} if sols is None else dict(sols[i].diag)
+    layers.append(dict(name=p.unit.name, width_before=p.n, width_after=p.m,
+                       ratio=plan.selection.ratio_for(p.unit.name), pool=p.unit.pool,
+                       diagnostics=diag))
+  seconds = lambda key: float(sum(s.diag.get(key, 0.0) for s in sols)) if sols else 0.0
+  return dict(
+      arch=spec.name, method=plan.method.name, criterion=plan.selection.criterion,
+      ratio=plan.selection.ratio, bias_correction=bc, options=jsonable(plan.to_options()),
+      plan=plan.describe(), widths=list(widths),
+      params_before=before['params'], params_after=after['params'],
+      macs_before=before['macs'], macs_after=after['macs'],
+      flops_before=before['flops'], flops_after=after['flops'],
+      bytes_before=before['bytes'], bytes_after=after['bytes'],
+      solve_seconds=seconds('solve_seconds'), compile_seconds=seconds('compile_seconds'),
+      layers=layers)

@@ -35,7 +35,7 @@ def one_unit_network(W, gamma, beta, mu, var, V, bias):
   """A one-unit network: dense l1 (rows W) -> BN bn1 -> ReLU -> dense l2 (kernel V, bias)."""
   import types
 
-  from lbyl_jax import units as units_lib
+  from lbyl_jax.compress import units as units_lib
 
   variables = {
       'params': {

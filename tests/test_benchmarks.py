@@ -66,7 +66,7 @@ def test_significance_section(tmp_path):
   """RESULTS.md's table of paired comparisons, and its plot, from the probe's summary file."""
   sys.path.insert(0, str(ROOT / 'benchmarks'))
   import report
-  from lbyl_jax import evaluate
+  from lbyl_jax import evaluation as evaluate
 
   res, plots = tmp_path / 'results', tmp_path / 'plots'
   res.mkdir()

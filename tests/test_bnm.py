@@ -14,12 +14,12 @@ import jax
 import numpy as np
 import pytest
 
-from lbyl_jax import archs
-from lbyl_jax import bnm
-from lbyl_jax import moments as moments_lib
-from lbyl_jax import restore as restore_lib
-from lbyl_jax.methods import UnitProblem, UnitSolution
-from lbyl_jax.units import Unit
+from lbyl_jax.models import archs
+from lbyl_jax.compress.methods import bnm
+from lbyl_jax.compress import moments as moments_lib
+from lbyl_jax.compress import restore as restore_lib
+from lbyl_jax.compress.methods.base import UnitProblem, UnitSolution
+from lbyl_jax.compress.units import Unit
 
 _UNIT = Unit('u', 'u', 'u_bn', 'v', 'conv')
 
@@ -263,7 +263,8 @@ def test_mlp_solve_uses_propagated_moments():
 @pytest.mark.slow
 def test_real_resnet56_bnm_beats_pruning_at_half_width(shared):
   from converters import load_variables  # pylint: disable=import-outside-toplevel
-  from lbyl_jax import data, evaluate  # pylint: disable=import-outside-toplevel
+  from lbyl_jax.io import data
+  from lbyl_jax import evaluation as evaluate  # pylint: disable=import-outside-toplevel
 
   spec = archs.get('resnet56_b')
   variables = load_variables(shared / 'weights' / 'nm_resnet56.cifar10.pth.tar', spec)
@@ -460,7 +461,7 @@ def test_guard_keeps_the_bnm_fit_and_leaves_a_dead_channel_uncompensated():
   is 1 up to the ridge; an LBYL delivery of a channel that the BN statistics say is always off is
   removed (plain pruning), since pruning such a channel is exact."""
   import conftest
-  from lbyl_jax import methods
+  from lbyl_jax.compress.methods import base as methods
 
   rng = np.random.default_rng(0)
   n, d, o = 6, 9, 4

@@ -12,7 +12,10 @@ import numpy as np
 import pytest
 
 import lbyl_jax
-from lbyl_jax import archs, checkpoint, quant, units
+from lbyl_jax.models import archs
+from lbyl_jax.io import checkpoint
+from lbyl_jax.quant import uniform as quant
+from lbyl_jax.compress import units
 
 
 def _random_variables(spec, widths=None, seed=0):

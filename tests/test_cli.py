@@ -11,9 +11,12 @@ import numpy as np
 import pytest
 
 import lbyl_jax
-from lbyl_jax import archs, cli, pipeline, restore
-from lbyl_jax import data as data_lib
-from lbyl_jax import evaluate as evaluate_lib
+from lbyl_jax import pipeline
+from lbyl_jax.models import archs
+from lbyl_jax.cli.restore.restore import restore as cli
+from lbyl_jax.compress import restore
+from lbyl_jax.io import data as data_lib
+from lbyl_jax import evaluation as evaluate_lib
 
 pytestmark = pytest.mark.realdata
 

@@ -18,7 +18,8 @@ import pytest
 import converters
 from converters import formats
 from converters.__main__ import main as convert_main
-from lbyl_jax import archs, checkpoint
+from lbyl_jax.models import archs
+from lbyl_jax.io import checkpoint
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESNET20 = 'resnet20-12fca82f.th'

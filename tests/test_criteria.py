@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lbyl_jax import criteria
+from lbyl_jax.compress import criteria
 
 
 def brute_force_keep(score: np.ndarray, m: int) -> np.ndarray:

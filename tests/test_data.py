@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lbyl_jax import data
-from lbyl_jax import download
+from lbyl_jax.io import data
+from lbyl_jax.io import download
 
 
 @pytest.fixture

@@ -8,10 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lbyl_jax import archs
-from lbyl_jax import dfq
-from lbyl_jax import quant
-from lbyl_jax import units as units_lib
+from lbyl_jax.models import archs
+from lbyl_jax.quant import dfq
+from lbyl_jax.quant import uniform as quant
+from lbyl_jax.compress import units as units_lib
 
 
 def _rel(a, b) -> float:

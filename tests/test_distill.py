@@ -1,4 +1,4 @@
-"""BN-distilled inputs and the output-agreement KL (lbyl_jax.distill)."""
+"""BN-distilled inputs and the output-agreement KL (lbyl_jax.experimental.distill)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import scipy.special
 
-from lbyl_jax import archs
-from lbyl_jax import distill
-from lbyl_jax import moments
+from lbyl_jax.models import archs
+from lbyl_jax.experimental import distill
+from lbyl_jax.compress import moments
 from test_evaluate import random_variables
 
 

@@ -14,9 +14,9 @@ import time
 import numpy as np
 import pytest
 
-from lbyl_jax import archs
-from lbyl_jax import download
-from lbyl_jax import weights
+from lbyl_jax.models import archs
+from lbyl_jax.io import download
+from lbyl_jax.io import weights
 
 PAYLOAD = np.random.default_rng(0).integers(0, 256, (3 << 20) + 123, dtype=np.uint8).tobytes()
 PAYLOAD_SHA = hashlib.sha256(PAYLOAD).hexdigest()

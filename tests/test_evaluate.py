@@ -12,9 +12,9 @@ import jax
 import numpy as np
 import pytest
 
-from lbyl_jax import archs
-from lbyl_jax import data
-from lbyl_jax import evaluate
+from lbyl_jax.models import archs
+from lbyl_jax.io import data
+from lbyl_jax import evaluation as evaluate
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -201,7 +201,7 @@ _MULTI = """
 import json, sys
 sys.path.insert(0, {tests!r})
 import jax
-from lbyl_jax import evaluate
+from lbyl_jax import evaluation as evaluate
 import test_evaluate as t
 spec, variables, ds = t.case()
 ev = evaluate.Evaluator(spec, batch_size=30)
@@ -275,7 +275,7 @@ def test_cli_errors(tmp_path):
 
 def test_cli_compare(tmp_path, capsys):
   """--compare: two saved checkpoints (one pruned) on the same examples, against the API."""
-  from lbyl_jax import checkpoint
+  from lbyl_jax.io import checkpoint
 
   spec, full, ds = case(n=157)
   _, pruned, _ = case(widths=(120, 30))
@@ -300,7 +300,7 @@ def test_cli_compare(tmp_path, capsys):
 
 
 def test_cli_compare_errors(tmp_path):
-  from lbyl_jax import checkpoint
+  from lbyl_jax.io import checkpoint
 
   with pytest.raises(SystemExit):  # argparse: neither --arch nor --compare
     evaluate.main(['--no-download'])

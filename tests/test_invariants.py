@@ -24,9 +24,11 @@ import jax
 import numpy as np
 import pytest
 
-from lbyl_jax import archs
-from lbyl_jax import data as data_lib
-from lbyl_jax import evaluate as evaluate_lib
+from lbyl_jax import pipeline
+from lbyl_jax.models import archs
+from lbyl_jax.plan import Plan
+from lbyl_jax.io import data as data_lib
+from lbyl_jax import evaluation as evaluate_lib
 
 pytestmark = pytest.mark.realdata
 
@@ -39,10 +41,11 @@ LENET = ('lenet_300_100', 'lbyl_lenet_300_100.fashionmnist.pth.tar')
 VGG = ('vgg16_bn_cifar', None)    # random weights (seed 0): pools and the dense consumer
 R50 = ('resnet50', None)          # random weights (seed 0): bottlenecks
 
-REF = dict(lbyl_mode='reference_code', nm_mode='reference_code', bn_sigma='variance',
-           keep_rounding='round')
+REF = dict(preset='reference_code')
 
-# name -> (model, restore options, quantization options or None, evaluate?)
+# name -> (model, plan options, quantization options or None, evaluate?). The options are those of
+# lbyl_jax.plan.Plan.from_options; 'reference_code' sets the reference forms of the method, the raw
+# running variance as BN sigma and rounding of the kept count, as four separate options once did.
 CASES = {
     'r20-prune-l2-30': (R20, dict(method='prune', criterion='l2', ratio=0.3), None, True),
     'r20-nm-l2-30': (R20, dict(method='nm', criterion='l2', ratio=0.3), None, True),
@@ -143,11 +146,10 @@ def _evaluator(shared, arch):
 
 def run_case(shared, name):
   (arch, weights), ropts, qopts, evaluate = CASES[name]
-  from lbyl_jax import pipeline, restore  # pylint: disable=import-outside-toplevel
-
   spec, variables = _variables(shared, arch, weights)
-  qcfg = None if qopts is None else pipeline.QuantConfig(**qopts)
-  result = pipeline.compress(spec, variables, restore.RestoreConfig(**ropts), qcfg)
+  qopts = {} if qopts is None else {('quant_method' if k == 'method' else k): v
+                                    for k, v in qopts.items()}
+  result = pipeline.compress(spec, variables, Plan.from_options(**ropts, **qopts))
   tree = result.qtree if result.qtree is not None else result.variables
   out = {'digest': tree_digest(result.widths, tree)}
   if evaluate:

@@ -11,15 +11,15 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from lbyl_jax import archs
-from lbyl_jax import criteria
-from lbyl_jax import lbyl
-from lbyl_jax import restore
-from lbyl_jax import solvers
-from lbyl_jax import surgery
-from lbyl_jax import units as units_lib
+from lbyl_jax.models import archs
+from lbyl_jax.compress import criteria
+from lbyl_jax.compress.methods import lbyl
+from lbyl_jax.compress import restore
+from lbyl_jax.compress import solvers
+from lbyl_jax.compress import surgery
+from lbyl_jax.compress import units as units_lib
 from conftest import one_unit_network
-from lbyl_jax.methods import UnitProblem
+from lbyl_jax.compress.methods.base import UnitProblem
 
 EPS = units_lib.BN_EPS
 

@@ -14,9 +14,9 @@ from scipy import integrate
 from scipy.special import owens_t
 from scipy.stats import norm
 
-from lbyl_jax import archs
-from lbyl_jax import moments as M
-from lbyl_jax import units as units_lib
+from lbyl_jax.models import archs
+from lbyl_jax.compress import moments as M
+from lbyl_jax.compress import units as units_lib
 
 
 def _x64(fn, *args, **kwargs):

@@ -6,13 +6,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lbyl_jax import methods
-from lbyl_jax import nm
-from lbyl_jax import restore
-from lbyl_jax import surgery
-from lbyl_jax import units as units_lib
+from lbyl_jax.compress.methods import base as methods
+from lbyl_jax.compress.methods import nm
+from lbyl_jax.compress import restore
+from lbyl_jax.compress import surgery
+from lbyl_jax.compress import units as units_lib
 from conftest import one_unit_network
-from lbyl_jax.methods import UnitProblem
+from lbyl_jax.compress.methods.base import UnitProblem
 
 EPS = units_lib.BN_EPS
 

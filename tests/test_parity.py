@@ -23,7 +23,9 @@ safetensors_torch = pytest.importorskip('safetensors.torch')
 
 import converters  # noqa: E402
 import torch_reference as tr  # noqa: E402
-from lbyl_jax import archs, checkpoint, units  # noqa: E402
+from lbyl_jax.models import archs
+from lbyl_jax.io import checkpoint
+from lbyl_jax.compress import units  # noqa: E402
 
 RTOL = 1e-4
 

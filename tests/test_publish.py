@@ -19,7 +19,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from lbyl_jax import checkpoint
+from lbyl_jax.io import checkpoint
 from lbyl_jax.io import publish
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -31,7 +31,7 @@ def _tree_state(path: pathlib.Path) -> dict[str, bytes]:
 
 
 def _lenet_vars():
-  from lbyl_jax import archs  # pylint: disable=import-outside-toplevel
+  from lbyl_jax.models import archs  # pylint: disable=import-outside-toplevel
 
   return archs.get('lenet_300_100').init(0)
 

@@ -6,9 +6,9 @@ import jax
 import numpy as np
 import pytest
 
-from lbyl_jax import archs
-from lbyl_jax import quant
-from lbyl_jax import units as units_lib
+from lbyl_jax.models import archs
+from lbyl_jax.quant import uniform as quant
+from lbyl_jax.compress import units as units_lib
 
 
 def _ref_symmetric(w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:

@@ -12,9 +12,9 @@ import functools
 import pytest
 
 import converters
-from lbyl_jax import archs
-from lbyl_jax import data as data_lib
-from lbyl_jax import evaluate as evaluate_lib
+from lbyl_jax.models import archs
+from lbyl_jax.io import data as data_lib
+from lbyl_jax import evaluation as evaluate_lib
 
 pytestmark = pytest.mark.realdata
 

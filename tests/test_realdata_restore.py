@@ -17,9 +17,11 @@ import functools
 import pytest
 
 import converters
-from lbyl_jax import archs, pipeline, restore
-from lbyl_jax import data as data_lib
-from lbyl_jax import evaluate as evaluate_lib
+from lbyl_jax import pipeline
+from lbyl_jax.models import archs
+from lbyl_jax.compress import restore
+from lbyl_jax.io import data as data_lib
+from lbyl_jax import evaluation as evaluate_lib
 
 pytestmark = pytest.mark.realdata
 

@@ -11,13 +11,13 @@ import jax
 import numpy as np
 import pytest
 
-from lbyl_jax import archs
-from lbyl_jax import methods
-from lbyl_jax import restore
-from lbyl_jax import stats
-from lbyl_jax import surgery
-from lbyl_jax import units as units_lib
-from lbyl_jax.restore import RestoreConfig
+from lbyl_jax.models import archs
+from lbyl_jax.compress.methods import base as methods
+from lbyl_jax.compress import restore
+from lbyl_jax.compress import stats
+from lbyl_jax.compress import surgery
+from lbyl_jax.compress import units as units_lib
+from lbyl_jax.compress.restore import RestoreConfig
 
 
 def random_variables(spec, widths=None, seed=0):
@@ -304,7 +304,7 @@ def test_lenet_round_rounding_and_macs():
 
 
 # --------------------------------------------------------------------------------------------
-# The BN-moments plug-in points (lbyl_jax.bnm, written separately).
+# The BN-moments plug-in points (lbyl_jax.compress.methods.bnm, written separately).
 
 
 def fake_bnm(constants):
@@ -350,7 +350,7 @@ def test_bias_correction_folds_constants(net, monkeypatch):
   _, _, rep = restore.restore(spec, variables, auto)
   used = [layer['diagnostics']['bias_correction'] for layer in rep['layers']]
   assert used == [False] * 3 + [True] * 3 + [False] * 3
-  # The 'bnm' method entry point delegates to lbyl_jax.bnm.solve.
+  # The 'bnm' method entry point delegates to lbyl_jax.compress.methods.bnm.solve.
   _, via_bnm, rep = restore.restore(spec, variables, RestoreConfig(method='bnm', ratio=0.3))
   _, pruned, _ = restore.restore(spec, variables, RestoreConfig(method='prune', ratio=0.3))
   assert leaves_equal(via_bnm, pruned) and rep['method'] == 'bnm'

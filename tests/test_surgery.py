@@ -9,10 +9,10 @@ import jax
 import numpy as np
 import pytest
 
-from lbyl_jax import archs
-from lbyl_jax import restore
-from lbyl_jax import surgery
-from lbyl_jax import units as units_lib
+from lbyl_jax.models import archs
+from lbyl_jax.compress import restore
+from lbyl_jax.compress import surgery
+from lbyl_jax.compress import units as units_lib
 
 EPS = units_lib.BN_EPS
 

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import scipy.optimize
 
-from lbyl_jax import archs
-from lbyl_jax import checkpoint
-from lbyl_jax import quant
-from lbyl_jax import udfc
-from lbyl_jax import units as units_lib
+from lbyl_jax.models import archs
+from lbyl_jax.io import checkpoint
+from lbyl_jax.quant import uniform as quant
+from lbyl_jax.quant import udfc
+from lbyl_jax.compress import units as units_lib
 
 
 def _rel(a, b) -> float:
@@ -364,7 +364,7 @@ def test_delivery_lambdas_only_change_the_pruning_delivery(resnet20):
 
 
 def test_relu_mean_and_mean_match_invert_each_other():
-  from lbyl_jax import moments as moments_lib
+  from lbyl_jax.compress import moments as moments_lib
 
   rng = np.random.default_rng(7)
   sd = rng.uniform(0.05, 3.0, 300)

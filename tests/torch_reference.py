@@ -1,6 +1,6 @@
 """Independent PyTorch reference models for conversion parity tests (test-only: imports torch).
 
-Written from the original papers' code layouts, not from lbyl_jax.models, so that a parity test
+Written from the original papers' code layouts, not from lbyl_jax.models.nets, so that a parity test
 compares two independent implementations:
 
 * ``LeNet300100``: the Neuron Merging / LBYL MLP (``ip1``, ``ip2``, ``ip3``).

@@ -11,7 +11,8 @@ import sys
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', '..'))
-from lbyl_jax import archs, restore  # noqa: E402
+from lbyl_jax.models import archs
+from lbyl_jax.compress import restore  # noqa: E402
 
 
 def main():

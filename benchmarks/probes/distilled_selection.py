@@ -2,7 +2,7 @@
 
 Rule, fixed before it was run: per model and ratio, among bias correction 'off' and 'on', take
 the one whose compressed network has the smaller mean KL(original || compressed) on 64 inputs
-distilled from the original checkpoint's BatchNorm statistics (`lbyl_jax.distill`, 300 Adam
+distilled from the original checkpoint's BatchNorm statistics (`lbyl_jax.experimental.distill`, 300 Adam
 steps, lr 0.1, seed 0); a tie goes to 'off'. No image and no label is used. The accuracies
 printed beside each choice are the stored full-test-set rows of `reproduce.py` (same job keys);
 the script recomputes none of them. `auto` and `blend` are listed with their KL for comparison.
@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', '..'))
 import reproduce  # noqa: E402
 from reproduce import BNM_MODES, RATIOS, Job  # noqa: E402
-from lbyl_jax import distill  # noqa: E402
+from lbyl_jax.experimental import distill  # noqa: E402
 
 MODES = {
     'bnm': BNM_MODES,
@@ -48,7 +48,7 @@ def main(argv=None) -> None:
     spec, variables, ds, _ = reproduce._loaded(arch)  # pylint: disable=protected-access
     real = None
     if args.real:
-      from lbyl_jax import archs  # pylint: disable=import-outside-toplevel
+      from lbyl_jax.models import archs  # pylint: disable=import-outside-toplevel
 
       real = np.asarray(archs.normalize_fn(spec)(ds.subset(args.real).images))
       real_ref = distill.logits(spec, variables, real)

@@ -12,7 +12,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', '..'))
 import reproduce  # noqa: E402
-from lbyl_jax import restore  # noqa: E402
+from lbyl_jax.compress import restore  # noqa: E402
 
 for arch in ('resnet20', 'resnet56', 'resnet56_b'):
   spec, variables, _, _ = reproduce._loaded(arch)  # pylint: disable=protected-access

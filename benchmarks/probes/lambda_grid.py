@@ -8,7 +8,10 @@ sys.path.insert(0, __import__('os').path.join(__import__('os').path.dirname(__fi
 import os
 import converters
 SHARED = os.environ.get('LBYL_JAX_SHARED', os.path.join(os.path.dirname(__file__), '..', '..', '..', 'shared'))
-from lbyl_jax import archs, restore, evaluate, data
+from lbyl_jax.models import archs
+from lbyl_jax.compress import restore
+from lbyl_jax import evaluation as evaluate
+from lbyl_jax.io import data
 arch = sys.argv[1]; wfile = sys.argv[2]; n = int(sys.argv[3])
 spec = archs.get(arch)
 v = converters.load_variables(wfile, spec)

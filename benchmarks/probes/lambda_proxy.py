@@ -8,7 +8,10 @@ sys.path.insert(0, __import__('os').path.join(__import__('os').path.dirname(__fi
 import os
 import converters
 SHARED = os.environ.get('LBYL_JAX_SHARED', os.path.join(os.path.dirname(__file__), '..', '..', '..', 'shared'))
-from lbyl_jax import archs, restore, bnm, lbyl
+from lbyl_jax.models import archs
+from lbyl_jax.compress import restore
+from lbyl_jax.compress.methods import bnm
+from lbyl_jax.compress.methods import lbyl
 for arch, f in [('resnet20','resnet20-12fca82f.th'),('resnet56_b','nm_resnet56.cifar10.pth.tar')]:
     spec = archs.get(arch); v = converters.load_variables(os.path.join(SHARED, 'weights', f), spec)
     for ratio in [0.1, 0.3, 0.5]:

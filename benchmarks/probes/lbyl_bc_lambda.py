@@ -10,7 +10,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', '..'))
 import reproduce  # noqa: E402
-from lbyl_jax import restore  # noqa: E402
+from lbyl_jax.compress import restore  # noqa: E402
 
 spec, variables, ds, ev = reproduce._loaded('resnet56_b')  # pylint: disable=protected-access
 for ratio in (0.4, 0.5):

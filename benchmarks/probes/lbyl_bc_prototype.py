@@ -12,7 +12,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', '..'))
 import reproduce  # noqa: E402
-from lbyl_jax import restore  # noqa: E402
+from lbyl_jax.compress import restore  # noqa: E402
 
 VARIANTS = {
     'float64 solves': dict(dtype='float64'),

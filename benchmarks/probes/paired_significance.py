@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', '..'))
 import reproduce  # noqa: E402
 from reproduce import BC_ON, BNM_MODES, RATIOS, Job  # noqa: E402
-from lbyl_jax import evaluate  # noqa: E402
+from lbyl_jax import evaluation as evaluate  # noqa: E402
 
 RESULTS = pathlib.Path(__file__).resolve().parents[1] / 'results'
 

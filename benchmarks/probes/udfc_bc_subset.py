@@ -12,7 +12,10 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', '..'))
 import reproduce  # noqa: E402
-from lbyl_jax import pipeline, quant, restore, udfc  # noqa: E402
+from lbyl_jax import pipeline
+from lbyl_jax.quant import uniform as quant
+from lbyl_jax.compress import restore
+from lbyl_jax.quant import udfc  # noqa: E402
 
 spec, variables, ds, ev = reproduce._loaded('resnet56_b')  # pylint: disable=protected-access
 ds = ds.subset(2000)

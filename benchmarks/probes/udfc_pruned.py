@@ -12,7 +12,13 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', '..'))
 import converters  # noqa: E402
-from lbyl_jax import archs, data, evaluate, pipeline, quant, restore, udfc  # noqa: E402
+from lbyl_jax import pipeline
+from lbyl_jax.models import archs
+from lbyl_jax.io import data
+from lbyl_jax import evaluation as evaluate
+from lbyl_jax.quant import uniform as quant
+from lbyl_jax.compress import restore
+from lbyl_jax.quant import udfc  # noqa: E402
 
 SHARED = os.environ.get('LBYL_JAX_SHARED', os.path.join(os.path.dirname(__file__), '..', '..', '..', 'shared'))
 

@@ -1,0 +1,181 @@
+"""Where a preset's pretrained weights come from: ``--weights``, local caches, or a download.
+
+Search order of :func:`resolve_weights` (the first hit wins; the network is only used when no local
+file exists):
+
+1. the explicit ``weights`` path (a file, or a directory holding the preset's file name);
+2. ``$LBYL_JAX_WEIGHTS`` (a directory);
+3. the user cache ``$LBYL_JAX_CACHE/weights`` (default ``$XDG_CACHE_HOME/lbyl_jax/weights``, i.e.
+   ``~/.cache/lbyl_jax/weights``);
+4. the torch hub cache ``$TORCH_HOME/hub/checkpoints`` (default ``~/.cache/torch/hub/checkpoints``),
+   so files torchvision already downloaded are reused;
+5. a download of ``spec.weights.url`` into the user cache, verified with ``spec.weights.sha256``.
+
+Presets whose weights are not publicly hosted have a documented file name
+(:data:`UNHOSTED_FILENAMES`) that steps 1-4 look for.
+
+Local files are verified too when their checksum is known: the preset's own file (its sha256 from
+the registry) and any file named like torch hub files (``name-<sha256 prefix>.ext``).
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import re
+
+from lbyl_jax.models import archs
+from lbyl_jax.io import download as download_lib
+
+# File names for presets whose weights are not publicly hosted; users drop them into
+# $LBYL_JAX_WEIGHTS (or the user cache) under exactly this name.
+UNHOSTED_FILENAMES: dict[str, str] = {
+    'resnet56_b': 'nm_resnet56.cifar10.pth.tar',  # Neuron Merging's ResNet-56 (shortcut B).
+    'lenet_300_100': 'lbyl_lenet_300_100.fashionmnist.pth.tar',  # LBYL / NM FashionMNIST LeNet.
+}
+
+# torch.hub names downloaded files `<name>-<first hex digits of sha256>.<ext>`.
+_HUB_HASH = re.compile(r'-([0-9a-f]{8,64})(?:\.[A-Za-z0-9]+)+$')
+
+# (resolved path, size, mtime_ns, expected) of files already verified in this process.
+_VERIFIED: set[tuple[str, int, int, str]] = set()
+
+
+class WeightsNotFoundError(FileNotFoundError):
+  """No weights file for a preset was found locally, and none could (or may) be downloaded."""
+
+
+def cache_root() -> pathlib.Path:
+  """``$LBYL_JAX_CACHE``, else ``$XDG_CACHE_HOME/lbyl_jax`` (default ``~/.cache/lbyl_jax``)."""
+  env = os.environ.get('LBYL_JAX_CACHE')
+  if env:
+    return pathlib.Path(env).expanduser()
+  xdg = os.environ.get('XDG_CACHE_HOME')
+  base = pathlib.Path(xdg).expanduser() if xdg else pathlib.Path.home() / '.cache'
+  return base / 'lbyl_jax'
+
+
+def user_weights_dir() -> pathlib.Path:
+  return cache_root() / 'weights'
+
+
+def torch_hub_dir() -> pathlib.Path:
+  """``$TORCH_HOME/hub/checkpoints`` with torch's own defaults (no torch import)."""
+  env = os.environ.get('TORCH_HOME')
+  if env:
+    home = pathlib.Path(env).expanduser()
+  else:
+    xdg = os.environ.get('XDG_CACHE_HOME')
+    home = (pathlib.Path(xdg).expanduser() if xdg else pathlib.Path.home() / '.cache') / 'torch'
+  return home / 'hub' / 'checkpoints'
+
+
+def weights_filename(spec: archs.ArchSpec) -> str | None:
+  """The file name looked for in the weight directories (None: the preset has none)."""
+  if spec.weights is not None:
+    return spec.weights.filename
+  return UNHOSTED_FILENAMES.get(spec.name)
+
+
+def expected_sha256(spec: archs.ArchSpec | None, path: str | os.PathLike) -> str | None:
+  """The sha256 (or prefix) a local file must have, if known from the registry or its name."""
+  name = pathlib.Path(path).name
+  if spec is not None and spec.weights is not None and name == spec.weights.filename:
+    return spec.weights.sha256
+  m = _HUB_HASH.search(name)
+  return m.group(1) if m else None
+
+
+def verify_local(path: pathlib.Path, sha256: str) -> None:
+  """Verifies a local file once per process (keyed by size and mtime, so edits re-verify)."""
+  st = path.stat()
+  key = (str(path.resolve()), st.st_size, st.st_mtime_ns, download_lib.normalize_sha256(sha256))
+  if key in _VERIFIED:
+    return
+  download_lib.verify(path, sha256=sha256)
+  _VERIFIED.add(key)
+
+
+def search_dirs() -> list[tuple[str, pathlib.Path]]:
+  """The local directories searched, in order, as (description, path)."""
+  dirs = []
+  env = os.environ.get('LBYL_JAX_WEIGHTS')
+  if env:
+    dirs.append(('$LBYL_JAX_WEIGHTS', pathlib.Path(env).expanduser()))
+  dirs.append(('user cache', user_weights_dir()))
+  dirs.append(('torch hub cache', torch_hub_dir()))
+  return dirs
+
+
+def _checked(spec: archs.ArchSpec, path: pathlib.Path) -> pathlib.Path:
+  sha = expected_sha256(spec, path)
+  if sha is not None:
+    verify_local(path, sha)
+  return path
+
+
+def resolve_weights(
+    spec: archs.ArchSpec | str,
+    weights: str | os.PathLike | None = None,
+    *,
+    download: bool = True,
+    progress: bool = True,
+) -> pathlib.Path:
+  """The weights file of ``spec``, found locally or downloaded (see the module docstring).
+
+  Args:
+    spec: the preset (or its registry name).
+    weights: explicit file, or a directory containing the preset's file name.
+    download: allow step 5 (a verified download into the user cache).
+    progress: show a progress bar while downloading.
+
+  Raises:
+    WeightsNotFoundError: explicit path missing, or nothing found and no download possible.
+    download_lib.ChecksumError: a local or downloaded file does not match its known checksum.
+    download_lib.DownloadError: the download failed.
+  """
+  if isinstance(spec, str):
+    spec = archs.get(spec)
+  filename = weights_filename(spec)
+
+  if weights is not None:
+    path = pathlib.Path(weights).expanduser()
+    if path.is_dir():
+      if filename is None or not (path / filename).is_file():
+        raise WeightsNotFoundError(
+            f'{spec.name}: --weights {path} is a directory without '
+            f'{filename or "a known weights file name"}'
+        )
+      path = path / filename
+    elif not path.is_file():
+      raise WeightsNotFoundError(f'{spec.name}: weights file {path} does not exist')
+    return _checked(spec, path)
+
+  searched = []
+  if filename is not None:
+    for _, d in search_dirs():
+      candidate = d / filename
+      searched.append(str(candidate))
+      if candidate.is_file():
+        return _checked(spec, candidate)
+
+  if spec.weights is None:
+    where = (
+        f'put {filename} into $LBYL_JAX_WEIGHTS (or {user_weights_dir()})'
+        if filename else 'pass --weights PATH'
+    )
+    raise WeightsNotFoundError(
+        f'{spec.name}: its pretrained weights are not publicly hosted; {where}'
+        + (f' (looked for {", ".join(searched)})' if searched else '')
+    )
+  dest = user_weights_dir() / filename
+  if not download:
+    raise WeightsNotFoundError(
+        f'{spec.name}: no local weights (looked for {", ".join(searched)}) and downloading is '
+        f'disabled; fetch {spec.weights.url} to {dest} or pass --weights PATH'
+    )
+  path = download_lib.fetch(spec.weights.url, dest, sha256=spec.weights.sha256, progress=progress)
+  st = path.stat()
+  _VERIFIED.add((str(path.resolve()), st.st_size, st.st_mtime_ns,
+                 download_lib.normalize_sha256(spec.weights.sha256)))
+  return path

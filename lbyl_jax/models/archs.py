@@ -1,0 +1,336 @@
+"""Architecture registry: ``--arch NAME`` -> model, input size, normalization, units, weights.
+
+Each preset carries what its pretrained weights expect (input size and normalization constants),
+where its weights can be downloaded (with a sha256 to verify), which PyTorch naming its
+checkpoints use, and per-method default hyper-parameters from ALGORITHMS.md section 8.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lbyl_jax.core import units as units_lib
+from lbyl_jax.core.registry import Registry
+from lbyl_jax.models import nets as models
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2023, 0.1994, 0.2010)
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightsSource:
+  """Public weights of a preset. ``sha256`` may be a full digest or a torch-hub style prefix."""
+
+  url: str
+  filename: str
+  sha256: str
+
+
+@dataclasses.dataclass(frozen=True, eq=False)  # hashed by identity (caches below)
+class ArchSpec:
+  """One ``--arch`` preset.
+
+  Attributes:
+    name: registry key.
+    family: 'mlp', 'cifar_resnet', 'resnet', 'vgg_cifar' or 'vgg'.
+    model: the module with original widths (``widths=None``).
+    units: prunable units in width-slot order.
+    input_shape: (H, W, C) the weights expect.
+    mean, std: per-channel normalization applied after scaling pixels to [0, 1].
+    num_classes: classifier outputs.
+    dataset: default evaluation dataset name ('cifar10', 'fashion_mnist', 'imagenet').
+    torch_naming: key of the converter's name map ('cifar_resnet', 'resnet', 'vgg_cifar', 'vgg',
+      'lenet').
+    weights: public download source, or None if the weights are not publicly hosted.
+    hparams: per-method default hyper-parameters.
+  """
+
+  name: str
+  family: str
+  model: nn.Module
+  units: tuple[units_lib.Unit, ...]
+  input_shape: tuple[int, int, int]
+  mean: tuple[float, ...]
+  std: tuple[float, ...]
+  num_classes: int
+  dataset: str
+  torch_naming: str
+  weights: WeightsSource | None = None
+  hparams: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
+  description: str = ''
+
+  @property
+  def width_names(self) -> tuple[str, ...]:
+    return tuple(u.name for u in self.units)
+
+  def default_widths(self) -> tuple[int, ...]:
+    """Original widths, read off the shapes of an abstract init (no FLOPs spent)."""
+    return units_lib.widths_of(self.abstract_variables(), self.units)
+
+  def build(self, widths: tuple[int, ...] | None = None) -> nn.Module:
+    """The model with the given widths (None: original widths)."""
+    if widths is not None:
+      widths = tuple(int(w) for w in widths)
+      if len(widths) != len(self.units):
+        raise ValueError(
+            f'{self.name}: expected {len(self.units)} widths ({", ".join(self.width_names[:3])}, ...),'
+            f' got {len(widths)}'
+        )
+      if widths == self.default_widths():
+        widths = None
+    return self.model.clone(widths=widths)
+
+  def dummy_input(self, batch: int = 1) -> jnp.ndarray:
+    return jnp.zeros((batch, *self.input_shape), jnp.float32)
+
+  def abstract_variables(self, widths: tuple[int, ...] | None = None) -> Any:
+    """ShapeDtypeStructs of the variables for the given widths (cached per widths)."""
+    if widths is not None:
+      widths = tuple(int(w) for w in widths)
+    return _abstract_variables(self, widths)
+
+  def init(self, rng: jax.Array | int, widths: tuple[int, ...] | None = None) -> Any:
+    """Random float32 NumPy variables of the given widths, without running Flax initializers.
+
+    Kernels ~ N(0, 2 / fan_in) (He), Dense/conv biases ~ N(0, 0.01); BN statistics and affine
+    terms are random too (:func:`randomize_batch_stats`), so BN is not an identity. Shapes are
+    those of ``self.build(widths).init``; drawing them in NumPy from the abstract shapes keeps
+    this fast and deterministic.
+    """
+    if not isinstance(rng, int):
+      rng = int(jax.random.randint(rng, (), 0, 2**31 - 1))
+    rs = np.random.default_rng(rng)
+    shapes = self.abstract_variables(widths)
+
+    def _draw(path, leaf):
+      if path[-1].key == 'kernel':
+        fan_in = int(np.prod(leaf.shape[:-1]))
+        return (rs.standard_normal(leaf.shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+      if path[-1].key == 'bias':
+        return (0.1 * rs.standard_normal(leaf.shape)).astype(np.float32)
+      return np.ones(leaf.shape, np.float32)  # BN scale / var before randomization
+
+    variables = jax.tree_util.tree_map_with_path(_draw, shapes)
+    return randomize_batch_stats(variables, int(rs.integers(2**31 - 1)))
+
+
+@functools.lru_cache(maxsize=256)
+def _abstract_variables(spec: ArchSpec, widths: tuple[int, ...] | None) -> Any:
+  model = spec.model.clone(widths=widths)
+  return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), spec.dummy_input()))
+
+
+def randomize_batch_stats(variables: Any, seed: int) -> Any:
+  """BN running stats and affine params replaced by random, well-conditioned values (NumPy).
+
+  mean ~ N(0, 0.1), var ~ U(0.5, 1.5), scale ~ U(0.5, 1.5), bias ~ N(0, 0.1).
+  """
+  rs = np.random.default_rng(seed)
+  variables = jax.tree_util.tree_map(np.array, dict(variables))
+  if 'batch_stats' not in variables:
+    return variables
+
+  def _is_bn(path) -> bool:
+    return any(str(getattr(p, 'key', '')).startswith(('bn', 'downsample_bn')) for p in path[:-1])
+
+  def _randomize(path, leaf):
+    if not _is_bn(path):
+      return leaf
+    if path[-1].key in ('var', 'scale'):
+      return rs.uniform(0.5, 1.5, leaf.shape).astype(leaf.dtype)
+    return (0.1 * rs.standard_normal(leaf.shape)).astype(leaf.dtype)
+
+  variables['batch_stats'] = jax.tree_util.tree_map_with_path(_randomize, variables['batch_stats'])
+  variables['params'] = jax.tree_util.tree_map_with_path(_randomize, variables['params'])
+  return variables
+
+
+REGISTRY: Registry[ArchSpec] = Registry('architecture')
+
+
+def register(spec: ArchSpec) -> ArchSpec:
+  return REGISTRY.add(spec.name, spec)
+
+
+def get(name: str) -> ArchSpec:
+  """The preset called ``name``; an error listing the known names otherwise."""
+  return REGISTRY.get(name)
+
+
+def names() -> list[str]:
+  return REGISTRY.names()
+
+
+# --------------------------------------------------------------------------------------------
+# Unit lists per architecture family (docs/README.md, "Units"): conv1 of every basic block;
+# conv1 and conv2 of every bottleneck; every VGG conv (the last one feeds the classifier); the
+# hidden layers of the MLP. Stems, shortcuts, expansion convs and heads are never pruned.
+
+
+def mlp_units(n_hidden: int) -> tuple[units_lib.Unit, ...]:
+  return tuple(
+      units_lib.Unit(f'ip{i + 1}', f'ip{i + 1}', None, f'ip{i + 2}', 'dense')
+      for i in range(n_hidden))
+
+
+def cifar_resnet_units(depth: int) -> tuple[units_lib.Unit, ...]:
+  n = (depth - 2) // 6
+  out = []
+  for s in range(3):
+    for i in range(n):
+      blk = f'layer{s + 1}_{i}'
+      out.append(units_lib.Unit(f'{blk}/conv1', f'{blk}/conv1', f'{blk}/bn1', f'{blk}/conv2', 'conv'))
+  return tuple(out)
+
+
+def resnet_units(stage_sizes, bottleneck: bool) -> tuple[units_lib.Unit, ...]:
+  out = []
+  for s, n in enumerate(stage_sizes):
+    for i in range(n):
+      blk = f'layer{s + 1}_{i}'
+      out.append(units_lib.Unit(f'{blk}/conv1', f'{blk}/conv1', f'{blk}/bn1', f'{blk}/conv2', 'conv'))
+      if bottleneck:
+        out.append(units_lib.Unit(f'{blk}/conv2', f'{blk}/conv2', f'{blk}/bn2', f'{blk}/conv3',
+                                  'conv'))
+  return tuple(out)
+
+
+def vgg_units(cifar: bool) -> tuple[units_lib.Unit, ...]:
+  cfg = models.VGG16_CFG[:-1] if cifar else models.VGG16_CFG
+  out = []
+  i = 0
+  for pos, c in enumerate(cfg):
+    if c == 'M':
+      continue
+    nxt = cfg[pos + 1] if pos + 1 < len(cfg) else None
+    pool = 'max' if nxt == 'M' else None
+    if i < 12:
+      out.append(units_lib.Unit(f'conv{i}', f'conv{i}', f'bn{i}', f'conv{i + 1}', 'conv', pool=pool))
+    elif cifar:  # 2x2 avg pool of the 2x2 map -> 1 position per channel
+      out.append(units_lib.Unit('conv12', 'conv12', 'bn12', 'fc1', 'dense', flatten=1, pool='avg'))
+    else:  # max-pool then adaptive avg pool to 7x7 -> 49 positions per channel
+      out.append(units_lib.Unit('conv12', 'conv12', 'bn12', 'fc1', 'dense', flatten=49, pool='max'))
+    i += 1
+  return tuple(out)
+
+
+# --------------------------------------------------------------------------------------------
+# Presets.
+
+_AKAMASTER = 'https://github.com/akamaster/pytorch_resnet_cifar10/raw/master/pretrained_models/'
+_AKAMASTER_SHA = {
+    20: ('resnet20-12fca82f.th', '12fca82f0bebc4135bf1f32f6e3710e61d5108578464b84fd6d7f5c1b04036c8'),
+    32: ('resnet32-d509ac18.th', 'd509ac18'),
+    44: ('resnet44-014dd654.th', '014dd654'),
+    56: ('resnet56-4bfd9763.th', '4bfd97631478d6b638d2764fd2baff3edb1d7d82252d54439343b6596b9b5367'),
+    110: ('resnet110-1d1ed7c2.th', '1d1ed7c2'),
+}
+_TORCHVISION = 'https://download.pytorch.org/models/'
+
+# ALGORITHMS.md 4.3 / 8: NM (t, lam) of the official scripts.
+_NM_CIFAR = {'t': 0.1, 'lam': 0.85}
+
+_CIFAR_HP = {'nm': _NM_CIFAR}
+_IMAGENET_HP = {'nm': {'t': 0.1, 'lam': 0.85}}
+
+for _depth in (20, 32, 44, 56, 110):
+  _file, _sha = _AKAMASTER_SHA[_depth]
+  register(ArchSpec(
+      name=f'resnet{_depth}',
+      family='cifar_resnet',
+      model=models.CifarResNet(depth=_depth, shortcut='A'),
+      units=cifar_resnet_units(_depth),
+      input_shape=(32, 32, 3), mean=IMAGENET_MEAN, std=IMAGENET_STD, num_classes=10,
+      dataset='cifar10', torch_naming='cifar_resnet',
+      weights=WeightsSource(_AKAMASTER + _file, _file, _sha),
+      hparams=_CIFAR_HP,
+      description=f'CIFAR-10 ResNet-{_depth}, shortcut A (akamaster weights)',
+  ))
+  register(ArchSpec(
+      name=f'resnet{_depth}_b',
+      family='cifar_resnet',
+      model=models.CifarResNet(depth=_depth, shortcut='B'),
+      units=cifar_resnet_units(_depth),
+      input_shape=(32, 32, 3), mean=CIFAR_MEAN, std=CIFAR_STD, num_classes=10,
+      dataset='cifar10', torch_naming='cifar_resnet',
+      hparams=_CIFAR_HP,
+      description=f'CIFAR-10 ResNet-{_depth}, shortcut B (Neuron Merging layout; weights not hosted)',
+  ))
+
+register(ArchSpec(
+    name='lenet_300_100',
+    family='mlp',
+    model=models.MLP(hidden=(300, 100), num_classes=10),
+    units=mlp_units(2),
+    input_shape=(28, 28, 1), mean=(0.5,), std=(0.5,), num_classes=10,
+    dataset='fashion_mnist', torch_naming='lenet',
+    hparams={'nm': {'t': 0.45, 'lam': 0.85}},
+    description='LeNet-300-100 MLP (LBYL / Neuron Merging FashionMNIST model; weights not hosted)',
+))
+
+register(ArchSpec(
+    name='vgg16_bn_cifar',
+    family='vgg_cifar',
+    model=models.VGG(cifar=True, num_classes=10),
+    units=vgg_units(cifar=True),
+    input_shape=(32, 32, 3), mean=CIFAR_MEAN, std=CIFAR_STD, num_classes=10,
+    dataset='cifar10', torch_naming='vgg_cifar',
+    hparams={'nm': {'t': 0.1, 'lam': 0.85}},
+    description='VGG-16-BN, CIFAR form of LBYL / Neuron Merging (weights not hosted)',
+))
+
+register(ArchSpec(
+    name='vgg16_bn',
+    family='vgg',
+    model=models.VGG(cifar=False, num_classes=1000),
+    units=vgg_units(cifar=False),
+    input_shape=(224, 224, 3), mean=IMAGENET_MEAN, std=IMAGENET_STD, num_classes=1000,
+    dataset='imagenet', torch_naming='vgg',
+    weights=WeightsSource(_TORCHVISION + 'vgg16_bn-6c64b313.pth', 'vgg16_bn-6c64b313.pth', '6c64b313'),
+    hparams=_IMAGENET_HP,
+    description='torchvision VGG-16-BN (ImageNet)',
+))
+
+_TV_RESNETS: dict[str, tuple[tuple[int, ...], bool, str]] = {
+    'resnet18': ((2, 2, 2, 2), False, 'resnet18-f37072fd.pth'),
+    'resnet34': ((3, 4, 6, 3), False, 'resnet34-b627a593.pth'),
+    'resnet50': ((3, 4, 6, 3), True, 'resnet50-0676ba61.pth'),
+    'resnet101': ((3, 4, 23, 3), True, 'resnet101-63fe2227.pth'),
+    'resnet152': ((3, 8, 36, 3), True, 'resnet152-394f9c45.pth'),
+}
+for _name, (_sizes, _bottleneck, _file) in _TV_RESNETS.items():
+  register(ArchSpec(
+      name=_name,
+      family='resnet',
+      model=models.ResNet(stage_sizes=_sizes, bottleneck=_bottleneck, num_classes=1000),
+      units=resnet_units(_sizes, _bottleneck),
+      input_shape=(224, 224, 3), mean=IMAGENET_MEAN, std=IMAGENET_STD, num_classes=1000,
+      dataset='imagenet', torch_naming='resnet',
+      weights=WeightsSource(_TORCHVISION + _file, _file, _file.split('-')[1].split('.')[0]),
+      hparams=_IMAGENET_HP,
+      description=f'torchvision {_name} (ImageNet, v1.5)',
+  ))
+
+
+def normalize_fn(spec: ArchSpec) -> Callable[[jnp.ndarray], jnp.ndarray]:
+  """uint8 (or [0, 255] float) NHWC images -> the normalized float input the weights expect."""
+  mean = jnp.asarray(spec.mean, jnp.float32)
+  std = jnp.asarray(spec.std, jnp.float32)
+
+  def fn(x: jnp.ndarray) -> jnp.ndarray:
+    x = x.astype(jnp.float32) / 255.0
+    if x.ndim == 3:
+      x = x[..., None]
+    return (x - mean) / std
+
+  return fn

@@ -1,0 +1,75 @@
+"""Weight quantizers: each is a frozen options dataclass that owns its options.
+
+A quantizer turns float variables into a quantized tree (integers + steps, see
+:mod:`lbyl_jax.quant.uniform`) and a JSON description. A *joint* quantizer (UDFC with LBYL) also
+computes the pruning delivery itself, because its delivery targets the quantized kept filters.
+Adding a quantizer is one module with a subclass of :class:`Quantizer` decorated with
+:func:`register`; import it from :mod:`lbyl_jax.quant`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+from lbyl_jax.core.options import Options, option
+from lbyl_jax.core.registry import Registry
+from lbyl_jax.quant import uniform
+
+
+def _bits(v):
+  return uniform.check_bits(v, where='weight bits')
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantResult:
+  """A quantizer's output: ``uniform.dequantize_tree(qtree, qmeta)`` are the float variables."""
+
+  qtree: dict[str, Any]
+  qmeta: dict[str, Any]
+  report: dict[str, Any]
+
+
+@dataclasses.dataclass(frozen=True)
+class Quantizer(Options):
+  """Base of every weight quantizer (register subclasses with :func:`register`)."""
+
+  name: ClassVar[str] = ''
+  summary: ClassVar[str] = ''
+
+  bits: int = option(8, help='weight bit width, 2-8', flag='--weight-bits', check=_bits)
+  per_channel: bool = option(True, help='one range per tensor instead of per output channel',
+                             flag='--per-tensor')
+  symmetric: bool = option(True, help='asymmetric ranges with a zero point', flag='--asymmetric')
+  keep_8bit_ends: bool = option(True, help='also quantize the first layer and the classifier to'
+                                ' N bits (default: they stay at 8 bits)', flag='--quantize-ends')
+
+  def joint_with(self, method_name: str) -> bool:
+    """Whether this quantizer computes the pruning delivery itself for ``method_name``."""
+    del method_name
+    return False
+
+  def quantize(self, spec, variables: Mapping[str, Any], *, keep_8bit: Sequence[str],
+               context: Mapping[str, Any]) -> QuantResult:
+    """Quantizes (already pruned) float variables; ``context`` carries the plan's selection
+    options and the original variables for quantizers that need them."""
+    raise NotImplementedError
+
+
+REGISTRY: Registry[type[Quantizer]] = Registry('quantization method')
+
+
+def register(cls: type[Quantizer]) -> type[Quantizer]:
+  """Class decorator: registers a :class:`Quantizer` subclass under its ``name``."""
+  cls.stage = f'quantizer {cls.name!r}'  # type: ignore[misc]
+  REGISTRY.add(cls.name, cls)
+  return cls
+
+
+def get(name: str) -> type[Quantizer]:
+  return REGISTRY.get(name)
+
+
+def names() -> list[str]:
+  return REGISTRY.names()

@@ -1,0 +1,495 @@
+"""UDFC-style unified pruning + quantization compensation (ALGORITHMS.md 6.2), and plain RTN.
+
+Per prunable unit (producer l -> BN -> ReLU -> consumer l+1; K kept, P pruned, What = Q(W)):
+
+(a) :func:`quant_scales` -- one scalar per kept channel, a_k ~ s_k ahat_k:
+      s_k = (alpha_k^2 <W_k, What_k> + a1 b_k^2 + a2) / (alpha_k^2 ||What_k||^2 + a1 b_k^2 + a2)
+(b) :func:`delivery` -- the rows S'_P of the consistent LBYL closed form (5.3) with the kept
+    filters quantized, F = diag(alpha_K) What_K, full-precision targets f_j = alpha_j W_j, and
+    a1 / a2 in place of lam1 / lam2;
+(c) :func:`consumer_update` -- V'_{:,k} = s_k V_{:,k} + sum_j S'_{j,k} V_{:,j}, columns P dropped;
+    the consumer is quantized only AFTER this input compensation;
+(d) :func:`udfc` runs the units from input to output; the pruning delivery of every unit is
+    computed from the ORIGINAL full-precision W of that layer (kept channels ranked by a criterion
+    of :mod:`lbyl_jax.compress.criteria` on the original filters, 2.1 / A6).
+
+Which What the scalar s_k compensates (A7): the producer is deployed as Q of its kernel AFTER its
+own inputs were compensated by the previous unit (VGG chains, bottleneck conv2), so by default
+(``scale_from='compensated'``) s_k is fitted between that deployed full-precision row and its
+quantization -- the error the consumer actually sees. Where a producer's inputs are untouched
+(every ResNet conv1, the first VGG conv, LeNet) this is identical to the original W.
+``scale_from='original'`` fits s_k on Q(original W_k) instead, the literal reading of (d).
+
+Layers that are not unit producers (stem, shortcut convs, conv2 of basic blocks, conv3 of
+bottlenecks, heads) are quantized by plain rounding. With ``rescale_others=True`` (off by default)
+their own per-channel least-squares rescale (6.2a with a1 = 0: there is no bias mismatch, the
+scale acts before the affine BN) is applied exactly, without touching the integers:
+- followed by BN: BN(s z) = BN'(z) with gamma' = s gamma, mu' = mu / s (:func:`bn_fold_input_scale`);
+- no BN, per-channel quantization: the stored step becomes s Delta (same integers);
+- no BN, per-tensor quantization: not representable, left as is (reported).
+It is off by default because the least-squares scale of independent rounding noise is a shrinkage
+(s ~ 1 / (1 + ||e||^2 / ||W||^2) < 1): optimal for one layer's output MSE, but the shrinkage is
+coherent across layers, and on random BN networks it raised the 4-bit output error.
+
+With ``bias_correction=True`` (what ``lbyl``'s default asks for in the joint path of
+:func:`lbyl_jax.pipeline.compress`) two data-free mean terms under the BN-moments model
+(BN_MOMENTS.md) are added, neither of which 6.2 has:
+- the pruned channels' mean that the delivery does not carry, c = E[a_P] - S'_P E[a_K], folded
+  into the consumer's BN mean exactly as ``lbyl`` + bias correction folds it (padding-aware);
+- :func:`mean_match` for every kept channel: its BN shift is moved so that the deployed
+  activation s_k ReLU(z_hat_k) has the original mean E[ReLU(z_k)] again, z_hat_k ~ N(m_hat_k,
+  gamma_k^2) with m_hat_k = beta_k + alpha_k (What_k - W_k) . E[x] (the quantization's mean shift,
+  DFQ's bias-correction term, 7.1). The scalar s_k of (a) is a least-squares shrinkage
+  (s_k ~ 1 / (1 + ||e||^2 / ||W||^2)) that also shrinks the channel's mean; this puts the mean
+  back and leaves s_k acting on the fluctuation only.
+
+All per-unit math is float64 NumPy on the host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import numpy as np
+
+from lbyl_jax.core import trees
+from lbyl_jax.core import units as units_lib
+from lbyl_jax.core.bn import BN_EPS
+from lbyl_jax.core.options import NONNEG, option
+from lbyl_jax.compress import bias as bias_lib
+from lbyl_jax.compress import moments as moments_lib
+from lbyl_jax.compress import selection as selection_lib
+from lbyl_jax.compress import solvers
+from lbyl_jax.compress import surgery
+from lbyl_jax.compress.moments import relu_mean
+from lbyl_jax.models import trace
+from lbyl_jax.quant import uniform as quant
+from lbyl_jax.quant.base import QuantResult, Quantizer, register
+
+DEFAULT_A1 = 0.01  # ALGORITHMS.md 8.2 (UDFC ablation optimum) [RECON]
+DEFAULT_A2 = 0.008
+
+
+# --------------------------------------------------------------------------------------------
+# Per-unit math (6.2 a-c).
+
+
+def quant_scales(W, What, alpha, b, *, a1: float = DEFAULT_A1, a2: float = DEFAULT_A2) -> np.ndarray:
+  """6.2(a): the closed-form minimizer of
+  ``alpha_k^2 ||W_k - s What_k||^2 + a1 b_k^2 (1 - s)^2 + a2 (s - 1)^2`` per row k.
+
+  Args:
+    W, What: N x D full-precision and quantized filter rows.
+    alpha, b: per-row folded BN scale and shift (section 1); 1 and 0 without BN.
+    a1, a2: regularization weights (>= 0).
+
+  Returns:
+    s, N float64. A row whose denominator is 0 (all-zero What, a1 b^2 + a2 = 0) gets s = 1.
+  """
+  if a1 < 0 or a2 < 0:
+    raise ValueError(f'quant_scales: a1 and a2 must be >= 0, got {a1}, {a2}')
+  W = np.asarray(W, np.float64)
+  What = np.asarray(What, np.float64)
+  if W.shape != What.shape or W.ndim != 2:
+    raise ValueError(f'quant_scales: W {W.shape} and What {What.shape} must be equal N x D arrays')
+  a2_ = np.asarray(alpha, np.float64) ** 2
+  reg = a1 * np.asarray(b, np.float64) ** 2 + a2
+  num = a2_ * np.einsum('nd,nd->n', W, What) + reg
+  den = a2_ * np.einsum('nd,nd->n', What, What) + reg
+  ok = den > 0
+  return np.where(ok, num / np.where(ok, den, 1.0), 1.0)
+
+
+def quant_objective(W, What, alpha, b, s, *, a1: float = DEFAULT_A1, a2: float = DEFAULT_A2) -> np.ndarray:
+  """The per-row loss of 6.2(a) at scales ``s`` (s = 1 is plain rounding)."""
+  W = np.asarray(W, np.float64)
+  What = np.asarray(What, np.float64)
+  s = np.broadcast_to(np.asarray(s, np.float64), (W.shape[0],))
+  re = np.asarray(alpha, np.float64) ** 2 * np.sum((W - s[:, None] * What) ** 2, axis=1)
+  return re + (a1 * np.asarray(b, np.float64) ** 2 + a2) * (1.0 - s) ** 2
+
+
+def delivery(What_K, alpha_K, b_K, W_P, alpha_P, b_P, *, a1: float = DEFAULT_A1,
+             a2: float = DEFAULT_A2) -> np.ndarray:
+  """6.2(b): delivery rows S'_P (|P| x m) of the pruned channels on the quantized kept channels.
+
+  Minimizes, per pruned j, ``||f_j - F^T s_j||^2 + a1 (b_j - b_K^T s_j)^2 + a2 ||s_j||^2`` with
+  ``F = diag(alpha_K) What_K`` and ``f_j = alpha_j W_j``: the LBYL consistent system
+  (:class:`lbyl_jax.compress.solvers.SharedSystem`) with a1 / a2 as its lambdas, solved in
+  float64 on the host (:func:`lbyl_jax.compress.solvers.solve_host`). With ``a2 = 0`` and a
+  singular system, the minimum-norm least-squares solution is returned.
+  """
+  if a1 < 0 or a2 < 0:
+    raise ValueError(f'delivery: a1 and a2 must be >= 0, got {a1}, {a2}')
+  What_K = np.asarray(What_K, np.float64)
+  F = np.asarray(alpha_K, np.float64)[:, None] * What_K
+  FP = np.asarray(alpha_P, np.float64)[:, None] * np.asarray(W_P, np.float64)
+  return solvers.solve_host(solvers.SharedSystem(F, FP, np.asarray(b_K, np.float64),
+                                                 np.asarray(b_P, np.float64), a1, a2, 'udfc'))
+
+
+def mean_match(target, s, sd, *, iters: int = 200) -> np.ndarray:
+  """Per channel, the mean m with ``s * E[ReLU(N(m, sd^2))] = target`` (s > 0, sd > 0).
+
+  E[ReLU(N(m, sd^2))] rises strictly from 0 to infinity in m, so for target > 0 the root is
+  unique; it is found by bisection on a bracket grown until it holds the root. A channel with
+  target <= 0, s <= 0 or sd <= 0 has no such m: NaN (callers leave it unchanged).
+  """
+  target = np.asarray(target, np.float64)
+  s = np.broadcast_to(np.asarray(s, np.float64), target.shape)
+  sd = np.broadcast_to(np.asarray(sd, np.float64), target.shape)
+  ok = (target > 0) & (s > 0) & (sd > 0) & np.isfinite(target) & np.isfinite(s) & np.isfinite(sd)
+  goal = np.where(ok, target / np.where(ok, s, 1.0), 1.0)
+  sd_ = np.where(ok, sd, 1.0)
+  lo, hi = -np.abs(goal) - 10.0 * sd_, np.abs(goal) + 10.0 * sd_
+  for _ in range(60):  # grow until relu_mean(lo) <= goal <= relu_mean(hi)
+    bad_lo, bad_hi = relu_mean(lo, sd_) > goal, relu_mean(hi, sd_) < goal
+    if not (bad_lo.any() or bad_hi.any()):
+      break
+    lo = np.where(bad_lo, 2.0 * lo, lo)
+    hi = np.where(bad_hi, 2.0 * hi, hi)
+  for _ in range(iters):
+    mid = 0.5 * (lo + hi)
+    below = relu_mean(mid, sd_) < goal
+    lo, hi = np.where(below, mid, lo), np.where(below, hi, mid)
+  return np.where(ok, 0.5 * (lo + hi), np.nan)
+
+
+def consumer_update(V, *, keep, s, S_P, kind: str, flatten: int = 1) -> np.ndarray:
+  """6.2(c): ``V'_{:,k} = s_k V_{:,k} + sum_j S'_{j,k} V_{:,j}`` with the pruned inputs dropped.
+
+  Args:
+    V: consumer kernel, HWIO (``kind='conv'``) or (in, out) (``kind='dense'``; after an NCHW
+      flatten each channel owns ``flatten`` consecutive rows).
+    keep: sorted kept channel indices K (m).
+    s: m quantization scales; S_P: |P| x m delivery rows (P = the channels not in K, sorted).
+
+  Returns:
+    The float64 kernel with m (or m * flatten) inputs.
+  """
+  V = np.asarray(V, np.float64)
+  keep = np.asarray(keep, np.int64)
+  s = np.asarray(s, np.float64)
+  S_P = np.asarray(S_P, np.float64)
+  if kind == 'conv':
+    n = V.shape[2]
+    prune = np.setdiff1d(np.arange(n), keep)
+    return (V[:, :, keep, :] * s[None, None, :, None]
+            + np.einsum('jk,hwjo->hwko', S_P, V[:, :, prune, :]))
+  if kind == 'dense':
+    n = V.shape[0] // flatten
+    V3 = V.reshape(n, flatten, V.shape[1])
+    prune = np.setdiff1d(np.arange(n), keep)
+    out = V3[keep] * s[:, None, None] + np.einsum('jk,jro->kro', S_P, V3[prune])
+    return out.reshape(keep.size * flatten, V.shape[1])
+  raise ValueError(f"consumer_update: kind must be 'conv' or 'dense', got {kind!r}")
+
+
+def bn_fold_output_scale(gamma, beta, s) -> tuple[np.ndarray, np.ndarray]:
+  """T7: ``s ReLU(BN(z)) = ReLU(BN'(z))`` for s > 0 with gamma' = s gamma, beta' = s beta (ReLU is
+  positively homogeneous), so s_k can live in the producer's BN instead of the consumer."""
+  s = np.asarray(s, np.float64)
+  return np.asarray(gamma, np.float64) * s, np.asarray(beta, np.float64) * s
+
+
+def bn_fold_input_scale(gamma, mean, s) -> tuple[np.ndarray, np.ndarray]:
+  """``BN(s z) = BN'(z)`` exactly for any s != 0, with gamma' = s gamma and mu' = mu / s:
+  ``gamma (s z - mu) / sigma + beta = (s gamma) (z - mu / s) / sigma + beta``.
+
+  Used to rescale a quantized layer that feeds a BN (the variance is left alone, so it can never
+  turn negative, unlike the equivalent ``sigma' = sigma / s`` form)."""
+  s = np.asarray(s, np.float64)
+  return np.asarray(gamma, np.float64) * s, np.asarray(mean, np.float64) / s
+
+
+# --------------------------------------------------------------------------------------------
+# Helpers over variable trees.
+
+
+def _rows(kernel) -> np.ndarray:
+  """Output channels as rows (N x D). Any fixed column order works: only inner products are used."""
+  k = np.asarray(kernel, np.float64)
+  return np.moveaxis(k, -1, 0).reshape(k.shape[-1], -1)
+
+
+def _unit_rows(kernel, unit: units_lib.Unit, bias) -> np.ndarray:
+  """Filter rows of a unit's producer; without BN the bias is a coordinate (2.2, 5.6)."""
+  rows = _rows(kernel)
+  if unit.bn is None and bias is not None:
+    rows = np.concatenate([rows, np.asarray(bias, np.float64)[:, None]], axis=1)
+  return rows
+
+
+def _scale_inputs(kernel, unit: units_lib.Unit, keep, s) -> np.ndarray:
+  """The consumer kernel with input channels ``keep`` multiplied by ``s`` (the rest untouched)."""
+  V = np.array(kernel, np.float64)
+  if unit.consumer_kind == 'conv':
+    V[:, :, keep, :] *= s[None, None, :, None]
+    return V
+  n = V.shape[0] // unit.flatten
+  V3 = V.reshape(n, unit.flatten, V.shape[1])
+  V3[keep] *= s[:, None, None]
+  return V3.reshape(V.shape)
+
+
+def _bits_for(path: str, bits: int, keep_8bit: set[str]) -> int:
+  return quant.MAX_BITS if path in keep_8bit else bits
+
+
+def _stats(x: np.ndarray) -> dict[str, float]:
+  if x.size == 0:
+    return dict(min=0.0, max=0.0, mean=0.0)
+  return dict(min=float(np.min(x)), max=float(np.max(x)), mean=float(np.mean(x)))
+
+
+def _normalize_paths(variables, paths: Iterable[str]) -> set[str]:
+  known = quant.kernel_paths(variables)
+  return quant.normalize_layer_paths(paths, known, 'keep_8bit')
+
+
+# --------------------------------------------------------------------------------------------
+# Drivers.
+
+
+def udfc(spec, variables: Mapping[str, Any], *, bits: int,
+         selection: selection_lib.Selection | None = None,
+         a1: float = DEFAULT_A1, a2: float = DEFAULT_A2, per_channel: bool = True,
+         symmetric: bool = True, keep_8bit: Iterable[str] = (), scale_from: str = 'compensated',
+         rescale_others: bool = False, delivery_lambdas: tuple[float, float] | None = None,
+         bias_correction: bool = False, bias_fold: str = 'padding_aware'
+         ) -> tuple[tuple[int, ...], dict[str, Any], dict[str, Any], dict[str, Any]]:
+  """UDFC-style pruning + weight quantization of a whole network (ALGORITHMS.md 6.2).
+
+  Args:
+    spec: the architecture (its ``units`` are the producer / consumer pairs).
+    variables: float variables (original, or already pruned: widths are read from the arrays).
+    bits: weight bit width (2..8).
+    selection: which channels each unit keeps (the plan's shared selection stage,
+      :mod:`lbyl_jax.compress.selection`: criterion, ratio, overrides, kept-count rounding, seed,
+      and the BN sigma of the math); None: keep every channel (quantization compensation only).
+    a1, a2: the two regularization weights (8.2 defaults 0.01 / 0.008).
+    per_channel, symmetric: quantizer (A8 default: per-channel symmetric).
+    keep_8bit: layer paths quantized at 8 bits (e.g. ``quant.first_and_last_layers(spec)``).
+    scale_from: 'compensated' (default) or 'original' (see the module docstring).
+    rescale_others: also rescale non-producer layers (exact folds, see the module docstring).
+    delivery_lambdas: ``(lam1, lam2)`` of the pruning delivery (b); None (the 6.2 default): a1 / a2.
+      The scalar rescale (a) always uses a1 / a2.
+    bias_correction: add the pruned channels' constant and the kept channels' mean match (module
+      docstring); needs the ORIGINAL variables (the moments are those of the unpruned network).
+    bias_fold: 'padding_aware' (default) or 'all_taps' for the pruned channels' constant.
+
+  Returns:
+    ``(widths, qtree, qmeta, report)``: ``quant.dequantize_tree(qtree, qmeta)`` are float
+    variables of ``spec.build(widths)``.
+  """
+  bits = quant.check_bits(bits, where='udfc')
+  if scale_from not in ('compensated', 'original'):
+    raise ValueError(f"scale_from must be 'compensated' or 'original', got {scale_from!r}")
+  selection = selection if selection is not None else selection_lib.Selection(ratio=0.0)
+  if bias_fold not in bias_lib.FOLDS:
+    raise ValueError(f'bias_fold must be one of {bias_lib.FOLDS}, got {bias_fold!r}')
+  d1, d2 = (a1, a2) if delivery_lambdas is None else delivery_lambdas
+  keep8 = _normalize_paths(variables, keep_8bit)
+  qopts = dict(per_channel=per_channel, symmetric=symmetric)
+  work = trees.copy_arrays(variables)
+  unit_reports = {}
+  problems = selection_lib.build_problems(spec, variables, selection)
+  means = _MeanModel(spec, variables, problems, bias_fold) if bias_correction else None
+  for index, (unit, problem) in enumerate(zip(spec.units, problems)):
+    keep, prune = problem.keep, problem.prune
+    alpha, b = problem.bn['alpha'], problem.bn['b']
+    b_unit = _bits_for(unit.producer, bits, keep8)
+    orig = trees.get_path(variables['params'], unit.producer)
+    orig_bias = orig.get('bias')
+    orig_k = np.take(np.asarray(orig['kernel'], np.float32), keep, axis=-1)
+    orig_kb = None if orig_bias is None else np.take(np.asarray(orig_bias), keep)
+    orig_k_hat = _unit_rows(quant.fake_quantize(orig_k, bits=b_unit, **qopts), unit, orig_kb)
+    # (a) against the deployed kept rows: this producer after its own inputs were compensated.
+    if scale_from == 'compensated':
+      cur = trees.get_path(work['params'], unit.producer)
+      dep = np.take(np.asarray(cur['kernel'], np.float32), keep, axis=-1)
+      dep_bias = None if cur.get('bias') is None else np.take(np.asarray(cur['bias']), keep)
+      dep_hat = quant.fake_quantize(dep, bits=b_unit, **qopts)
+      Wk = _unit_rows(dep, unit, dep_bias)
+      Wk_hat = _unit_rows(dep_hat, unit, dep_bias)
+    else:
+      dep, dep_hat = orig_k, quant.fake_quantize(orig_k, bits=b_unit, **qopts)
+      Wk, Wk_hat = _unit_rows(orig_k, unit, orig_kb), orig_k_hat
+    s = quant_scales(Wk, Wk_hat, alpha[keep], b[keep], a1=a1, a2=a2)
+    bad = ~(np.isfinite(s) & (s > 0))  # ReLU homogeneity needs s > 0
+    s = np.where(bad, 1.0, s)
+    # (b) pruning delivery from the ORIGINAL filters, the kept ones quantized.
+    W_orig = _unit_rows(orig['kernel'], unit, orig_bias)
+    S_P = delivery(orig_k_hat, alpha[keep], b[keep], W_orig[prune], alpha[prune], b[prune],
+                   a1=d1, a2=d2)
+    # (c) V'_K = s V_K + S'^T V_P: scale the kept inputs, then let surgery mix and slice.
+    cons = dict(trees.get_path(work['params'], unit.consumer))
+    kdt = np.asarray(cons['kernel']).dtype
+    cons['kernel'] = _scale_inputs(cons['kernel'], unit, keep, s).astype(kdt)
+    trees.set_path(work['params'], unit.consumer, cons)
+    const = means.pruned_constant(index, S_P) if means is not None else None
+    _, work = surgery.apply(spec, work, {unit.name: (keep, S_P, const)})
+    lq1 = quant_objective(Wk, Wk_hat, alpha[keep], b[keep], 1.0, a1=a1, a2=a2).sum()
+    lqs = quant_objective(Wk, Wk_hat, alpha[keep], b[keep], s, a1=a1, a2=a2).sum()
+    unit_reports[unit.name] = dict(
+        kept=int(keep.size), pruned=int(prune.size), bits=b_unit, scale=_stats(s),
+        scale_fallbacks=int(bad.sum()), coef=_stats(np.abs(S_P)),
+        quant_loss_rtn=float(lq1), quant_loss_udfc=float(lqs))
+    if means is not None:
+      delta, n_skipped = means.kept_shift(index, np.asarray(dep_hat, np.float64)
+                                          - np.asarray(dep, np.float64), s)
+      _shift_producer(work, unit, delta)
+      unit_reports[unit.name].update(
+          bias_constant=_stats(np.abs(const)) if const is not None else None,
+          mean_shift=_stats(delta), mean_match_skipped=n_skipped)
+
+  producers = {u.producer for u in spec.units}
+  traced = trace.trace_layers(spec)
+  others = [p for p in traced.order if p not in producers]
+  rescaled, scale_for_quant, not_rescaled = {}, {}, []
+  if rescale_others:
+    bn_of = traced.bn
+    for path in others:
+      layer = trees.get_path(work['params'], path)
+      w = np.asarray(layer['kernel'], np.float32)
+      what = quant.fake_quantize(w, bits=_bits_for(path, bits, keep8), **qopts)
+      if path in bn_of:
+        bnp = trees.get_path(work['params'], bn_of[path])
+        bns = trees.get_path(work['batch_stats'], bn_of[path])
+        alpha_l = np.asarray(bnp['scale'], np.float64) / np.sqrt(np.asarray(bns['var'], np.float64)
+                                                                 + BN_EPS)
+      else:
+        alpha_l = np.ones(w.shape[-1])
+      s = quant_scales(_rows(w), _rows(what), alpha_l, np.zeros_like(alpha_l), a1=0.0, a2=a2)
+      s = np.where(np.isfinite(s) & (s > 0), s, 1.0)
+      if path in bn_of:
+        g, mu = bn_fold_input_scale(bnp['scale'], bns['mean'], s)
+        bnp = dict(bnp, scale=g.astype(np.float32))
+        bns = dict(bns, mean=mu.astype(np.float32))
+        trees.set_path(work['params'], bn_of[path], bnp)
+        trees.set_path(work['batch_stats'], bn_of[path], bns)
+        rescaled[path] = dict(how='bn', **_stats(s))
+      elif per_channel:
+        scale_for_quant[path] = s
+        rescaled[path] = dict(how='quant_step', **_stats(s))
+      else:
+        not_rescaled.append(path)
+
+  qtree, qmeta = quant.quantize_tree(work, bits=bits, keep_8bit=sorted(keep8), **qopts)
+  for path, s in scale_for_quant.items():
+    stored = trees.get_path(qtree['params'], path)['kernel']
+    stored['scale'] = (np.asarray(stored['scale'], np.float64) * s).astype(np.float32)
+    deq = quant.dequantize(quant.decode(stored, qmeta['layers'][path]))
+    w = trees.get_path(work['params'], path)['kernel']
+    qmeta['layers'][path]['rel_error'] = quant.relative_error(w, deq)
+  widths = units_lib.widths_of(work, spec.units)
+  report = dict(method='udfc', bits=bits, ratio=selection.ratio, criterion=selection.criterion,
+                a1=a1, a2=a2,
+                delivery_lambdas=[d1, d2], bias_correction=bool(bias_correction),
+                per_channel=per_channel, symmetric=symmetric, keep_8bit=sorted(keep8),
+                scale_from=scale_from, bn_sigma=selection.bn_sigma, bias_fold=bias_fold, widths=list(widths), units=unit_reports,
+                rescaled=rescaled, not_rescaled=not_rescaled,
+                layer_errors={p: d['rel_error'] for p, d in qmeta['layers'].items()},
+                nbytes=quant.tree_nbytes(qtree))
+  return widths, qtree, qmeta, report
+
+
+class _MeanModel:
+  """The BN-moments model of the ORIGINAL network, for ``udfc(..., bias_correction=True)``."""
+
+  def __init__(self, spec, variables, problems, fold: str):
+    self.units = list(spec.units)
+    self.problems = list(problems)
+    self.moments = moments_lib.propagate(spec, variables)
+    self.E = moments_lib.activation_means(spec, variables, self.problems, moments=self.moments)
+    self.consumers = bias_lib.consumers(spec, variables, self.problems, self.moments)
+    self.padding_aware = fold == 'padding_aware'
+    self.sd, self.mean = [], []
+    for p in self.problems:
+      if p.unit.bn is None:
+        mean, cov = moments_lib.dense_preactivation(p.W, self.moments[p.unit.name])
+        self.sd.append(np.sqrt(np.maximum(np.diagonal(cov), 0.0)))
+        self.mean.append(mean)
+      else:
+        self.sd.append(np.abs(p.bn['gamma']))
+        self.mean.append(np.asarray(p.bn['beta'], np.float64))
+    # A producer that is another unit's consumer reads only that unit's kept channels.
+    self.reads = {p.unit.consumer: p.keep for p in self.problems}
+
+  def pruned_constant(self, index: int, S_P) -> np.ndarray | None:
+    """c = E[a_P] - S'_P E[a_K], made padding-aware for surgery's all-taps fold (unless the
+    plan folds through all taps)."""
+    p, E = self.problems[index], self.E[index]
+    if not p.prune.size:
+      return None
+    c = E[p.prune] - np.asarray(S_P, np.float64) @ E[p.keep]
+    if not self.padding_aware:
+      return c
+    return bias_lib.fold_constant(self.consumers[index], p.prune, c)
+
+  def kept_shift(self, index: int, err_kernel, s) -> tuple[np.ndarray, int]:
+    """Per kept channel, the shift of its pre-activation mean that gives s_k ReLU(z_hat_k) the
+    original mean (:func:`mean_match`); ``err_kernel`` = quantized - deployed kept kernel."""
+    p = self.problems[index]
+    keep = p.keep
+    x_mean = np.asarray(self.moments[p.unit.name].mean, np.float64)
+    if p.unit.producer in self.reads:
+      x_mean = x_mean[self.reads[p.unit.producer]]
+    err = err_kernel.reshape(-1, err_kernel.shape[-2], err_kernel.shape[-1]).sum(axis=0)  # (C_in, m)
+    if err.shape[0] != x_mean.shape[0]:
+      raise ValueError(f'{p.unit.name}: the producer reads {err.shape[0]} input channels but the '
+                       f'moment model has {x_mean.shape[0]}')
+    alpha = np.asarray(p.bn['alpha'], np.float64)[keep] if p.unit.bn is not None else 1.0
+    m_hat = self.mean[index][keep] + alpha * (x_mean @ err)
+    target = self.E[index][keep]
+    m_star = mean_match(target, s, self.sd[index][keep])
+    ok = np.isfinite(m_star)
+    return np.where(ok, m_star - m_hat, 0.0), int((~ok).sum())
+
+
+def _shift_producer(work, unit: units_lib.Unit, delta: np.ndarray) -> None:
+  """Adds ``delta`` to the pre-activation of the unit's (already pruned) channels: the BN shift
+  beta, or the producer bias without BN."""
+  path = unit.bn if unit.bn is not None else unit.producer
+  layer = dict(trees.get_path(work['params'], path))
+  if layer.get('bias') is None:
+    raise ValueError(f'{unit.name}: {path} has no bias to carry the mean correction')
+  dt = np.asarray(layer['bias']).dtype
+  layer['bias'] = (np.asarray(layer['bias'], np.float64) + delta).astype(dt)
+  trees.set_path(work['params'], path, layer)
+
+
+@register
+@dataclasses.dataclass(frozen=True)
+class UDFC(Quantizer):
+  """UDFC-style compensation (docs/quantization.md): per-channel rescale of the kept channels
+  and, with LBYL, the pruning delivery on the quantized kept filters (the joint path)."""
+
+  name = 'udfc'
+  summary = 'UDFC-style rescale (+ joint delivery with lbyl)'
+
+  a1: float = option(DEFAULT_A1, help='UDFC BN-shift weight', check=NONNEG, advanced=True)
+  a2: float = option(DEFAULT_A2, help='UDFC ridge weight', check=NONNEG, advanced=True)
+
+  def joint_with(self, method_name: str) -> bool:
+    return method_name == 'lbyl'
+
+  def quantize(self, spec, variables, *, keep_8bit, context):
+    """The pruned network's quantization compensation (6.2 a), nothing pruned here."""
+    sel = selection_lib.Selection(ratio=0.0, criterion=context['selection'].criterion,
+                                  bn_sigma=context['selection'].bn_sigma)
+    _, qtree, qmeta, report = udfc(spec, variables, bits=self.bits, selection=sel, a1=self.a1,
+                                   a2=self.a2, per_channel=self.per_channel,
+                                   symmetric=self.symmetric, keep_8bit=keep_8bit)
+    return QuantResult(qtree, qmeta, report)
+
+  def joint(self, spec, variables, *, selection, keep_8bit, bias_correction: str, bias_fold: str
+            ) -> tuple[tuple[int, ...], QuantResult]:
+    """Pruning + quantization together (6.2 b): the ORIGINAL variables in, the plan's selection."""
+    widths, qtree, qmeta, report = udfc(
+        spec, variables, bits=self.bits, selection=selection, a1=self.a1, a2=self.a2,
+        per_channel=self.per_channel, symmetric=self.symmetric, keep_8bit=keep_8bit,
+        bias_correction=bias_correction == 'on', bias_fold=bias_fold)
+    return widths, QuantResult(qtree, qmeta, report)
