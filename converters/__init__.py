@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from converters import formats, torch_pickle
 from converters.mapping import normalize_state_dict, to_variables
 from converters.torch_pickle import CheckpointError, UnsafePickleError
 
@@ -44,12 +45,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   """Reads a checkpoint into a flat name -> array dict (containers unwrapped, 'module.' stripped)."""
   fmt = detect_format(path)
   if fmt in ('torch-zip', 'torch-legacy'):
-    from converters import torch_pickle  # pylint: disable=import-outside-toplevel
-
     obj: Any = torch_pickle.load(str(path))
   else:
-    from converters import formats  # pylint: disable=import-outside-toplevel
-
     try:
       obj = formats.read_safetensors(path) if fmt == 'safetensors' else formats.read_npz(path)
     except CheckpointError:

@@ -178,7 +178,7 @@ def to_variables(state_dict: Mapping[str, np.ndarray], spec) -> dict[str, Any]:
   """Maps a normalized state dict onto ``spec``'s variables; widths are read from the file.
 
   A checkpoint of a pruned network (smaller unit widths) loads into ``spec.build(widths)``; the
-  widths can be recovered with ``lbyl_jax.compress.units.widths_of``.
+  widths can be recovered with ``lbyl_jax.pruning.units.widths_of``.
 
   Raises:
     CheckpointError: listing missing, unexpected and mis-shaped entries (torch and Flax names).
@@ -232,3 +232,57 @@ def to_variables(state_dict: Mapping[str, np.ndarray], spec) -> dict[str, Any]:
     if not np.all(np.isfinite(v)):
       raise CheckpointError(f'{torch_of[p]} (-> {p}) contains NaN or Inf values')
   return _nest(flat)
+
+
+def to_torch(variables: Mapping[str, Any], names: Mapping[str, str]) -> dict[str, np.ndarray]:
+  """Flax variables -> a PyTorch state dict (the inverse of :func:`to_variables`' layouts).
+
+  Args:
+    variables: ``{'params': ..., 'batch_stats': ...}`` (NumPy or JAX arrays).
+    names: Flax module path ('layer1_0/conv1') -> torch module name ('layer1.0.conv1') for every
+      module holding variables; a module missing here is an error.
+
+  Returns:
+    An ordered dict of float32 arrays (conv HWIO -> OIHW, dense (in, out) -> (out, in), BN scale /
+    bias / mean / var -> weight / bias / running_mean / running_var, plus an int64
+    ``num_batches_tracked`` of 0 per BatchNorm, as ``torch.nn.BatchNorm*`` expects).
+  """
+  params = _flat(variables.get('params', {}))
+  stats = _flat(variables.get('batch_stats', {}))
+  modules: dict[str, dict[str, np.ndarray]] = {}
+  for path, v in params.items():
+    mod, _, leaf = path.rpartition('/')
+    modules.setdefault(mod, {})[leaf] = np.asarray(v, np.float32)
+  bn_mods = set()
+  for path, v in stats.items():
+    mod, _, leaf = path.rpartition('/')
+    modules.setdefault(mod, {})[leaf] = np.asarray(v, np.float32)
+    bn_mods.add(mod)
+  missing = sorted(m for m in modules if m not in names)
+  if missing:
+    raise CheckpointError(f'no torch name for Flax modules {missing}')
+  out: dict[str, np.ndarray] = {}
+  for mod in sorted(modules, key=lambda m: _torch_order(names[m])):
+    leaves = modules[mod]
+    t = names[mod]
+    if mod in bn_mods:
+      for f, tl in (('scale', 'weight'), ('bias', 'bias'), ('mean', 'running_mean'),
+                    ('var', 'running_var')):
+        out[f'{t}.{tl}'] = np.ascontiguousarray(leaves[f])
+      out[f'{t}.num_batches_tracked'] = np.zeros((), np.int64)
+      continue
+    k = leaves['kernel']
+    if k.ndim == 4:
+      out[f'{t}.weight'] = np.ascontiguousarray(k.transpose(3, 2, 0, 1))
+    elif k.ndim == 2:
+      out[f'{t}.weight'] = np.ascontiguousarray(k.T)
+    else:
+      raise CheckpointError(f'{mod}: kernel of rank {k.ndim} has no torch layout here')
+    if 'bias' in leaves:
+      out[f'{t}.bias'] = np.ascontiguousarray(leaves['bias'])
+  return out
+
+
+def _torch_order(name: str) -> tuple:
+  """Sort key: numeric parts numerically (features.10 after features.9)."""
+  return tuple((0, int(p), '') if p.isdigit() else (1, 0, p) for p in name.split('.'))

@@ -1,13 +1,17 @@
 """lbyl_jax: data-free, fine-tuning-free compression of pretrained CNNs in JAX/Flax.
 
-``import lbyl_jax`` is light: the public functions import their modules on first use.
+``import lbyl_jax`` is light: :func:`compress`, :func:`load` and :func:`preprocess` (see
+:mod:`lbyl_jax.api`) import the library on first use.
 """
 
 from lbyl_jax.core.version import __version__
 
+__all__ = ['__version__', 'compress', 'load', 'preprocess']
 
-def load(path):
-  """Loads a checkpoint directory written by :func:`lbyl_jax.io.checkpoint.save` (see there)."""
-  from lbyl_jax.io import checkpoint  # pylint: disable=import-outside-toplevel  (light import)
 
-  return checkpoint.load(path)
+def __getattr__(name):
+  if name in ('compress', 'load', 'preprocess'):
+    from lbyl_jax import api  # pylint: disable=import-outside-toplevel  (keeps the import light)
+
+    return getattr(api, name)
+  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

@@ -1,6 +1,6 @@
-"""``python -m lbyl_jax.evaluate``: the evaluation command (see :mod:`lbyl_jax.evaluation`)."""
+"""``python -m lbyl_jax.evaluate``: the evaluation command (see :mod:`lbyl_jax.cli.evaluate`)."""
 
-from lbyl_jax.evaluation import main
+from lbyl_jax.cli.evaluate import main
 
 if __name__ == '__main__':
   main()

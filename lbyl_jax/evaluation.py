@@ -19,9 +19,6 @@ or ``python -m converters --out``) of the same architecture on the same examples
 
 from __future__ import annotations
 
-import argparse
-import json
-import pathlib
 import sys
 import time
 from collections.abc import Sequence
@@ -35,6 +32,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from lbyl_jax.models import archs
 from lbyl_jax.io import data as data_lib
+from lbyl_jax.pruning import selection
 from lbyl_jax.core import units as units_lib
 
 _Key = tuple[Any, ...]
@@ -159,28 +157,30 @@ class Evaluator:
     self.compile_seconds[widths] = self.compile_seconds.get(widths, 0.0) + seconds
     return executable, seconds
 
-  def _padded_batches(self, dataset: data_lib.Dataset, progress: bool):
+  def _bar(self, dataset: data_lib.Dataset, progress: bool):
+    return tqdm.tqdm(total=len(dataset), unit='img', desc=f'evaluating {self.spec.name}',
+                     disable=not progress, leave=False, file=sys.stderr)
+
+  def _padded_batches(self, dataset: data_lib.Dataset):
     """(images, labels, valid, m) per batch, each padded to the compiled batch size."""
     b = self.batch_size
     image_shape = tuple(dataset.image_shape)
     seen = 0
-    with tqdm.tqdm(total=len(dataset), unit='img', desc=self.spec.name, disable=not progress,
-                   leave=False) as bar:
-      for images, labels in dataset.batches(b):
-        m = len(labels)
-        valid = np.zeros(b, bool)
-        valid[:m] = True
-        if m < b:  # pad to the compiled shape; padded rows are masked out
-          images = np.concatenate([images, np.zeros((b - m, *image_shape), np.uint8)])
-          labels = np.concatenate([labels, np.zeros(b - m, labels.dtype)])
-        yield np.asarray(images, np.uint8), np.asarray(labels, np.int32), valid, m
-        seen += m
-        bar.update(m)
+    for images, labels in dataset.batches(b):
+      m = len(labels)
+      valid = np.zeros(b, bool)
+      valid[:m] = True
+      if m < b:  # pad to the compiled shape; padded rows are masked out
+        images = np.concatenate([images, np.zeros((b - m, *image_shape), np.uint8)])
+        labels = np.concatenate([labels, np.zeros(b - m, labels.dtype)])
+      yield np.asarray(images, np.uint8), np.asarray(labels, np.int32), valid, m
+      seen += m
     if seen != len(dataset):
       raise ValueError(f'dataset {dataset.name} yielded {seen} examples, expected {len(dataset)}')
 
   def _checked(self, variables: Any, dataset: data_lib.Dataset,
                widths: Sequence[int] | None) -> tuple[Any, tuple[int, int, int]]:
+    selection.check_finite(variables, where=f'{self.spec.name} variables')
     key = self.widths_key(variables, widths)
     if len(dataset) == 0:
       raise ValueError(f'dataset {dataset.name} is empty')
@@ -200,30 +200,70 @@ class Evaluator:
       variables: {'params': ..., 'batch_stats': ...} of the model with ``widths``.
       dataset: yields uint8 NHWC images and int labels.
       widths: the model's widths; None reads them off the variables.
-      progress: tqdm bar on stderr.
+      progress: tqdm bar on stderr, advanced as batches FINISH (one batch is kept in flight).
 
     Returns:
       dict(n, top1, top5, seconds, compile_seconds): ``seconds`` is the evaluation wall time
       without compilation; ``compile_seconds`` is 0.0 when the executable was reused.
+
+    Raises:
+      ValueError: non-finite variables (a NaN network has no accuracy), or a dataset that does
+        not fit the model.
     """
     key, image_shape = self._checked(variables, dataset, widths)
     executable, compile_s = self.compiled(variables, key, image_shape)
     t0 = time.perf_counter()
     device_vars = jax.device_put(variables, self._replicated)
     total = jax.device_put(np.zeros(2, np.int32), self._replicated)
-    for images, labels, valid, _ in self._padded_batches(dataset, progress):
-      total = executable(
-          device_vars,
-          jax.device_put(images, self._batch_sharding),
-          jax.device_put(labels, self._batch_sharding),
-          jax.device_put(valid, self._batch_sharding),
-          total,
-      )
-    top1, top5 = (int(c) for c in np.asarray(total))
+    with self._bar(dataset, progress) as bar:
+      pending = 0
+      for images, labels, valid, m in self._padded_batches(dataset):
+        previous = total
+        total = executable(
+            device_vars,
+            jax.device_put(images, self._batch_sharding),
+            jax.device_put(labels, self._batch_sharding),
+            jax.device_put(valid, self._batch_sharding),
+            total,
+        )
+        if progress and pending:  # this batch is queued; wait for the previous one to finish
+          jax.block_until_ready(previous)
+          bar.update(pending)
+        pending = m
+      top1, top5 = (int(c) for c in np.asarray(total))
+      bar.update(pending)
     seconds = time.perf_counter() - t0
     n = len(dataset)
     return dict(n=n, top1=100.0 * top1 / n, top5=100.0 * top5 / n, seconds=seconds,
                 compile_seconds=compile_s)
+
+  def throughput(self, variables: Any, *, widths: Sequence[int] | None = None,
+                 batches: int = 5, seed: int = 0) -> dict[str, Any]:
+    """Warm inference throughput of the compiled forward at this evaluator's batch size.
+
+    Random uint8 images of the preset's input shape go through the 'predict' executable: one call
+    to warm up (its compile is excluded), then ``batches`` timed calls.
+
+    Returns:
+      dict(images_per_second, batch_size, batches, seconds).
+    """
+    if int(batches) != batches or batches < 1:
+      raise ValueError(f'batches must be a positive integer, got {batches!r}')
+    selection.check_finite(variables, where=f'{self.spec.name} variables')
+    key = self.widths_key(variables, widths)
+    shape = tuple(self.spec.input_shape)
+    executable, _ = self.compiled(variables, key, shape, kind='predict')
+    images = np.random.default_rng(seed).integers(0, 256, (self.batch_size, *shape), np.uint8)
+    device_vars = jax.device_put(variables, self._replicated)
+    x = jax.device_put(images, self._batch_sharding)
+    jax.block_until_ready(executable(device_vars, x))
+    t0 = time.perf_counter()
+    for _ in range(int(batches)):
+      out = executable(device_vars, x)
+    jax.block_until_ready(out)
+    seconds = time.perf_counter() - t0
+    return dict(images_per_second=self.batch_size * int(batches) / seconds,
+                batch_size=self.batch_size, batches=int(batches), seconds=seconds)
 
   def predictions(self, variables: Any, dataset: data_lib.Dataset, *,
                   widths: Sequence[int] | None = None, progress: bool = True) -> dict[str, Any]:
@@ -240,10 +280,12 @@ class Evaluator:
     t0 = time.perf_counter()
     device_vars = jax.device_put(variables, self._replicated)
     preds, labels_all = [], []
-    for images, labels, _, m in self._padded_batches(dataset, progress):
-      out = executable(device_vars, jax.device_put(images, self._batch_sharding))
-      preds.append(np.asarray(out)[:m])
-      labels_all.append(labels[:m])
+    with self._bar(dataset, progress) as bar:
+      for images, labels, _, m in self._padded_batches(dataset):
+        out = executable(device_vars, jax.device_put(images, self._batch_sharding))
+        preds.append(np.asarray(out)[:m])
+        labels_all.append(labels[:m])
+        bar.update(m)
     pred = np.concatenate(preds).astype(np.int32)
     labels = np.concatenate(labels_all).astype(np.int32)
     return dict(pred=pred, labels=labels, correct=pred == labels,
@@ -289,97 +331,10 @@ def paired_comparison(correct_a, correct_b) -> dict[str, Any]:
 # CLI
 
 
-def _parser() -> argparse.ArgumentParser:
-  p = argparse.ArgumentParser(
-      prog='lbyl-evaluate', description='Top-1/top-5 accuracy of a preset on its test set, or a '
-      'paired comparison of two saved checkpoints on the same examples (--compare).')
-  p.add_argument('--arch', help=f'preset: {", ".join(archs.names())}')
-  p.add_argument('--compare', nargs=2, metavar=('RUN_A', 'RUN_B'),
-                 help='two lbyl_jax checkpoint directories of one architecture: accuracies, '
-                 'examples only one gets right, exact McNemar p-value, 95%% interval of A - B')
-  p.add_argument('--weights', help='checkpoint file or directory (default: caches, then download)')
-  p.add_argument('--data', help='dataset name, path or tfds:NAME[:SPLIT] (default: the preset\'s)')
-  p.add_argument('--batch-size', type=int, default=500)
-  p.add_argument('--limit', type=int, help='evaluate only the first N examples')
-  p.add_argument('--no-download', action='store_true', help='never use the network')
-  p.add_argument('--no-progress', action='store_true', help='no progress bars')
-  p.add_argument('--json', action='store_true',
-                 help='print the report as one JSON object on the last line of stdout')
-  return p
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-  """Resolves weights and data, evaluates, returns the report."""
-  import converters  # pylint: disable=import-outside-toplevel  (keeps `import lbyl_jax` light)
-  from lbyl_jax.io import weights as weights_lib  # pylint: disable=import-outside-toplevel
-
-  spec = archs.get(args.arch)
-  progress = not args.no_progress
-  path = weights_lib.resolve_weights(spec, args.weights, download=not args.no_download,
-                                     progress=progress)
-  variables = converters.load_variables(path, spec)
-  dataset = data_lib.load_dataset(args.data, arch=spec, limit=args.limit,
-                                  download=not args.no_download, progress=progress)
-  evaluator = Evaluator(spec, batch_size=args.batch_size)
-  result = evaluator.evaluate(variables, dataset, progress=progress)
-  return dict(arch=spec.name, weights=str(path), data=dataset.source or dataset.name,
-              n=result['n'], top1=result['top1'], top5=result['top5'],
-              seconds=result['seconds'], compile_seconds=result['compile_seconds'],
-              devices=evaluator.num_devices, batch_size=evaluator.batch_size)
 
 
-def run_compare(args: argparse.Namespace) -> dict[str, Any]:
-  """Loads two saved checkpoints, evaluates both on the same examples, returns the comparison."""
-  from lbyl_jax.io import checkpoint  # pylint: disable=import-outside-toplevel
-
-  run_a, run_b = (checkpoint.load(d) for d in args.compare)
-  if run_a.spec.name != run_b.spec.name:
-    raise ValueError(f'--compare needs two checkpoints of one architecture, got '
-                     f'{run_a.spec.name} ({args.compare[0]}) and {run_b.spec.name} ({args.compare[1]})')
-  if args.arch and archs.get(args.arch).name != run_a.spec.name:
-    raise ValueError(f'--arch {args.arch} does not match the checkpoints ({run_a.spec.name})')
-  spec = run_a.spec
-  progress = not args.no_progress
-  dataset = data_lib.load_dataset(args.data, arch=spec, limit=args.limit,
-                                  download=not args.no_download, progress=progress)
-  evaluator = Evaluator(spec, batch_size=args.batch_size)
-  correct = [evaluator.predictions(r.variables, dataset, widths=r.meta['widths'],
-                                   progress=progress)['correct'] for r in (run_a, run_b)]
-  return dict(arch=spec.name, a=str(pathlib.Path(args.compare[0]).absolute()),
-              b=str(pathlib.Path(args.compare[1]).absolute()),
-              data=dataset.source or dataset.name, **paired_comparison(*correct))
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-  """Console entry point (returns None: console scripts pass the return value to sys.exit)."""
-  parser = _parser()
-  args = parser.parse_args(argv)
-  if not args.arch and not args.compare:
-    parser.error('give --arch (evaluate one checkpoint) or --compare RUN_A RUN_B')
-  if args.compare and args.weights:
-    parser.error('--weights does not apply to --compare (the runs hold their variables)')
-  from lbyl_jax.io import download as download_lib  # pylint: disable=import-outside-toplevel
-  try:
-    report = run_compare(args) if args.compare else run(args)
-  except (ValueError, FileNotFoundError, ImportError, download_lib.DownloadError) as e:
-    raise SystemExit(f'lbyl-evaluate: error: {e}') from e
-  if args.compare:
-    lo, hi = report['ci95']
-    print(f'{report["arch"]} on {report["data"]} ({report["n"]} examples):')
-    print(f'  A {report["a"]}: top-1 {report["top1_a"]:.2f}%')
-    print(f'  B {report["b"]}: top-1 {report["top1_b"]:.2f}%')
-    print(f'  A - B {report["diff"]:+.2f} points (95% interval {lo:+.2f} to {hi:+.2f}); '
-          f'only A right {report["only_a"]}, only B right {report["only_b"]}; '
-          f'exact McNemar p = {report["mcnemar_p"]:.3g}')
-  else:
-    print(f'{report["arch"]} on {report["data"]} ({report["n"]} images, '
-          f'weights {report["weights"]}):')
-    print(f'  top-1 {report["top1"]:.2f}%  top-5 {report["top5"]:.2f}%  '
-          f'({report["seconds"]:.1f} s on {report["devices"]} device(s), '
-          f'compile {report["compile_seconds"]:.1f} s)')
-  if args.json:
-    print(json.dumps(report))
-  sys.stdout.flush()
 
-if __name__ == '__main__':
-  main()

@@ -8,18 +8,21 @@ arguments (the random criterion is seeded by the plan's seed and the unit index)
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 from collections.abc import Mapping
 from typing import Any
 
-from lbyl_jax.compress import bias as bias_lib
-from lbyl_jax.compress import selection as selection_lib
-from lbyl_jax.compress import stats
-from lbyl_jax.compress import surgery
-from lbyl_jax.compress.methods import Context
-from lbyl_jax.compress.problem import check_solutions
+from lbyl_jax.pruning import bias as bias_lib
+from lbyl_jax.pruning import selection as selection_lib
+from lbyl_jax.pruning import stats
+from lbyl_jax.pruning import surgery
+from lbyl_jax.pruning.methods import Context
+from lbyl_jax.pruning.problem import check_solutions
 from lbyl_jax.experimental import guard as guard_lib
 from lbyl_jax.experimental import rules as rules_lib
+from lbyl_jax.io import checkpoint
+from lbyl_jax.models import archs
 from lbyl_jax.models import trace
 from lbyl_jax.plan import Plan
 from lbyl_jax.quant import uniform
@@ -39,6 +42,31 @@ class Compressed:
   report: dict[str, Any]
   qtree: dict[str, Any] | None = None
   qmeta: dict[str, Any] | None = None
+  spec: Any = None
+
+  @property
+  def model(self):
+    """The compressed Flax module (the preset's class with the new widths)."""
+    return self.spec.build(self.widths)
+
+  def apply(self, images):
+    """Logits of uint8 (or [0, 255] float) NHWC images: the preset's normalization included."""
+    return self.model.apply(self.variables, archs.normalize_fn(self.spec)(images))
+
+  def save(self, out_dir, *, overwrite: bool = False, report: Mapping[str, Any] | None = None,
+           files: Mapping[str, str | bytes] | None = None):
+    """Writes the checkpoint (integers for a quantized result) and ``report.json`` atomically;
+    ``lbyl_jax.load(out_dir)`` gives the model back. Returns the directory's absolute path."""
+    report = dict(self.report if report is None else report)
+    meta = dict(method=report['method'], criterion=report['criterion'], ratio=report['ratio'],
+                top1=report.get('top1_after'), options=report.get('options'))
+    tree = self.variables
+    if self.qtree is not None:
+      meta['quant'] = self.qmeta
+      tree = self.qtree
+    extra = {'report.json': json.dumps(jsonable(report), indent=2) + '\n', **dict(files or {})}
+    return checkpoint.save(out_dir, report['arch'], self.widths, tree, meta=jsonable(meta),
+                           overwrite=overwrite, files=extra)
 
 
 def _timed(timings: dict[str, float], phase: str, fn, *args, **kwargs):
@@ -117,7 +145,7 @@ def compress(spec, variables: Mapping[str, Any], plan: Plan | None = None, **opt
   phases['compile'] = report['compile_seconds']
   report['phases'] = phases
   report['seconds'] = time.perf_counter() - t_start
-  return Compressed(tuple(widths), new, report, qtree, qmeta)
+  return Compressed(tuple(widths), new, report, qtree, qmeta, spec)
 
 
 def _report(spec, plan: Plan, problems, sols, widths, before, after, bc) -> dict[str, Any]:

@@ -3,9 +3,9 @@ quantization (docs/README.md, "The plan").
 
 Each stage owns its options (a frozen dataclass, :mod:`lbyl_jax.core.options`):
 
-- :class:`~lbyl_jax.compress.selection.Selection`: criterion, ratio (per unit), kept-count
+- :class:`~lbyl_jax.pruning.selection.Selection`: criterion, ratio (per unit), kept-count
   rounding, seed, the BN sigma of the algebra;
-- the method, a registered :class:`~lbyl_jax.compress.methods.Method` (prune, nm, lbyl, bnm) with
+- the method, a registered :class:`~lbyl_jax.pruning.methods.Method` (prune, nm, lbyl, bnm) with
   its own hyper-parameters;
 - :class:`Corrections`: the data-free bias correction and its fold, the research guard;
 - the quantizer, a registered :class:`~lbyl_jax.quant.Quantizer` (rtn, udfc, dfq), or None.
@@ -23,10 +23,10 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
-from lbyl_jax.core.options import Options, option, split_flat
-from lbyl_jax.compress import bias as bias_lib
-from lbyl_jax.compress import methods
-from lbyl_jax.compress.selection import Selection
+from lbyl_jax.core.options import Options, flag_of, option, split_flat
+from lbyl_jax.pruning import bias as bias_lib
+from lbyl_jax.pruning import methods
+from lbyl_jax.pruning.selection import Selection
 from lbyl_jax import quant
 
 BIAS_MODES = ('off', 'on', 'auto', 'blend')
@@ -41,9 +41,9 @@ class Corrections(Options):
 
   bias_correction: str | None = option(
       None, choices=(None,) + BIAS_MODES,
-      help="fold the pruned channels' modelled mean activation into the consumer; default: 'on' for"
-           " lbyl and nm, 'off' otherwise ('off' runs the published algorithms); 'auto' / 'blend':"
-           ' experimental per-layer rules')
+      help="fold the pruned channels' modelled mean activation into the consumer ('off' runs the"
+           " published algorithms; 'auto' / 'blend': experimental per-layer rules)",
+      default_text="'on' for lbyl and nm, 'off' for prune and bnm")
   bias_fold: str = option('padding_aware', choices=bias_lib.FOLDS, advanced=True,
                           help="how constants meet zero padding ('all_taps': the BN-moments"
                                " prototype's fold)")
@@ -138,11 +138,12 @@ class Plan:
     elsewhere = {}
     for other in _stage_classes():
       if other not in owners:
-        for name in other.option_fields():
-          elsewhere.setdefault(name, other.stage)
+        for name, field in other.option_fields().items():
+          elsewhere.setdefault(name, (other.stage, flag_of(field)))
     if quant_cls is None:
-      for name in quant.Quantizer.option_fields():
-        elsewhere[name] = 'weight quantization (give --weight-bits / quant_method)'
+      for name, field in quant.Quantizer.option_fields().items():
+        elsewhere[name] = ('weight quantization (give --weight-bits / quant_method)',
+                           flag_of(field))
     parts = split_flat(values, owners, elsewhere=elsewhere)
     return cls(method=method_cls(**parts[2]), selection=Selection(**parts[0]),
                corrections=Corrections(**parts[1]),

@@ -59,11 +59,29 @@ def summary_text(report: Mapping[str, Any]) -> str:
     if a is not None and b is not None:
       lines.append(f'  {label:7s} {_fmt_count(a):>9s} -> {_fmt_count(b):>9s}  ({ratio(a, b)})')
   lines.append(f"  solve {report.get('solve_seconds', 0.0):.3f} s, compile "
-               f"{report.get('compile_seconds', 0.0):.3f} s, total {report.get('seconds', 0.0):.2f} s")
+               f"{report.get('compile_seconds', 0.0):.3f} s, total "
+               f"{report.get('total_seconds', report.get('seconds', 0.0)):.2f} s")
+  phases = report.get('phases') or {}
+  if phases:
+    def fmt(items):
+      return ', '.join(f'{k.replace("_", " ")} {v:.2f} s' for k, v in items)
+
+    top = [(k, v) for k, v in phases.items() if '/' not in k]
+    inner = [(k.split('/', 1)[1], v) for k, v in phases.items() if k.startswith('compress/')]
+    if not top:  # a report of the pipeline alone: its phases are the compression's
+      inner = list(phases.items())
+    if top:
+      lines.append('  time: ' + fmt(top))
+    lines.append('  compress: ' + fmt(inner) + ' (solve and compile are part of delivery)')
   if report.get('top1_before') is not None:
     lines.append(f"  top-1 {report['top1_before']:.2f} -> {report['top1_after']:.2f}   "
                  f"top-5 {report['top5_before']:.2f} -> {report['top5_after']:.2f}"
                  f"   (n={report['n_eval']})")
+  if report.get('throughput_before') is not None:
+    lines.append(f"  throughput {report['throughput_before']:.0f} -> "
+                 f"{report['throughput_after']:.0f} images/s (batch {report['throughput_batch']})")
+  if report.get('random_weights'):
+    lines.append('  weights were random: the accuracy above is meaningless')
   return '\n'.join(lines)
 
 def sweep_markdown(rows: Sequence[Mapping[str, Any]]) -> str:

@@ -1,12 +1,18 @@
-"""``python -m lbyl_jax.restore``: flags -> :mod:`lbyl_jax.pipeline` -> files and a summary.
+"""``python -m lbyl_jax.restore``: compress a preset, evaluate it, save it.
 
-Single run: loads the weights, restores (and quantizes), evaluates before/after when ``--data`` is
-given, saves an orbax checkpoint plus ``report.json`` in ``--out`` (atomically; an existing
-directory is refused unless ``--overwrite``), prints the per-layer width table and a summary.
+  python -m lbyl_jax.restore --arch resnet50                      # defaults: LBYL, L2, 30 %
+  python -m lbyl_jax.restore --arch resnet20 --weights random     # whole pipeline, no file
 
-``--sweep``: every combination of ``--methods`` x ``--criteria`` x ``--ratios`` (x ``--bits``),
-reusing the loaded model and the compiled evaluators; writes ``sweep.json``, ``sweep.md`` and
-``sweep.png`` in ``--out`` (``--save-models`` also saves each model under ``models/``).
+Phases (each announced on stderr, timed in ``report.json``): validate the configuration and the
+output, load the weights, load the data and evaluate the original (with ``--data``), compress,
+evaluate the compressed network, save. Every configuration of a run or sweep is checked before
+any weights or data are loaded.
+
+Single run: an orbax checkpoint plus ``report.json`` in ``--out`` (default
+``runs/<arch>-<method>-r<ratio>[-w<bits><quant>]``, never an existing directory: a new name is
+chosen), the per-layer width table and a summary. ``--sweep``: every combination of
+``--methods`` x ``--criteria`` x ``--ratios`` (x ``--bits``), reusing the loaded model and the
+compiled evaluators; ``sweep.json``, ``sweep.md`` and ``sweep.png`` in ``--out``.
 """
 
 from __future__ import annotations
@@ -16,14 +22,24 @@ import itertools
 import json
 import pathlib
 import sys
-import time
 from collections.abc import Sequence
 from typing import Any
 
-from lbyl_jax.models import archs
+from lbyl_jax import evaluation
 from lbyl_jax import pipeline
-from lbyl_jax.compress import restore as restore_lib
+from lbyl_jax import plan as plan_lib
+from lbyl_jax import report as report_lib
+from lbyl_jax.cli import common
+from lbyl_jax.pruning import methods
+from lbyl_jax.pruning.selection import Selection
+from lbyl_jax.io import data as data_lib
+from lbyl_jax.io import export as export_lib
 from lbyl_jax.io import publish
+from lbyl_jax.io import weights as weights_lib
+from lbyl_jax.models import archs
+from lbyl_jax import quant
+
+PROG = 'python -m lbyl_jax.restore'
 
 
 def _floats(text: str) -> list[float]:
@@ -33,194 +49,269 @@ def _floats(text: str) -> list[float]:
     raise argparse.ArgumentTypeError(f'expected comma-separated numbers, got {text!r}') from None
 
 
+def _slice(text: str) -> tuple[int, int]:
+  try:
+    return data_lib.parse_slice(text)
+  except ValueError as e:
+    raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _names(text: str) -> list[str]:
   return [x.strip() for x in text.split(',') if x.strip()]
 
 
-def _override(text: str) -> tuple[str, float]:
-  pattern, sep, value = text.rpartition('=')
-  if not sep or not pattern:
-    raise argparse.ArgumentTypeError(f'expected PATTERN=RATIO, got {text!r}')
-  try:
-    return pattern, float(value)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f'bad ratio in {text!r}') from None
+def _stage_classes() -> list:
+  return [Selection, plan_lib.Corrections] + [methods.get(n) for n in methods.names()] + [
+      quant.get(n) for n in quant.names()]
 
 
-def parser() -> argparse.ArgumentParser:
+def parser(show_advanced: bool = False) -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
-      prog='python -m lbyl_jax.restore',
-      description='Data-free pruning with closed-form compensation (LBYL, Neuron Merging, '
-                  'BN-moments) and optional weight quantization (RTN, UDFC, DFQ).')
-  p.add_argument('--arch', required=True, help=f'one of: {", ".join(archs.names())}')
-  p.add_argument('--weights', help='checkpoint file (.pth/.pt/.th/.pth.tar/.safetensors/.npz); '
-                 'default: $LBYL_JAX_WEIGHTS, caches, then download')
-  p.add_argument('--no-download', action='store_true', help='never use the network')
-  p.add_argument('--method', default='lbyl', help='prune | nm | lbyl | bnm')
-  p.add_argument('--criterion', default='l2', help='l1 | l2 | l2-gm | random')
-  p.add_argument('--ratio', type=float, default=0.3, help='pruning ratio per unit, in [0, 1)')
-  p.add_argument('--ratio-override', type=_override, action='append', default=[],
-                 metavar='PATTERN=RATIO', help="per-unit ratio, e.g. 'layer3_*/conv1=0.5' (repeatable)")
-  p.add_argument('--lambda1', type=float, help='LBYL BN-error weight (default per arch)')
-  p.add_argument('--lambda2', type=float, help='LBYL ridge weight (default per arch)')
-  p.add_argument('--nm-t', type=float, help='Neuron Merging threshold t')
-  p.add_argument('--nm-lam', type=float, help='Neuron Merging score weight lam')
-  p.add_argument('--lbyl-mode', default='consistent', choices=('consistent', 'reference_code'))
-  p.add_argument('--nm-mode', default='exact', choices=('exact', 'reference_code'))
-  p.add_argument('--bn-sigma', default='std', choices=('std', 'variance'))
-  p.add_argument('--keep-rounding', choices=('floor', 'round'))
-  p.add_argument('--dtype', default='float32', choices=('float32', 'float64'), help='solver precision')
-  p.add_argument('--seed', type=int, default=0, help='seed of the random criterion')
-  p.add_argument('--bias-correction', choices=('off', 'on', 'auto', 'blend'),
-                 help="fold the pruned channels' BN-modelled mean activation into the consumer bias;"
-                      " default: 'on' for lbyl and nm (consistent / exact forms), 'off' otherwise"
-                      " ('off' gives the published LBYL / NM exactly)")
-  p.add_argument('--bnm-cov', default='diag', choices=('identity', 'diag'))
-  p.add_argument('--bias-fold', default='padding_aware', choices=('padding_aware', 'all_taps'),
-                 help='how --bias-correction constants meet zero padding (all_taps: the prototype)')
-  p.add_argument('--guard', default='off', choices=('off', 'moments'),
-                 help="'moments': shrink each delivery row by its least-squares factor in [0, 1] under"
-                      ' the BN-moments model (data-free; 0 = plain pruning of that channel)')
-  q = p.add_argument_group('quantization')
-  q.add_argument('--weight-bits', type=int, help='quantize weights to N bits (2-8)')
-  q.add_argument('--quant-method', default='rtn', choices=pipeline.QUANT_METHODS)
-  q.add_argument('--per-tensor', action='store_true', help='one range per tensor (default per channel)')
-  q.add_argument('--asymmetric', action='store_true', help='asymmetric ranges (default symmetric)')
-  q.add_argument('--quantize-ends', action='store_true',
-                 help='also quantize the first layer and the classifier to N bits (default: 8 bits)')
-  q.add_argument('--a1', type=float, default=0.01, help='UDFC a1')
-  q.add_argument('--a2', type=float, default=0.008, help='UDFC a2')
+      prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
+      description='Data-free pruning of a pretrained CNN with closed-form compensation (LBYL, '
+                  'Neuron Merging, BN-moments), optional weight quantization, evaluation and '
+                  'saving.',
+      epilog='Methods: ' + '; '.join(f'{n}: {methods.get(n).summary}' for n in methods.names())
+             + '.\nQuantizers: ' + '; '.join(f'{n}: {quant.get(n).summary}' for n in quant.names())
+             + '.\n--help-all lists the research and reproduction options too.')
+  m = p.add_argument_group('model')
+  m.add_argument('--arch', required=True, choices=archs.names(), metavar='ARCH',
+                 help=f'preset: {", ".join(archs.names())}')
+  m.add_argument('--weights', metavar='PATH|random',
+                 help="checkpoint file (.pth/.pt/.th/.pth.tar/.safetensors/.npz), an lbyl_jax "
+                      "checkpoint directory, or 'random' (seeded random weights: runs the whole "
+                      "pipeline, accuracy meaningless); default: $LBYL_JAX_WEIGHTS, the caches, "
+                      "then a verified download")
+  m.add_argument('--init-seed', type=int, default=0, help='seed of --weights random (default: 0)')
+  m.add_argument('--no-download', action='store_true', help='never use the network')
+
+  c = p.add_argument_group('compression')
+  c.add_argument('--method', default='lbyl', choices=methods.names(),
+                 help='delivery method (default: lbyl)')
+  seen: set[str] = set()
+  common.add_options(c, [Selection, plan_lib.Corrections], advanced=False,
+                     show_advanced=show_advanced, seen=seen)
+  common.add_options(c, [methods.get(n) for n in methods.names()], advanced=False,
+                     show_advanced=show_advanced, seen=seen)
+
+  q = p.add_argument_group('weight quantization')
+  q.add_argument('--quant-method', choices=quant.names(),
+                 help='quantizer (default: rtn when --weight-bits is given)')
+  common.add_options(q, [quant.get(n) for n in quant.names()], advanced=False,
+                     show_advanced=show_advanced, seen=seen)
+
   e = p.add_argument_group('evaluation')
-  e.add_argument('--data', help='cifar10 | fashion_mnist | path (npz, CIFAR batches dir/tar.gz, IDX '
-                 'dir, ImageNet folder) | tfds:NAME[:SPLIT]')
+  e.add_argument('--data', help='cifar10 | fashion_mnist | path (npz, CIFAR batches dir/tar.gz, '
+                 'IDX dir, ImageNet folder) | tfds:NAME[:SPLIT]')
+  e.add_argument('--data-slice', metavar='START:STOP', type=_slice,
+                 help="evaluate on examples START..STOP-1 only, e.g. 0:5000 (development split)"
+                      " or 5000:10000 (held-out split)")
   e.add_argument('--limit', type=int, help='evaluate on the first N examples only')
-  e.add_argument('--batch-size', type=int, default=500)
+  e.add_argument('--batch-size', type=int, default=500, help='evaluation batch (default: 500)')
+  e.add_argument('--no-throughput', action='store_true',
+                 help='skip the inference-throughput measurement before / after')
+
   s = p.add_argument_group('sweep')
   s.add_argument('--sweep', action='store_true', help='run every combination of the lists below')
   s.add_argument('--methods', type=_names, help='comma list (default: --method)')
   s.add_argument('--criteria', type=_names, help='comma list (default: --criterion)')
   s.add_argument('--ratios', type=_floats, help='comma list (default: --ratio)')
-  s.add_argument('--bits', type=_names, help="comma list of weight bits, 'none' for float")
+  s.add_argument('--bits', type=_names, dest='bits_list',
+                 help="comma list of weight bits, 'none' for float (default: --weight-bits)")
   s.add_argument('--save-models', action='store_true', help='sweep: also save every model')
+
   o = p.add_argument_group('output')
-  o.add_argument('--out', required=True, help='output directory (must not exist)')
-  o.add_argument('--overwrite', action='store_true', help='replace an existing --out')
+  o.add_argument('--out', help='output directory (default: runs/<arch>-<method>-r<ratio>..., a '
+                 'new name if taken); an existing one is refused unless --overwrite')
+  o.add_argument('--overwrite', action='store_true',
+                 help='replace an existing --out that this tool wrote (never anything else)')
+  o.add_argument('--export', action='append', choices=export_lib.FORMATS, default=[],
+                 help='also write the compressed model as a StableHLO artifact or as PyTorch-named '
+                      'safetensors (repeatable)')
   o.add_argument('--json', action='store_true', help='print the report as one JSON line at the end')
-  o.add_argument('--no-progress', action='store_true')
+  o.add_argument('--no-progress', action='store_true', help='no progress bars or phase lines')
+  common.add_common(o)
+
+  r = p.add_argument_group('research and reproduction (listed by --help-all)')
+  r.add_argument('--preset', choices=plan_lib.PRESETS,
+                 help=argparse.SUPPRESS if not show_advanced else
+                 "'reference_code': the official codes' forms (LBYL / NM reference normal "
+                 'equations, raw running variance, rounded kept count)')
+  common.add_options(r, _stage_classes(), advanced=True, show_advanced=show_advanced, seen=seen)
   return p
 
 
-def _log(msg: str) -> None:
-  print(msg, file=sys.stderr, flush=True)
+# --------------------------------------------------------------------------------------------
+# Configuration -> plans (all validated before any work).
 
 
-def _restore_config(args, method, criterion, ratio) -> restore_lib.RestoreConfig:
-  return restore_lib.RestoreConfig(
-      method=method, criterion=criterion, ratio=ratio, ratio_overrides=tuple(args.ratio_override),
-      lambda1=args.lambda1, lambda2=args.lambda2, nm_t=args.nm_t, nm_lam=args.nm_lam,
-      lbyl_mode=args.lbyl_mode, nm_mode=args.nm_mode, bn_sigma=args.bn_sigma,
-      keep_rounding=args.keep_rounding, dtype=args.dtype, seed=args.seed,
-      bias_correction=args.bias_correction, bnm_cov=args.bnm_cov,
-      guard=args.guard, bias_fold=args.bias_fold)
+def _grid(args: argparse.Namespace) -> list[plan_lib.Plan]:
+  given = common.given_options(args, _stage_classes())
+  given.pop('bits', None)
+  if args.sweep:
+    methods_ = args.methods or [args.method]
+    crits = args.criteria or [given.get('criterion', 'l2')]
+    ratios = args.ratios or [given.get('ratio', Selection.ratio)]
+    bits_list = [None if b.lower() in ('none', 'float', '32') else _bits(b)
+                 for b in (args.bits_list or [str(getattr(args, 'bits', 'none'))])]
+  else:
+    methods_ = [args.method]
+    crits = [given.get('criterion', 'l2')]
+    ratios = [given.get('ratio', Selection.ratio)]
+    bits_list = [getattr(args, 'bits', None)]
+  if args.quant_method is not None and all(b is None for b in bits_list):
+    raise ValueError('--quant-method needs --weight-bits')
+  plans, used = [], set()
+  for m, c, r, b in itertools.product(methods_, crits, ratios, bits_list):
+    quant_method = None if b is None else (args.quant_method or 'rtn')
+    owners = [Selection, plan_lib.Corrections, methods.get(m)] + (
+        [quant.get(quant_method)] if quant_method else [])
+    names = {n for cls in owners for n in cls.option_fields()}
+    mine = {k: v for k, v in given.items() if k in names}
+    used |= mine.keys()
+    opts = dict(mine, criterion=c, ratio=r)
+    if b is not None:
+      opts['bits'] = b
+    plans.append(plan_lib.Plan.from_options(method=m, quant_method=quant_method,
+                                            preset=args.preset, **opts))
+  unused = sorted(set(given) - used)
+  if unused:  # an option no configuration uses would silently do nothing
+    plan_lib.Plan.from_options(method=methods_[0], **{k: given[k] for k in unused})
+  return plans
 
 
-def _quant_config(args, bits) -> pipeline.QuantConfig | None:
-  if bits is None:
-    return None
-  return pipeline.QuantConfig(
-      bits=bits, method=args.quant_method, per_channel=not args.per_tensor,
-      symmetric=not args.asymmetric, keep_8bit_ends=not args.quantize_ends, a1=args.a1, a2=args.a2)
+def _bits(text: str) -> int:
+  try:
+    return int(text)
+  except ValueError:
+    raise ValueError(f'--bits: expected integers or none, got {text!r}') from None
 
 
-def _save(out: pathlib.Path, spec, result: pipeline.Compressed, report, *, overwrite: bool) -> None:
-  from lbyl_jax.io import checkpoint  # pylint: disable=import-outside-toplevel
+def default_out(args: argparse.Namespace, plan: plan_lib.Plan) -> pathlib.Path:
+  """runs/<arch>-<method>-r<ratio>[-w<bits><quant>] (or runs/<arch>-sweep), with -2, -3, ...
+  appended while the name is taken: the default never overwrites."""
+  if args.sweep:
+    stem = f'{args.arch}-sweep'
+  else:
+    stem = f'{args.arch}-{plan.method.name}-r{plan.selection.ratio:g}'
+    if plan.quantizer is not None:
+      stem += f'-w{plan.quantizer.bits}{plan.quantizer.name}'
+  base = pathlib.Path('runs')
+  out, k = base / stem, 1
+  while out.exists() or out.is_symlink():
+    k += 1
+    out = base / f'{stem}-{k}'
+  return out
 
-  meta = dict(method=report['method'], criterion=report['criterion'], ratio=report['ratio'],
-              top1=report.get('top1_after'))
-  tree = result.variables
-  if result.qtree is not None:
-    meta['quant'] = result.qmeta
-    tree = result.qtree
-  files = {'report.json': json.dumps(pipeline.jsonable(report), indent=2) + '\n'}
-  checkpoint.save(out, spec.name, result.widths, tree, meta=pipeline.jsonable(meta),
-                  overwrite=overwrite, files=files)
+
+# --------------------------------------------------------------------------------------------
+# Running.
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
   """Executes the parsed command line; returns the report (single) or sweep summary."""
-  import converters  # pylint: disable=import-outside-toplevel
-  from lbyl_jax.io import weights as weights_lib  # pylint: disable=import-outside-toplevel
-
-  t0 = time.perf_counter()
-  spec = archs.get(args.arch)
-  publish.recover(publish.resolve_out(args.out))  # a swap left half done by a killed run
-  out = publish.check_target(args.out, overwrite=args.overwrite)
+  phases = common.Phases(quiet=args.no_progress)
   progress = not args.no_progress
-  path = weights_lib.resolve_weights(spec, args.weights, download=not args.no_download)
-  _log(f'weights: {path}')
-  variables = converters.load_variables(path, spec)
-
-  dataset = evaluator = baseline = None
-  if args.data:
-    from lbyl_jax.io import data as data_lib  # pylint: disable=import-outside-toplevel
-    from lbyl_jax import evaluation as evaluate_lib  # pylint: disable=import-outside-toplevel
-
-    dataset = data_lib.load_dataset(args.data, arch=spec, limit=args.limit,
-                                    download=not args.no_download, progress=progress)
-    evaluator = evaluate_lib.Evaluator(spec, batch_size=args.batch_size)
-    _log(f'evaluating the original model on {dataset.name} (n={len(dataset)})')
-    baseline = evaluator.evaluate(variables, dataset, progress=progress)
-
-  bits_list: list[int | None]
-  if args.sweep:
-    methods = args.methods or [args.method]
-    crits = args.criteria or [args.criterion]
-    ratios = args.ratios or [args.ratio]
-    bits_list = [None if b.lower() in ('none', 'float', '32') else int(b)
-                 for b in (args.bits or ['none' if args.weight_bits is None else str(args.weight_bits)])]
+  spec = archs.get(args.arch)
+  plans = _grid(args)
+  if args.out is not None:
+    publish.recover(publish.resolve_out(args.out))  # a swap left half done by a killed run
+    out = publish.check_target(args.out, overwrite=args.overwrite)
   else:
-    methods, crits, ratios, bits_list = [args.method], [args.criterion], [args.ratio], [args.weight_bits]
-  # Validate every configuration before any work is done.
-  grid = [(m, c, r, b, _restore_config(args, m, c, r), _quant_config(args, b))
-          for m, c, r, b in itertools.product(methods, crits, ratios, bits_list)]
+    if args.overwrite:
+      raise ValueError('--overwrite needs an explicit --out')
+    out = default_out(args, plans[0])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out = publish.check_target(out, overwrite=False)
+  if args.data is None and args.data_slice is not None:
+    raise ValueError('--data-slice needs --data')
+  if args.export and args.sweep:
+    raise ValueError('--export applies to a single run, not to --sweep')
+  for fmt in args.export:
+    export_lib.check_available(fmt)
 
-  rows = []
-  it = grid
-  if args.sweep and progress:
-    from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+  variables, source = phases.run('load', f'loading the weights of {spec.name}',
+                                 weights_lib.load_weights, spec, args.weights,
+                                 download=not args.no_download, progress=progress,
+                                 seed=args.init_seed)
+  random_weights = args.weights == weights_lib.RANDOM
+  if random_weights:
+    common.log(f'weights: {source}: the accuracy of this run is meaningless')
+  else:
+    common.log(f'weights: {source}')
 
-    it = tqdm(grid, desc='sweep', unit='config', file=sys.stderr)
-  results = []
-  for m, c, r, b, rcfg, qcfg in it:
-    _log(f'restoring: method={m} criterion={c} ratio={r}' + (f' bits={b}' if b else ''))
-    result = pipeline.compress(spec, variables, rcfg, qcfg)
+  dataset = evaluator = baseline = throughput_before = None
+  if args.data:
+    dataset = phases.run('data', f'loading {args.data}', data_lib.load_dataset, args.data,
+                         arch=spec, limit=args.limit, download=not args.no_download,
+                         progress=progress)
+    if args.data_slice is not None:
+      dataset = dataset.slice(*args.data_slice)
+    evaluator = evaluation.Evaluator(spec, batch_size=args.batch_size)
+    baseline = phases.run('evaluate_original', f'evaluating the original model on {dataset.name}'
+                          f' (n={len(dataset)})', evaluator.evaluate, variables, dataset,
+                          progress=progress)
+    if not args.no_throughput:
+      throughput_before = phases.run('throughput', 'measuring the original inference throughput',
+                                     evaluator.throughput, variables)
+
+  rows, results = [], []
+  for plan in plans:
+    p = plan
+    tag = (f'method={p.method.name} criterion={p.selection.criterion} ratio={p.selection.ratio}'
+           + (f' bits={p.quantizer.bits} quant={p.quantizer.name}' if p.quantizer else ''))
+    result = phases.run('compress', f'compressing: {tag}', pipeline.compress, spec, variables, plan)
     report = result.report
-    report['weights'] = str(path)
-    report['data'] = args.data
-    for k in ('top1_before', 'top5_before', 'top1_after', 'top5_after', 'n_eval'):
-      report[k] = None
+    report.update(weights=source, random_weights=random_weights, data=args.data,
+                  data_slice=None if args.data_slice is None else list(args.data_slice),
+                  top1_before=None, top5_before=None, top1_after=None, top5_after=None,
+                  n_eval=None)
     if evaluator is not None:
-      after = evaluator.evaluate(result.variables, dataset, widths=result.widths, progress=progress)
+      after = phases.run('evaluate_compressed', 'evaluating the compressed model',
+                         evaluator.evaluate, result.variables, dataset, widths=result.widths,
+                         progress=progress)
       report.update(top1_before=baseline['top1'], top5_before=baseline['top5'],
                     top1_after=after['top1'], top5_after=after['top5'], n_eval=after['n'],
                     eval_seconds=after['seconds'])
+      if throughput_before is not None:
+        t_after = phases.run('throughput', 'measuring the compressed inference throughput',
+                             evaluator.throughput, result.variables, widths=result.widths)
+        report.update(throughput_before=throughput_before['images_per_second'],
+                      throughput_after=t_after['images_per_second'],
+                      throughput_batch=t_after['batch_size'])
     rows.append(report)
     results.append(result)
     if not args.sweep:
-      print(pipeline.layer_table(report))
-      print(pipeline.summary_text(report))
+      print(report_lib.layer_table(report))
 
   if not args.sweep:
     report = rows[0]
-    _save(out, spec, results[0], report, overwrite=args.overwrite)
-    print(f'saved: {out}  (reload with lbyl_jax.load({str(out)!r}))')
+    report['phases'] = {**phases.seconds,
+                        **{f'compress/{k}': v for k, v in report['phases'].items()}}
+    phases.run('save', f'saving to {out}', _save_run, out, spec, results[0], report,
+               overwrite=args.overwrite, exports=args.export)
+    report['phases']['save'] = phases.seconds['save']
+    report['total_seconds'] = sum(phases.seconds.values())
+    print(report_lib.summary_text(report))
+    print(f'saved: {out}  (evaluate with: python -m lbyl_jax.evaluate {out} --data ...; '
+          f'reload with lbyl_jax.load({str(out)!r}))')
     final = report
   else:
-    final = _write_sweep(out, spec, rows, results if args.save_models else None, baseline, args)
-  final['total_seconds'] = time.perf_counter() - t0
+    final = phases.run('save', f'writing the sweep to {out}', _write_sweep, out, spec, rows,
+                       results if args.save_models else None, baseline, args)
+    final['total_seconds'] = sum(phases.seconds.values())
   if args.json:
-    print(json.dumps(pipeline.jsonable(final)))
+    print(json.dumps(report_lib.jsonable(final)))
   return final
+
+
+def _save_run(out: pathlib.Path, spec, result: pipeline.Compressed, report, *, overwrite: bool,
+              exports: Sequence[str] = ()) -> None:
+  files: dict[str, str | bytes] = {}
+  for fmt in exports:
+    files.update(export_lib.export(spec, result.widths, result.variables, fmt,
+                                   qmeta=result.qmeta))
+  result.save(out, overwrite=overwrite, files=files, report=report)
 
 
 def _write_sweep(out, spec, rows, results, baseline, args) -> dict[str, Any]:
@@ -228,28 +319,25 @@ def _write_sweep(out, spec, rows, results, baseline, args) -> dict[str, Any]:
     slim = [{k: v for k, v in r.items() if k not in ('layers', 'quant_report', 'quant_errors')}
             for r in rows]
     summary = dict(arch=spec.name, baseline=baseline, rows=slim)
-    (tmp / 'sweep.json').write_text(json.dumps(pipeline.jsonable(summary), indent=2) + '\n')
-    (tmp / 'sweep_full.json').write_text(json.dumps(pipeline.jsonable(rows), indent=2) + '\n')
-    md = pipeline.sweep_markdown(rows)
+    (tmp / 'sweep.json').write_text(json.dumps(report_lib.jsonable(summary), indent=2) + '\n')
+    (tmp / 'sweep_full.json').write_text(json.dumps(report_lib.jsonable(rows), indent=2) + '\n')
+    md = report_lib.sweep_markdown(rows)
     (tmp / 'sweep.md').write_text(md + '\n')
     print(md)
     if any(r.get('top1_after') is not None for r in rows):
-      pipeline.plot_sweep(rows, tmp / 'sweep.png', title=f'{spec.name} (no fine-tuning)',
-                          baseline=None if baseline is None else baseline['top1'])
+      report_lib.plot_sweep(rows, tmp / 'sweep.png', title=f'{spec.name} (no fine-tuning)',
+                            baseline=None if baseline is None else baseline['top1'])
     if results is not None:
       (tmp / 'models').mkdir()
       for r, res in zip(rows, results):
         tag = f"{r['method']}_{r['criterion']}_r{r['ratio']:.2f}" + (
             f"_w{r['weight_bits']}{r['quant_method']}" if r.get('weight_bits') else '')
-        _save(tmp / 'models' / tag, spec, res, r, overwrite=False)
+        res.save(tmp / 'models' / tag, report=r)
   print(f'saved: {out}/sweep.json, sweep.md' + (', sweep.png' if (out / 'sweep.png').exists() else ''))
   return summary
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  args = parser().parse_args(argv)
-  try:
-    run(args)
-  except (ValueError, OSError) as e:
-    print(f'error: {e}', file=sys.stderr)
-    raise SystemExit(2) from None
+  """Console entry point (returns None: console scripts pass the return value to sys.exit)."""
+  common.run_main(PROG, parser, run, argv)
+  sys.stdout.flush()

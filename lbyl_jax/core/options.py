@@ -26,7 +26,8 @@ import numpy as np
 
 def option(default: Any, *, help: str, choices: Sequence[Any] | Callable[[], Sequence[Any]] | None = None,
            flag: str | None = None, advanced: bool = False,
-           check: Callable[[Any], Any] | None = None, metavar: str | None = None) -> Any:
+           check: Callable[[Any], Any] | None = None, metavar: str | None = None,
+           default_text: str | None = None) -> Any:
   """A dataclass field with the metadata described in the module docstring.
 
   Args:
@@ -37,8 +38,10 @@ def option(default: Any, *, help: str, choices: Sequence[Any] | Callable[[], Seq
     advanced: listed only by ``--help-all`` (research and reproduction knobs).
     check: called with the value; returns the normalized value or raises ValueError.
     metavar: shown in the help instead of the type.
+    default_text: how ``--help`` describes the default (e.g. when None means "per preset").
   """
-  meta = dict(help=help, choices=choices, flag=flag, advanced=advanced, check=check, metavar=metavar)
+  meta = dict(help=help, choices=choices, flag=flag, advanced=advanced, check=check, metavar=metavar,
+              default_text=default_text)
   if isinstance(default, (list, dict, set)):
     raise TypeError('mutable option defaults are not allowed; use a tuple')
   return dataclasses.field(default=default, metadata=meta)
@@ -119,7 +122,8 @@ def split_flat(values: Mapping[str, Any], owners: Iterable[type[Options]], *,
   """Splits flat options among ``owners`` (one dict per owner, in order).
 
   A name owned by none of them is refused; ``elsewhere`` maps names owned by stages that are not
-  in this plan to a phrase for the message (e.g. ``{'nm_t': "method 'nm'"}``).
+  in this plan to (a phrase for the message, the option's flag), e.g.
+  ``{'nm_t': ("method 'nm'", '--nm-t')}``.
   """
   owners = list(owners)
   out: list[dict[str, Any]] = [{} for _ in owners]
@@ -134,7 +138,8 @@ def split_flat(values: Mapping[str, Any], owners: Iterable[type[Options]], *,
     other = (elsewhere or {}).get(name)
     if other is not None:
       used = ', '.join(c.stage for c in owners)
-      raise ValueError(f'option {name!r} belongs to {other}, which this run does not use ({used})')
+      raise ValueError(f'{other[1]} ({name}) belongs to {other[0]}, which this run does not use'
+                       f' ({used})')
     raise ValueError(f'unknown option {name!r}')
   return out
 

@@ -14,8 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from lbyl_jax.compress import moments as moments_lib
-from lbyl_jax.compress.problem import UnitProblem, UnitSolution, coefficient_stats
+from lbyl_jax.pruning import moments as moments_lib
+from lbyl_jax.pruning.problem import UnitProblem, UnitSolution, coefficient_stats
 from lbyl_jax.experimental.rules import row_terms
 
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import numpy as np
 
-from lbyl_jax.compress.bias import Consumer
-from lbyl_jax.compress.problem import UnitProblem
+from lbyl_jax.pruning.bias import Consumer
+from lbyl_jax.pruning.problem import UnitProblem
 
 RULE_MODES = ('auto', 'blend')  # bias-correction modes decided per unit by auto_bias_rule
 
@@ -147,7 +147,7 @@ def _residual_cross(E, M, keep, prune, S0, S1, c1) -> float:
 
 
 def weights(mode: str):
-  """The ``rule`` argument of :func:`lbyl_jax.compress.bias.constants` for 'auto' or 'blend'."""
+  """The ``rule`` argument of :func:`lbyl_jax.pruning.bias.constants` for 'auto' or 'blend'."""
   if mode not in RULE_MODES:
     raise ValueError(f'bias rule must be one of {RULE_MODES}, got {mode!r}')
 

@@ -60,6 +60,10 @@ class Loaded(NamedTuple):
     w = self.meta.get('widths')
     return None if w is None else tuple(w)
 
+  def apply(self, images):
+    """Logits of uint8 (or [0, 255] float) NHWC images: the preset's normalization included."""
+    return self.model.apply(self.variables, archs.normalize_fn(self.spec)(images))
+
 
 # --------------------------------------------------------------------------------------------
 # Shape validation.
@@ -248,6 +252,12 @@ def save(out_dir: str | os.PathLike, arch_name: str, widths, variables: Mapping[
 
 # --------------------------------------------------------------------------------------------
 # Load.
+
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+  """Whether ``path`` is a directory holding a checkpoint's ``meta.json``."""
+  p = pathlib.Path(path)
+  return p.is_dir() and (p / META_FILE).is_file()
 
 
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:

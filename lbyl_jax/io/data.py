@@ -98,9 +98,32 @@ class Dataset(abc.ABC):
     """``subset(n)``, or ``self`` for ``n=None``."""
     return self if n is None else self.subset(n)
 
+  @abc.abstractmethod
+  def slice(self, start: int, stop: int) -> Dataset:
+    """Examples ``start .. stop - 1`` in the dataset's order (e.g. the development split 0:5000
+    and the held-out split 5000:10000 of a 10,000-image test set)."""
+
   def __repr__(self) -> str:
     return (f'{type(self).__name__}(name={self.name!r}, n={len(self)}, '
             f'image_shape={self.image_shape})')
+
+
+def _check_slice(start: int, stop: int, n: int, name: str) -> tuple[int, int]:
+  if int(start) != start or int(stop) != stop or not 0 <= start < stop <= n:
+    raise ValueError(f'{name}: slice {start}:{stop} is not within its {n} examples'
+                     ' (0 <= START < STOP <= N)')
+  return int(start), int(stop)
+
+
+def parse_slice(text: str) -> tuple[int, int]:
+  """'START:STOP' (as for ``--data-slice``) -> (start, stop)."""
+  start, sep, stop = str(text).partition(':')
+  try:
+    if not sep:
+      raise ValueError
+    return int(start), int(stop)
+  except ValueError:
+    raise ValueError(f'--data-slice: expected START:STOP (e.g. 0:5000), got {text!r}') from None
 
 
 def _check_subset(n: int) -> int:
@@ -149,6 +172,11 @@ class ArrayDataset(Dataset):
   def subset(self, n: int) -> ArrayDataset:
     n = _check_subset(n)
     return ArrayDataset(self.images[:n], self.labels[:n], name=self.name, source=self.source)
+
+  def slice(self, start: int, stop: int) -> ArrayDataset:
+    start, stop = _check_slice(start, stop, len(self), self.name)
+    return ArrayDataset(self.images[start:stop], self.labels[start:stop],
+                        name=f'{self.name}[{start}:{stop}]', source=self.source)
 
 
 class LazyDataset(Dataset):
@@ -223,6 +251,12 @@ class LazyDataset(Dataset):
     return LazyDataset(self._load, self._indices[:n], image_shape=self._image_shape,
                        name=self.name, source=self.source, workers=self.workers,
                        labels=self._labels)
+
+  def slice(self, start: int, stop: int) -> LazyDataset:
+    start, stop = _check_slice(start, stop, len(self), self.name)
+    return LazyDataset(self._load, self._indices[start:stop], image_shape=self._image_shape,
+                       name=f'{self.name}[{start}:{stop}]', source=self.source,
+                       workers=self.workers, labels=self._labels)
 
   def materialize(self, batch_size: int = 256) -> ArrayDataset:
     """Decodes everything into an :class:`ArrayDataset` (for small sets)."""

@@ -23,7 +23,11 @@ from __future__ import annotations
 import os
 import pathlib
 import re
+from typing import Any
 
+import converters
+
+from lbyl_jax.io import checkpoint
 from lbyl_jax.models import archs
 from lbyl_jax.io import download as download_lib
 
@@ -174,8 +178,45 @@ def resolve_weights(
         f'{spec.name}: no local weights (looked for {", ".join(searched)}) and downloading is '
         f'disabled; fetch {spec.weights.url} to {dest} or pass --weights PATH'
     )
-  path = download_lib.fetch(spec.weights.url, dest, sha256=spec.weights.sha256, progress=progress)
+  try:
+    path = download_lib.fetch(spec.weights.url, dest, sha256=spec.weights.sha256,
+                              progress=progress)
+  except download_lib.DownloadError as e:
+    raise WeightsNotFoundError(
+        f'{spec.name}: no local weights (looked for --weights, {", ".join(searched)}) and the'
+        f' download of {spec.weights.url} failed ({_first_line(e)}); put {filename} into one of'
+        ' those places or pass --weights PATH') from None
   st = path.stat()
   _VERIFIED.add((str(path.resolve()), st.st_size, st.st_mtime_ns,
                  download_lib.normalize_sha256(spec.weights.sha256)))
   return path
+
+
+def _first_line(e: BaseException) -> str:
+  text = str(e).strip().splitlines()
+  return text[0] if text else type(e).__name__
+
+
+RANDOM = 'random'
+
+
+def load_weights(spec: archs.ArchSpec, weights: str | os.PathLike | None = None, *,
+                 download: bool = True, progress: bool = True, seed: int = 0
+                 ) -> tuple[dict[str, Any], str]:
+  """Original-width float variables of ``spec`` and a description of where they came from.
+
+  ``weights`` is a checkpoint file (PyTorch, safetensors, npz), an lbyl_jax checkpoint directory
+  (a converted or saved run: its architecture must be ``spec``), ``'random'`` (seeded random
+  weights, :meth:`ArchSpec.init`, for running the pipeline without a pretrained file: accuracy is
+  meaningless), or None (the preset's file from the caches or a verified download,
+  :func:`resolve_weights`).
+  """
+  if weights is not None and os.fspath(weights) == RANDOM:
+    return spec.init(int(seed)), f'random (seed {int(seed)})'
+  if weights is not None and checkpoint.is_checkpoint(weights):
+    loaded = checkpoint.load(weights)
+    if loaded.spec.name != spec.name:
+      raise ValueError(f'--weights {weights} is a checkpoint of {loaded.spec.name}, not {spec.name}')
+    return loaded.variables, str(pathlib.Path(weights).absolute())
+  path = resolve_weights(spec, weights, download=download, progress=progress)
+  return converters.load_variables(path, spec), str(path)

@@ -2,7 +2,7 @@
 
 Each preset carries what its pretrained weights expect (input size and normalization constants),
 where its weights can be downloaded (with a sha256 to verify), which PyTorch naming its
-checkpoints use, and per-method default hyper-parameters from ALGORITHMS.md section 8.
+checkpoints use, and per-method default hyper-parameters from docs/neuron_merging.md#hyper-parameters.
 """
 
 from __future__ import annotations
@@ -237,7 +237,7 @@ _AKAMASTER_SHA = {
 }
 _TORCHVISION = 'https://download.pytorch.org/models/'
 
-# ALGORITHMS.md 4.3 / 8: NM (t, lam) of the official scripts.
+# docs/neuron_merging.md#hyper-parameters: NM (t, lam) of the official scripts.
 _NM_CIFAR = {'t': 0.1, 'lam': 0.85}
 
 _CIFAR_HP = {'nm': _NM_CIFAR}

@@ -38,7 +38,8 @@ class Quantizer(Options):
   name: ClassVar[str] = ''
   summary: ClassVar[str] = ''
 
-  bits: int = option(8, help='weight bit width, 2-8', flag='--weight-bits', check=_bits)
+  bits: int = option(8, help='quantize the weights to N bits, 2-8', flag='--weight-bits',
+                   check=_bits, metavar='N', default_text='float weights; 8 in the API')
   per_channel: bool = option(True, help='one range per tensor instead of per output channel',
                              flag='--per-tensor')
   symmetric: bool = option(True, help='asymmetric ranges with a zero point', flag='--asymmetric')

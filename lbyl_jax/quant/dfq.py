@@ -1,4 +1,4 @@
-"""DFQ: data-free quantization baseline (Nagel et al. 2019; ALGORITHMS.md 7.1).
+"""DFQ: data-free quantization baseline (Nagel et al. 2019; docs/quantization.md#dfq).
 
 Steps, each a pure function over variable trees:
 
@@ -39,7 +39,7 @@ import numpy as np
 from lbyl_jax.core import trees
 from lbyl_jax.core import units as units_lib
 from lbyl_jax.core.bn import BN_EPS
-from lbyl_jax.compress.moments import relu_mean
+from lbyl_jax.pruning.moments import relu_mean
 from lbyl_jax.models import trace
 from lbyl_jax.quant import uniform as quant
 from lbyl_jax.quant.base import QuantResult, Quantizer, register
@@ -75,7 +75,7 @@ def _layer(variables, path):
 
 def cle_pairs(spec) -> tuple[units_lib.Unit, ...]:
   """Producer -> ReLU -> consumer pairs for equalization and bias correction: the prunable units
-  (ALGORITHMS.md 2) plus the VGG classifier chain (fc1 -> fc2 (-> fc3))."""
+  (docs/README.md#which-layers-are-pruned) plus the VGG classifier chain (fc1 -> fc2 (-> fc3))."""
   pairs = list(spec.units)
   if spec.family == 'vgg_cifar':
     pairs.append(units_lib.Unit('fc1', 'fc1', 'bn_fc1', 'fc2', 'dense'))
@@ -120,7 +120,7 @@ def _consumer_in_view(kernel: np.ndarray, unit: units_lib.Unit, n: int) -> np.nd
 
 def fold_bn(spec, variables: Mapping[str, Any], *, bn_of: Mapping[str, str] | None = None
             ) -> tuple[dict[str, Any], dict[str, dict[str, np.ndarray]]]:
-  """Folds every BN into the layer that feeds it (7.1 step 1), leaving BN in identity form.
+  """Folds every BN into the layer that feeds it (docs/quantization.md#dfq-bias-correction step 1), leaving BN in identity form.
 
   Returns:
     ``(folded, stats)``: float32 variables computing the same function, and per folded layer the
@@ -174,7 +174,7 @@ def _absmax_matrix(kernel: np.ndarray, block: int) -> np.ndarray:
 def equalize(spec, variables: Mapping[str, Any], *, stats: Stats | None = None,
              pairs: Iterable[units_lib.Unit] | None = None, bn_of: Mapping[str, str] | None = None,
              tol: float = 1e-8, max_iter: int = 1000) -> tuple[dict[str, Any], dict[str, Any]]:
-  """Cross-layer equalization (7.1 step 2) of BN-folded variables.
+  """Cross-layer equalization (docs/quantization.md#cross-layer-equalization) of BN-folded variables.
 
   For every pair and channel i, ``s_i = sqrt(r1_i / r2_i)``; ``W1[i] /= s_i``, the producer's output
   bias ``/= s_i``, ``W2[:, i] *= s_i``, so both ranges become ``sqrt(r1_i r2_i)``. Sweeps repeat
@@ -244,7 +244,7 @@ def equalize(spec, variables: Mapping[str, Any], *, stats: Stats | None = None,
 def absorb_bias(spec, variables: Mapping[str, Any], stats: Stats, *,
                 pairs: Iterable[units_lib.Unit] | None = None, bn_of: Mapping[str, str] | None = None,
                 n_std: float = 3.0) -> tuple[dict[str, Any], Stats, dict[str, float]]:
-  """Bias absorption (7.1 step 3): ``c = max(0, beta - 3 gamma)`` leaves the producer and enters
+  """Bias absorption (docs/quantization.md#bias-absorption): ``c = max(0, beta - 3 gamma)`` leaves the producer and enters
   the consumer's bias as ``W2 c`` (summed over taps). Exact wherever the pre-activation stays
   above ``c``; zero-padded borders and pools are ignored, as in DFQ.
 
@@ -279,7 +279,7 @@ def bias_correct(spec, float_variables: Mapping[str, Any], qtree: Mapping[str, A
                  qmeta: Mapping[str, Any], stats: Stats, *,
                  pairs: Iterable[units_lib.Unit] | None = None,
                  bn_of: Mapping[str, str] | None = None) -> tuple[dict[str, Any], dict[str, str]]:
-  """Analytic bias correction (7.1 step 5) of a quantized tree.
+  """Analytic bias correction (docs/quantization.md#dfq-bias-correction) of a quantized tree.
 
   For each consumer whose input is ``ReLU(y)`` of a producer with known ``y ~ N(mean, std^2)``:
   ``eps = What - W`` and the consumer's output bias (its folded BN's bias, or its own bias)
@@ -328,10 +328,10 @@ def dfq(spec, variables: Mapping[str, Any], *, bits: int = 8, per_channel: bool 
         symmetric: bool = False, cle: bool = True, bias_absorption: bool = False,
         bias_correction: bool = True, keep_8bit: Iterable[str] = (), cle_tol: float = 1e-8,
         cle_max_iter: int = 1000) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
-  """DFQ (ALGORITHMS.md 7.1): fold BN, equalize, (absorb), quantize, bias-correct.
+  """DFQ (docs/quantization.md#dfq): fold BN, equalize, (absorb), quantize, bias-correct.
 
   Defaults follow the DFQ paper's per-tensor asymmetric weights; pass ``per_channel=True,
-  symmetric=True`` for the protocol used with UDFC (A8). Works on pruned variables too (the
+  symmetric=True`` for the protocol used with UDFC (docs/quantization.md#udfc-defaults). Works on pruned variables too (the
   widths are read from the arrays).
 
   Returns:

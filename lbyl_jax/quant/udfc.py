@@ -1,19 +1,19 @@
-"""UDFC-style unified pruning + quantization compensation (ALGORITHMS.md 6.2), and plain RTN.
+"""UDFC-style unified pruning + quantization compensation (docs/quantization.md#udfc-style-compensation), and plain RTN.
 
 Per prunable unit (producer l -> BN -> ReLU -> consumer l+1; K kept, P pruned, What = Q(W)):
 
 (a) :func:`quant_scales` -- one scalar per kept channel, a_k ~ s_k ahat_k:
       s_k = (alpha_k^2 <W_k, What_k> + a1 b_k^2 + a2) / (alpha_k^2 ||What_k||^2 + a1 b_k^2 + a2)
-(b) :func:`delivery` -- the rows S'_P of the consistent LBYL closed form (5.3) with the kept
+(b) :func:`delivery` -- the rows S'_P of the consistent LBYL closed form (docs/lbyl.md#consistent-closed-form) with the kept
     filters quantized, F = diag(alpha_K) What_K, full-precision targets f_j = alpha_j W_j, and
     a1 / a2 in place of lam1 / lam2;
 (c) :func:`consumer_update` -- V'_{:,k} = s_k V_{:,k} + sum_j S'_{j,k} V_{:,j}, columns P dropped;
     the consumer is quantized only AFTER this input compensation;
 (d) :func:`udfc` runs the units from input to output; the pruning delivery of every unit is
     computed from the ORIGINAL full-precision W of that layer (kept channels ranked by a criterion
-    of :mod:`lbyl_jax.compress.criteria` on the original filters, 2.1 / A6).
+    of :mod:`lbyl_jax.pruning.criteria` on the original filters, docs/README.md#coefficients-from-the-original-weights).
 
-Which What the scalar s_k compensates (A7): the producer is deployed as Q of its kernel AFTER its
+Which What the scalar s_k compensates (docs/quantization.md#order-and-reference-weights): the producer is deployed as Q of its kernel AFTER its
 own inputs were compensated by the previous unit (VGG chains, bottleneck conv2), so by default
 (``scale_from='compensated'``) s_k is fitted between that deployed full-precision row and its
 quantization -- the error the consumer actually sees. Where a producer's inputs are untouched
@@ -22,7 +22,7 @@ quantization -- the error the consumer actually sees. Where a producer's inputs 
 
 Layers that are not unit producers (stem, shortcut convs, conv2 of basic blocks, conv3 of
 bottlenecks, heads) are quantized by plain rounding. With ``rescale_others=True`` (off by default)
-their own per-channel least-squares rescale (6.2a with a1 = 0: there is no bias mismatch, the
+their own per-channel least-squares rescale (docs/quantization.md#quantization-rescale with a1 = 0: there is no bias mismatch, the
 scale acts before the affine BN) is applied exactly, without touching the integers:
 - followed by BN: BN(s z) = BN'(z) with gamma' = s gamma, mu' = mu / s (:func:`bn_fold_input_scale`);
 - no BN, per-channel quantization: the stored step becomes s Delta (same integers);
@@ -33,13 +33,13 @@ coherent across layers, and on random BN networks it raised the 4-bit output err
 
 With ``bias_correction=True`` (what ``lbyl``'s default asks for in the joint path of
 :func:`lbyl_jax.pipeline.compress`) two data-free mean terms under the BN-moments model
-(BN_MOMENTS.md) are added, neither of which 6.2 has:
+(docs/quantization.md#mean-terms) are added, neither of which docs/quantization.md#udfc-style-compensation has:
 - the pruned channels' mean that the delivery does not carry, c = E[a_P] - S'_P E[a_K], folded
   into the consumer's BN mean exactly as ``lbyl`` + bias correction folds it (padding-aware);
 - :func:`mean_match` for every kept channel: its BN shift is moved so that the deployed
   activation s_k ReLU(z_hat_k) has the original mean E[ReLU(z_k)] again, z_hat_k ~ N(m_hat_k,
   gamma_k^2) with m_hat_k = beta_k + alpha_k (What_k - W_k) . E[x] (the quantization's mean shift,
-  DFQ's bias-correction term, 7.1). The scalar s_k of (a) is a least-squares shrinkage
+  DFQ's bias-correction term, docs/quantization.md#dfq-bias-correction). The scalar s_k of (a) is a least-squares shrinkage
   (s_k ~ 1 / (1 + ||e||^2 / ||W||^2)) that also shrinks the channel's mean; this puts the mean
   back and leaves s_k acting on the fluctuation only.
 
@@ -58,31 +58,31 @@ from lbyl_jax.core import trees
 from lbyl_jax.core import units as units_lib
 from lbyl_jax.core.bn import BN_EPS
 from lbyl_jax.core.options import NONNEG, option
-from lbyl_jax.compress import bias as bias_lib
-from lbyl_jax.compress import moments as moments_lib
-from lbyl_jax.compress import selection as selection_lib
-from lbyl_jax.compress import solvers
-from lbyl_jax.compress import surgery
-from lbyl_jax.compress.moments import relu_mean
+from lbyl_jax.pruning import bias as bias_lib
+from lbyl_jax.pruning import moments as moments_lib
+from lbyl_jax.pruning import selection as selection_lib
+from lbyl_jax.pruning import solvers
+from lbyl_jax.pruning import surgery
+from lbyl_jax.pruning.moments import relu_mean
 from lbyl_jax.models import trace
 from lbyl_jax.quant import uniform as quant
 from lbyl_jax.quant.base import QuantResult, Quantizer, register
 
-DEFAULT_A1 = 0.01  # ALGORITHMS.md 8.2 (UDFC ablation optimum) [RECON]
+DEFAULT_docs/README.md#bn-terms = 0.01  # docs/quantization.md#udfc-defaults (UDFC ablation optimum) [RECON]
 DEFAULT_A2 = 0.008
 
 
 # --------------------------------------------------------------------------------------------
-# Per-unit math (6.2 a-c).
+# Per-unit math (docs/quantization.md#udfc-style-compensation).
 
 
 def quant_scales(W, What, alpha, b, *, a1: float = DEFAULT_A1, a2: float = DEFAULT_A2) -> np.ndarray:
-  """6.2(a): the closed-form minimizer of
+  """docs/quantization.md#quantization-rescale: the closed-form minimizer of
   ``alpha_k^2 ||W_k - s What_k||^2 + a1 b_k^2 (1 - s)^2 + a2 (s - 1)^2`` per row k.
 
   Args:
     W, What: N x D full-precision and quantized filter rows.
-    alpha, b: per-row folded BN scale and shift (section 1); 1 and 0 without BN.
+    alpha, b: per-row folded BN scale and shift (docs/README.md#bn-terms); 1 and 0 without BN.
     a1, a2: regularization weights (>= 0).
 
   Returns:
@@ -103,7 +103,7 @@ def quant_scales(W, What, alpha, b, *, a1: float = DEFAULT_A1, a2: float = DEFAU
 
 
 def quant_objective(W, What, alpha, b, s, *, a1: float = DEFAULT_A1, a2: float = DEFAULT_A2) -> np.ndarray:
-  """The per-row loss of 6.2(a) at scales ``s`` (s = 1 is plain rounding)."""
+  """The per-row loss of docs/quantization.md#quantization-rescale at scales ``s`` (s = 1 is plain rounding)."""
   W = np.asarray(W, np.float64)
   What = np.asarray(What, np.float64)
   s = np.broadcast_to(np.asarray(s, np.float64), (W.shape[0],))
@@ -113,12 +113,12 @@ def quant_objective(W, What, alpha, b, s, *, a1: float = DEFAULT_A1, a2: float =
 
 def delivery(What_K, alpha_K, b_K, W_P, alpha_P, b_P, *, a1: float = DEFAULT_A1,
              a2: float = DEFAULT_A2) -> np.ndarray:
-  """6.2(b): delivery rows S'_P (|P| x m) of the pruned channels on the quantized kept channels.
+  """docs/quantization.md#delivery-on-quantized-kept-filters: delivery rows S'_P (|P| x m) of the pruned channels on the quantized kept channels.
 
   Minimizes, per pruned j, ``||f_j - F^T s_j||^2 + a1 (b_j - b_K^T s_j)^2 + a2 ||s_j||^2`` with
   ``F = diag(alpha_K) What_K`` and ``f_j = alpha_j W_j``: the LBYL consistent system
-  (:class:`lbyl_jax.compress.solvers.SharedSystem`) with a1 / a2 as its lambdas, solved in
-  float64 on the host (:func:`lbyl_jax.compress.solvers.solve_host`). With ``a2 = 0`` and a
+  (:class:`lbyl_jax.pruning.solvers.SharedSystem`) with a1 / a2 as its lambdas, solved in
+  float64 on the host (:func:`lbyl_jax.pruning.solvers.solve_host`). With ``a2 = 0`` and a
   singular system, the minimum-norm least-squares solution is returned.
   """
   if a1 < 0 or a2 < 0:
@@ -158,7 +158,7 @@ def mean_match(target, s, sd, *, iters: int = 200) -> np.ndarray:
 
 
 def consumer_update(V, *, keep, s, S_P, kind: str, flatten: int = 1) -> np.ndarray:
-  """6.2(c): ``V'_{:,k} = s_k V_{:,k} + sum_j S'_{j,k} V_{:,j}`` with the pruned inputs dropped.
+  """docs/quantization.md#consumer-update: ``V'_{:,k} = s_k V_{:,k} + sum_j S'_{j,k} V_{:,j}`` with the pruned inputs dropped.
 
   Args:
     V: consumer kernel, HWIO (``kind='conv'``) or (in, out) (``kind='dense'``; after an NCHW
@@ -188,7 +188,7 @@ def consumer_update(V, *, keep, s, S_P, kind: str, flatten: int = 1) -> np.ndarr
 
 
 def bn_fold_output_scale(gamma, beta, s) -> tuple[np.ndarray, np.ndarray]:
-  """T7: ``s ReLU(BN(z)) = ReLU(BN'(z))`` for s > 0 with gamma' = s gamma, beta' = s beta (ReLU is
+  """docs/properties.md#t7-quantization-rescale: ``s ReLU(BN(z)) = ReLU(BN'(z))`` for s > 0 with gamma' = s gamma, beta' = s beta (ReLU is
   positively homogeneous), so s_k can live in the producer's BN instead of the consumer."""
   s = np.asarray(s, np.float64)
   return np.asarray(gamma, np.float64) * s, np.asarray(beta, np.float64) * s
@@ -215,7 +215,7 @@ def _rows(kernel) -> np.ndarray:
 
 
 def _unit_rows(kernel, unit: units_lib.Unit, bias) -> np.ndarray:
-  """Filter rows of a unit's producer; without BN the bias is a coordinate (2.2, 5.6)."""
+  """Filter rows of a unit's producer; without BN the bias is a coordinate (docs/README.md#filters)."""
   rows = _rows(kernel)
   if unit.bn is None and bias is not None:
     rows = np.concatenate([rows, np.asarray(bias, np.float64)[:, None]], axis=1)
@@ -260,21 +260,21 @@ def udfc(spec, variables: Mapping[str, Any], *, bits: int,
          rescale_others: bool = False, delivery_lambdas: tuple[float, float] | None = None,
          bias_correction: bool = False, bias_fold: str = 'padding_aware'
          ) -> tuple[tuple[int, ...], dict[str, Any], dict[str, Any], dict[str, Any]]:
-  """UDFC-style pruning + weight quantization of a whole network (ALGORITHMS.md 6.2).
+  """UDFC-style pruning + weight quantization of a whole network (docs/quantization.md#udfc-style-compensation).
 
   Args:
     spec: the architecture (its ``units`` are the producer / consumer pairs).
     variables: float variables (original, or already pruned: widths are read from the arrays).
     bits: weight bit width (2..8).
     selection: which channels each unit keeps (the plan's shared selection stage,
-      :mod:`lbyl_jax.compress.selection`: criterion, ratio, overrides, kept-count rounding, seed,
+      :mod:`lbyl_jax.pruning.selection`: criterion, ratio, overrides, kept-count rounding, seed,
       and the BN sigma of the math); None: keep every channel (quantization compensation only).
-    a1, a2: the two regularization weights (8.2 defaults 0.01 / 0.008).
-    per_channel, symmetric: quantizer (A8 default: per-channel symmetric).
+    a1, a2: the two regularization weights (docs/quantization.md#udfc-defaults defaults 0.01 / 0.008).
+    per_channel, symmetric: quantizer (docs/quantization.md#udfc-defaults default: per-channel symmetric).
     keep_8bit: layer paths quantized at 8 bits (e.g. ``quant.first_and_last_layers(spec)``).
     scale_from: 'compensated' (default) or 'original' (see the module docstring).
     rescale_others: also rescale non-producer layers (exact folds, see the module docstring).
-    delivery_lambdas: ``(lam1, lam2)`` of the pruning delivery (b); None (the 6.2 default): a1 / a2.
+    delivery_lambdas: ``(lam1, lam2)`` of the pruning delivery (b); None (the docs/quantization.md#delivery-on-quantized-kept-filters default): a1 / a2.
       The scalar rescale (a) always uses a1 / a2.
     bias_correction: add the pruned channels' constant and the kept channels' mean match (module
       docstring); needs the ORIGINAL variables (the moments are those of the unpruned network).
@@ -477,7 +477,7 @@ class UDFC(Quantizer):
     return method_name == 'lbyl'
 
   def quantize(self, spec, variables, *, keep_8bit, context):
-    """The pruned network's quantization compensation (6.2 a), nothing pruned here."""
+    """The pruned network's quantization compensation (docs/quantization.md, rescale), nothing pruned here."""
     sel = selection_lib.Selection(ratio=0.0, criterion=context['selection'].criterion,
                                   bn_sigma=context['selection'].bn_sigma)
     _, qtree, qmeta, report = udfc(spec, variables, bits=self.bits, selection=sel, a1=self.a1,
@@ -487,7 +487,7 @@ class UDFC(Quantizer):
 
   def joint(self, spec, variables, *, selection, keep_8bit, bias_correction: str, bias_fold: str
             ) -> tuple[tuple[int, ...], QuantResult]:
-    """Pruning + quantization together (6.2 b): the ORIGINAL variables in, the plan's selection."""
+    """Pruning + quantization together (docs/quantization.md, joint delivery): the ORIGINAL variables in, the plan's selection."""
     widths, qtree, qmeta, report = udfc(
         spec, variables, bits=self.bits, selection=selection, a1=self.a1, a2=self.a2,
         per_channel=self.per_channel, symmetric=self.symmetric, keep_8bit=keep_8bit,

@@ -1,6 +1,6 @@
-"""Uniform weight quantization (ALGORITHMS.md 7.2) and quantized variable trees.
+"""Uniform weight quantization (docs/quantization.md#uniform-quantizer) and quantized variable trees.
 
-The quantizer is the ``Q`` used everywhere (DFQ 7.1, UDFC 6.2, plain round-to-nearest):
+The quantizer is the ``Q`` used everywhere (DFQ docs/quantization.md#dfq, UDFC docs/quantization.md#udfc-style-compensation, plain round-to-nearest):
 
 - symmetric (default): ``Delta_c = max|W_c| / (2^(b-1) - 1)``, ``q = clip(round(W / Delta_c))``
   in ``[-(2^(b-1) - 1), 2^(b-1) - 1]``, ``What = Delta_c q``;
@@ -9,7 +9,7 @@ The quantizer is the ``Q`` used everywhere (DFQ 7.1, UDFC 6.2, plain round-to-ne
   widened to contain 0 (``min_c <= 0 <= max_c``), as in TFLite / PyTorch: zero is then exactly
   representable, ``z_c`` lies in ``[0, 2^b - 1]``, and a constant non-zero channel keeps its value
   instead of collapsing to the Delta=1 guard. For ordinary weights (``min < 0 < max``) this is the
-  formula of 7.2 unchanged.
+  formula of docs/quantization.md#asymmetric-grid unchanged.
 
 ``round`` is round-half-to-even everywhere (``np.round``, the same rule as ``jnp.round``) and an
 all-zero channel gets ``Delta = 1``. Channels are output channels: the last axis of an HWIO conv
@@ -76,7 +76,7 @@ def check_bits(bits: int, *, where: str = 'quantize') -> int:
 
 
 def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
-  """The integer range [lo, hi] of ``q`` (7.2)."""
+  """The integer range [lo, hi] of ``q`` (docs/quantization.md#uniform-quantizer)."""
   if symmetric:
     hi = 2 ** (bits - 1) - 1
     return -hi, hi
@@ -92,7 +92,7 @@ def _bcast(v: np.ndarray, ndim: int, axis: int) -> np.ndarray:
 
 def quantize(w, *, bits: int, per_channel: bool = True, symmetric: bool = True,
              axis: int = -1) -> QTensor:
-  """Quantizes ``w`` with the uniform quantizer of ALGORITHMS.md 7.2.
+  """Quantizes ``w`` with the uniform quantizer of docs/quantization.md#uniform-quantizer.
 
   Args:
     w: array to quantize (conv HWIO or dense (in, out) kernels, or N x D filter rows with
@@ -125,7 +125,7 @@ def quantize(w, *, bits: int, per_channel: bool = True, symmetric: bool = True,
     wmax = np.maximum(np.max(w, axis=red), 0.0)
     delta = (wmax - wmin) / hi_q
   delta = np.atleast_1d(delta).astype(np.float32)
-  delta = np.where(delta > 0, delta, np.float32(1.0))  # 7.2: all-zero channel -> Delta=1
+  delta = np.where(delta > 0, delta, np.float32(1.0))  # docs/quantization.md#rounding-and-empty-channels: all-zero channel -> Delta=1
   d = _bcast(delta.astype(np.float64), w.ndim, axis) if per_channel else delta.astype(np.float64)
   if symmetric:
     q = np.clip(np.round(w / d), lo_q, hi_q).astype(np.int8)
@@ -139,7 +139,7 @@ def quantize(w, *, bits: int, per_channel: bool = True, symmetric: bool = True,
 
 
 def dequantize(qt: QTensor) -> np.ndarray:
-  """``Delta (q - z)`` as float32 (7.2)."""
+  """``Delta (q - z)`` as float32 (docs/quantization.md#uniform-quantizer)."""
   nd = len(qt.shape)
   q = np.asarray(qt.q, np.float64).reshape(qt.shape)
   if qt.zero_point is not None:
@@ -149,7 +149,7 @@ def dequantize(qt: QTensor) -> np.ndarray:
 
 def fake_quantize(w, *, bits: int, per_channel: bool = True, symmetric: bool = True,
                   axis: int = -1) -> np.ndarray:
-  """``dequantize(quantize(w))`` in float64 (the What of 6.2 / 7.1)."""
+  """``dequantize(quantize(w))`` in float64 (the What of docs/quantization.md#udfc-style-compensation / docs/quantization.md#dfq)."""
   qt = quantize(w, bits=bits, per_channel=per_channel, symmetric=symmetric, axis=axis)
   return dequantize(qt).astype(np.float64)
 
@@ -257,12 +257,12 @@ def relative_error(w, what) -> float:
 def quantize_tree(variables: Mapping[str, Any], *, bits: int, per_channel: bool = True,
                   symmetric: bool = True, keep_8bit: Iterable[str] = (),
                   skip: Iterable[str] = ()) -> tuple[dict[str, Any], dict[str, Any]]:
-  """Quantizes every conv / dense kernel of a variable tree (7.2).
+  """Quantizes every conv / dense kernel of a variable tree (docs/quantization.md#storage).
 
   Args:
     variables: ``{'params': ..., ['batch_stats': ...]}``.
     bits: bit width of the quantized kernels (2..8).
-    per_channel, symmetric: quantizer options (7.2).
+    per_channel, symmetric: quantizer options (docs/quantization.md#uniform-quantizer).
     keep_8bit: layer paths (e.g. ``first_and_last_layers(spec)``) quantized at 8 bits instead.
     skip: layer paths left in float32.
 

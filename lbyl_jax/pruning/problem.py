@@ -24,7 +24,7 @@ class UnitProblem:
   Attributes:
     unit: the unit (producer, BN, consumer paths).
     W: producer filters, N x D float64 (torch order; MLP rows end with the bias).
-    bn: the dict of :func:`lbyl_jax.compress.terms.bn_terms` (gamma, beta, mu, var, sigma, alpha,
+    bn: the dict of :func:`lbyl_jax.pruning.terms.bn_terms` (gamma, beta, mu, var, sigma, alpha,
       b), float64, with ``sigma`` as chosen by the selection's ``bn_sigma``. A producer bias in
       front of a BN is already folded into ``mu`` and ``b``.
     keep: sorted kept indices K (int array, length m >= 1).

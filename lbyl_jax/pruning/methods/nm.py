@@ -1,13 +1,13 @@
-"""Neuron Merging (ALGORITHMS.md 4): each pruned channel is merged into ONE kept channel.
+"""Neuron Merging (docs/neuron_merging.md): each pruned channel is merged into ONE kept channel.
 
 Row j of S_P has at most one non-zero entry, the merge scale of the chosen kept channel (or none:
 plain pruning of that channel). All pruned channels of a unit are handled at once on (p, m)
 matrices.
 
-- MLP units (no BN, 4.2): cosine similarity of [w, bias] rows, k* = argmax, merge if cos >= t with
+- MLP units (no BN, docs/neuron_merging.md#mlp-rule): cosine similarity of [w, bias] rows, k* = argmax, merge if cos >= t with
   scale ||W_j|| / ||W_k*||.
-- Conv + BN units (4.3): a score mixing cosine distance and a BN-shift mismatch picks k*.
-  ``nm_mode='exact'`` (default) uses the exact scale s * alpha_j / alpha_k (A2), for which
+- Conv + BN units (docs/neuron_merging.md#bn-rule): a score mixing cosine distance and a BN-shift mismatch picks k*.
+  ``nm_mode='exact'`` (default) uses the exact scale s * alpha_j / alpha_k (docs/neuron_merging.md#exact-form), for which
   a_j = scale * a_k holds exactly when W_j = s W_k and b_j = scale * b_k, and the shift mismatch
   |b_j - scale * b_k| (the pre-activation error that merging leaves, [DERIVED]).
   ``nm_mode='reference_code'`` reproduces decompose.py: the running VARIANCE as "sg" (no sqrt, no
@@ -23,8 +23,8 @@ from collections.abc import Sequence
 import numpy as np
 
 from lbyl_jax.core.options import NONNEG, number, option
-from lbyl_jax.compress.methods.base import Method, register
-from lbyl_jax.compress.problem import UnitProblem, UnitSolution, coefficient_stats
+from lbyl_jax.pruning.methods.base import Method, register
+from lbyl_jax.pruning.problem import UnitProblem, UnitSolution, coefficient_stats
 
 
 def _norms_and_cos(W: np.ndarray, keep: np.ndarray, prune: np.ndarray):
@@ -39,7 +39,7 @@ def _norms_and_cos(W: np.ndarray, keep: np.ndarray, prune: np.ndarray):
 
 
 def merge_mlp(W: np.ndarray, keep: np.ndarray, prune: np.ndarray, *, t: float | None) -> np.ndarray:
-  """S_P of 4.2 (rows W_i = [w_i, bias_i]); ``t=None`` merges every pruned neuron."""
+  """S_P of docs/neuron_merging.md#mlp-rule (rows W_i = [w_i, bias_i]); ``t=None`` merges every pruned neuron."""
   nP, nK, cos = _norms_and_cos(W, keep, prune)
   S = np.zeros((prune.size, keep.size))
   if prune.size == 0:
@@ -56,13 +56,13 @@ def merge_bn(
     W: np.ndarray, bn, keep: np.ndarray, prune: np.ndarray, *, t: float, lam: float,
     mode: str = 'exact',
 ) -> np.ndarray:
-  """S_P of 4.3 for a conv (or linear) followed by BN.
+  """S_P of docs/neuron_merging.md#bn-rule for a conv (or linear) followed by BN.
 
   Args:
-    bn: the dict of :func:`lbyl_jax.compress.units.bn_affine` (float64).
+    bn: the dict of :func:`lbyl_jax.pruning.units.bn_affine` (float64).
     t: cosine-similarity threshold; a pruned channel whose chosen partner has cos < t is not merged.
     lam: weight of the cosine distance in the score (1 - lam weighs the bias distance).
-    mode: 'exact' or 'reference_code' (A2 and the quirks listed in 4.3).
+    mode: 'exact' or 'reference_code' (docs/neuron_merging.md#reference-code-form).
   """
   nP, nK, cos = _norms_and_cos(W, keep, prune)
   S = np.zeros((prune.size, keep.size))
@@ -80,7 +80,7 @@ def merge_bn(
       gamma = np.asarray(bn['gamma'], np.float64)
       beta = np.asarray(bn['beta'], np.float64)
       mu = np.asarray(bn['mu'], np.float64)
-      sg = np.asarray(bn['var'], np.float64)  # A1: running variance, no sqrt, no eps
+      sg = np.asarray(bn['var'], np.float64)  # docs/README.md#bn-terms: running variance, no sqrt, no eps
       scale = s * (gamma[None, K] / gamma[P, None]) * (sg[P, None] / sg[None, K])
       kink = mu[P] - sg[P] * beta[P] / gamma[P]  # channel j's ReLU kink in its input units
       bn_k = (gamma[None, K] / sg[None, K]) * (s * kink[:, None] - mu[None, K]) + beta[None, K]
@@ -105,7 +105,7 @@ def merge_bn(
 def solve_problems(
     problems: Sequence[UnitProblem], *, t: float, lam: float, mode: str = 'exact'
 ) -> list[UnitSolution]:
-  """NM rows S_P for every unit (MLP rule for units without BN, 4.3 otherwise)."""
+  """NM rows S_P for every unit (MLP rule for units without BN, docs/neuron_merging.md#bn-rule otherwise)."""
   out = []
   for p in problems:
     t0 = time.perf_counter()
@@ -132,10 +132,10 @@ class NeuronMerging(Method):
   name = 'nm'
   summary = 'Neuron Merging (one-to-one delivery)'
 
-  nm_t: float | None = option(None, help='cosine-similarity threshold (default: per preset)',
+  nm_t: float | None = option(None, help='cosine-similarity threshold', default_text="the preset's",
                            check=NONNEG)
-  nm_lam: float | None = option(None, help='weight of the cosine distance in the score (default: per'
-                             ' preset)', check=number(0.0, 1.0))
+  nm_lam: float | None = option(None, help='weight of the cosine distance in the score',
+                             default_text="the preset's", check=number(0.0, 1.0))
   nm_mode: str = option('exact', help="'exact' BN algebra, or the official code's 'reference_code'",
                      choices=('exact', 'reference_code'), advanced=True)
 

@@ -1,14 +1,14 @@
-"""BN-moments compensation (BN_MOMENTS.md): a data-free delivery fitted on modelled ReLU activations.
+"""BN-moments compensation (docs/bn_moments.md): a data-free delivery fitted on modelled ReLU activations.
 
-Per unit (ALGORITHMS.md section 1 notation):
+Per unit (docs/README.md#notation notation):
 
 1. Pre-activation model y ~ N(mean, Sigma_y). BN units: mean = beta,
    Sigma_y[i, j] = |gamma_i| |gamma_j| rho_ij with rho the correlations of f_i = alpha_i W_i under
    the input-patch covariance Sx (``config.bnm_cov``: 'identity', or 'diag' = per-input-channel
-   variances from :func:`lbyl_jax.compress.moments.propagate` repeated over the kernel taps). BN-free (MLP)
+   variances from :func:`lbyl_jax.pruning.moments.propagate` repeated over the kernel taps). BN-free (MLP)
    units: the propagated mean W E[x] + b and covariance W Cov(x) W^T, whatever ``bnm_cov`` says
    (without BN nothing else fixes the scale).
-2. Moments of a = ReLU(y): E[a] and M = E[a a^T] in closed form (:mod:`lbyl_jax.compress.moments`).
+2. Moments of a = ReLU(y): E[a] and M = E[a a^T] in closed form (:mod:`lbyl_jax.pruning.moments`).
 3. Fit. Default, no intercept: S_P = M_PK (M_KK + eps I)^{-1}, eps = 1e-6 trace(M_KK) / m.
    With an intercept (``bias_correction='on'``): S_P = C_PK (C_KK + eps I)^{-1} with
    C = M - E[a] E[a]^T and the constant c = E[a_P] - S_P E[a_K] (a_P ~ S_P a_K + c).
@@ -16,7 +16,7 @@ Per unit (ALGORITHMS.md section 1 notation):
    ``'blend'`` takes the per-unit mixture of the two fits that the same rule's error model
    prefers (a weight in [0, 1] instead of 0 or 1).
 4. Constants are returned ready for surgery's fold (consumer pre-BN output += sum over all taps
-   V[:, P] c), corrected for zero padding (:func:`lbyl_jax.compress.bias.fold_constant`).
+   V[:, P] c), corrected for zero padding (:func:`lbyl_jax.pruning.bias.fold_constant`).
 
 The closed-form moments run in float64 JAX (one compiled elementwise kernel for every unit of every
 network); the small SPD solves run batched in float64 NumPy (see the note above
@@ -33,10 +33,10 @@ from typing import Any
 import numpy as np
 
 from lbyl_jax.core.options import option
-from lbyl_jax.compress import bias as bias_lib
-from lbyl_jax.compress import moments as moments_lib
-from lbyl_jax.compress.methods.base import Method, register
-from lbyl_jax.compress.problem import UnitProblem, UnitSolution, coefficient_stats
+from lbyl_jax.pruning import bias as bias_lib
+from lbyl_jax.pruning import moments as moments_lib
+from lbyl_jax.pruning.methods.base import Method, register
+from lbyl_jax.pruning.problem import UnitProblem, UnitSolution, coefficient_stats
 from lbyl_jax.experimental import rules as rules_lib
 
 EPS_SCALE = 1e-6
@@ -116,10 +116,10 @@ def solve(spec, variables: Mapping[str, Any] | None, problems: Sequence[UnitProb
     bias_mode: 'off' (uncentred fit), 'on' (centred fit with its intercept), 'auto' / 'blend'
       (per unit, :func:`lbyl_jax.experimental.rules.auto_bias_rule`).
     activation: 'relu' (the method) or 'linear' (a = y; for exactness tests).
-    moments: precomputed :func:`lbyl_jax.compress.moments.propagate` output (computed when needed).
+    moments: precomputed :func:`lbyl_jax.pruning.moments.propagate` output (computed when needed).
     eps_scale: the ridge eps = eps_scale * trace(A) / m.
     padding_aware: return constants for surgery's all-taps fold that reproduce the
-      position-averaged effect under zero padding (:func:`lbyl_jax.compress.bias.fold_constant`);
+      position-averaged effect under zero padding (:func:`lbyl_jax.pruning.bias.fold_constant`);
       the relative change from the raw c = E[a_P] - S_P E[a_K] is ``diag['bias_padding_change']``.
       False: the raw constant (the prototype's 'all_taps' fold).
 

@@ -55,7 +55,7 @@ def random(W: np.ndarray, *, seed: int = 0, index: int = 0) -> np.ndarray:
 
 
 def n_keep(n: int, ratio: float, *, rounding: str = 'floor') -> int:
-  """Kept count for ``n`` channels at pruning ratio ``ratio`` (A10), at least 1.
+  """Kept count for ``n`` channels at pruning ratio ``ratio`` (docs/criteria.md#kept-count), at least 1.
 
   Args:
     rounding: 'floor' mirrors the codes' ``int(N * (1 - r))`` (convs); 'round' mirrors the LeNet

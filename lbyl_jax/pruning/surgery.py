@@ -1,4 +1,4 @@
-"""Physical channel removal with compensation folded into the consumer (ALGORITHMS.md 1, 5.7).
+"""Physical channel removal with compensation folded into the consumer (docs/surgery.md).
 
 For every unit with kept channels K, pruned channels P, delivery rows S_P and optional constant c:
 
@@ -10,7 +10,7 @@ For every unit with kept channels K, pruned channels P, delivery rows S_P and op
   consumer's bias += delta (zero-padded borders are ignored);
 - the producer's kernel, bias and BN (scale, bias, mean, var) are sliced to K.
 
-All coefficients come from the ORIGINAL weights (2.1, 2.4, A6), so all consumer updates are made
+All coefficients come from the ORIGINAL weights (docs/README.md#coefficients-from-the-original-weights), so all consumer updates are made
 first on the original shapes and all producer slices after: a layer that is both a consumer (its
 inputs) and a producer (its outputs) is touched on two different axes, which commute.
 Arithmetic is float64; results are cast back to each leaf's dtype. Units with nothing pruned are

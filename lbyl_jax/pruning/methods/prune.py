@@ -6,8 +6,8 @@ import dataclasses
 
 import numpy as np
 
-from lbyl_jax.compress.methods.base import Method, register
-from lbyl_jax.compress.problem import UnitSolution, coefficient_stats
+from lbyl_jax.pruning.methods.base import Method, register
+from lbyl_jax.pruning.problem import UnitSolution, coefficient_stats
 
 
 @register

@@ -1,26 +1,26 @@
-"""Batched, jit-compiled linear solves for the delivery coefficients (ALGORITHMS.md 5.3, 5.4, A12).
+"""Batched, jit-compiled linear solves for the delivery coefficients (docs/solvers.md).
 
 Two system kinds cover every LBYL variant:
 
-- :class:`SharedSystem` (5.3, one SPD matrix per layer)::
+- :class:`SharedSystem` (docs/solvers.md#shared-systems, one SPD matrix per layer)::
 
     A = F F^T + lam1 b b^T + lam2 I      (m x m)
     R = F F_P^T + lam1 b b_P^T           (m x p)
     S_P^T = A^{-1} R                     (one Cholesky, multi-right-hand-side triangular solves)
 
-- :class:`RowSystem` (5.4, one matrix per pruned row, batched as (p, m, m))::
+- :class:`RowSystem` (docs/solvers.md#row-systems, one matrix per pruned row, batched as (p, m, m))::
 
     (X X^T + diag(d_j)) c_j = X y_j + e_j
 
 Units are grouped into shape buckets (kind, m, p), filters zero-padded to the bucket's longest D
 (which changes no Gram product); each bucket is stacked along a new leading axis and solved by ONE
-compiled executable (vmap over layers for 5.3, ``lax.map`` over layers for
-5.4 to bound the (p, m, m) memory), so a ResNet-101 compiles a handful of times, not once per layer.
+compiled executable (vmap over layers for docs/solvers.md#shared-systems, ``lax.map`` over layers for
+docs/solvers.md#row-systems to bound the (p, m, m) memory), so a ResNet-101 compiles a handful of times, not once per layer.
 Executables are cached per (bucket, number of layers, dtype) for the process, so ratio / lambda
 sweeps reuse them (the lambdas are runtime arguments).
 
 Precision: Gram products use ``Precision.HIGHEST`` (no TF32 on GPUs). In float32 a jitter of
-1e-6 * trace(A) / m is added before the Cholesky (5.5); float64 runs under ``jax.enable_x64``.
+1e-6 * trace(A) / m is added before the Cholesky (docs/solvers.md#jitter); float64 runs under ``jax.enable_x64``.
 A layer whose solution is non-finite or whose relative residual ||A S - R|| / ||R|| (measured
 against the matrix WITHOUT jitter) is too large is re-solved on the host in float64 with an
 eigen-decomposition pseudo-inverse (the minimum-norm solution); if that is still not finite a
@@ -50,10 +50,10 @@ _RESIDUAL_TOL = {'float32': 1e-3, 'float64': 1e-8}
 
 @dataclasses.dataclass(frozen=True)
 class SharedSystem:
-  """The consistent-form system of one layer (5.3). Arrays are float64 on the host.
+  """The consistent-form system of one layer (docs/lbyl.md#consistent-closed-form). Arrays are float64 on the host.
 
   Attributes:
-    F: m x D kept filters (BN-scaled in 5.3).
+    F: m x D kept filters (BN-scaled in docs/lbyl.md#consistent-closed-form).
     FP: p x D pruned targets.
     b: m kept shifts; bP: p pruned shifts (zeros when lam1 plays no role).
     lam1, lam2: BN-error and ridge weights.
@@ -71,7 +71,7 @@ class SharedSystem:
 
 @dataclasses.dataclass(frozen=True)
 class RowSystem:
-  """Per-row systems of one layer (5.4): (X X^T + diag(d_j)) c_j = X y_j + e_j.
+  """Per-row systems of one layer (docs/lbyl.md#reference-code-form): (X X^T + diag(d_j)) c_j = X y_j + e_j.
 
   Attributes:
     X: m x D kept filters; Y: p x D pruned filters (row j = y_j).

@@ -25,8 +25,8 @@ import numpy as np
 from lbyl_jax.core import trees
 from lbyl_jax.core import units as units_lib
 from lbyl_jax.core.bn import BN_EPS
-from lbyl_jax.compress import moments as moments_lib
-from lbyl_jax.compress.problem import UnitProblem, UnitSolution
+from lbyl_jax.pruning import moments as moments_lib
+from lbyl_jax.pruning.problem import UnitProblem, UnitSolution
 from lbyl_jax.models import trace
 
 FOLDS = ('padding_aware', 'all_taps')
@@ -144,7 +144,7 @@ def consumers(spec, variables, problems: Sequence[UnitProblem], moments=None) ->
 def fold_constant(consumer: Consumer, prune: np.ndarray, c: np.ndarray) -> np.ndarray:
   """The constant c' whose fold, sum over ALL taps V[:, P] c' (how surgery shifts the consumer's
   BN mean), best matches the position-averaged effect of c under zero padding,
-  sum over taps w_tap V[tap, P] c (ALGORITHMS.md 1; BN_MOMENTS.md, open question on padding).
+  sum over taps w_tap V[tap, P] c (docs/README.md#folding-into-the-consumer; docs/bias_correction.md#padding-aware-fold).
 
   A per-channel BN shift cannot reproduce the position-dependent border effect; its best L2 value
   is the position average. c' solves min ||A c' - target||^2 + lam ||c' - c||^2 with

@@ -1,10 +1,10 @@
 """Delivery methods: each is a frozen options dataclass that owns its hyper-parameters.
 
-A method receives one :class:`~lbyl_jax.compress.problem.UnitProblem` per prunable unit and
+A method receives one :class:`~lbyl_jax.pruning.problem.UnitProblem` per prunable unit and
 returns, per unit, the delivery rows S_P and an optional constant
-(:class:`~lbyl_jax.compress.problem.UnitSolution`). Adding a method is one module with a subclass
+(:class:`~lbyl_jax.pruning.problem.UnitSolution`). Adding a method is one module with a subclass
 of :class:`Method` decorated with :func:`register` (its options become CLI flags by themselves);
-import it from :mod:`lbyl_jax.compress.methods`.
+import it from :mod:`lbyl_jax.pruning.methods`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 
 from lbyl_jax.core.options import Options
 from lbyl_jax.core.registry import Registry
-from lbyl_jax.compress.problem import UnitProblem, UnitSolution
+from lbyl_jax.pruning.problem import UnitProblem, UnitSolution
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 :func:`build_problems` ranks every unit's filters by the criterion, keeps the kept count of the
 unit's ratio, and packs filters, BN terms and the kept / pruned indices into a
-:class:`~lbyl_jax.compress.problem.UnitProblem`, all from the ORIGINAL weights.
+:class:`~lbyl_jax.pruning.problem.UnitProblem`, all from the ORIGINAL weights.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import numpy as np
 from lbyl_jax.core import trees
 from lbyl_jax.core import units as units_lib
 from lbyl_jax.core.options import Options, RATIO, number, option
-from lbyl_jax.compress import criteria
-from lbyl_jax.compress import terms
-from lbyl_jax.compress.problem import UnitProblem
+from lbyl_jax.pruning import criteria
+from lbyl_jax.pruning import terms
+from lbyl_jax.pruning.problem import UnitProblem
 
 
 def _matches(pattern: str, name: str) -> bool:
@@ -69,9 +69,9 @@ class Selection(Options):
                                   flag='--ratio-override', check=_overrides,
                                   metavar='PATTERN=RATIO')
   seed: int = option(0, help='seed of the random criterion', check=number(integer=True))
-  keep_rounding: str | None = option(None, help='kept count = floor or round of N (1 - ratio);'
-                                     ' default: round for MLPs, floor otherwise',
-                                     choices=(None, 'floor', 'round'), advanced=True)
+  keep_rounding: str | None = option(None, help='kept count = floor or round of N (1 - ratio)',
+                                     choices=(None, 'floor', 'round'), advanced=True,
+                                     default_text='round for MLPs, floor otherwise')
   bn_sigma: str = option('std', help="BN sigma in the methods' algebra: sqrt(var + eps), or the"
                          " raw running variance as the reference codes use it",
                          choices=('std', 'variance'), advanced=True)

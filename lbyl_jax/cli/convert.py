@@ -1,6 +1,6 @@
-"""``python -m converters``: convert a PyTorch / safetensors / npz weight file to an lbyl_jax checkpoint.
+"""``python -m lbyl_jax.convert``: a PyTorch / safetensors / npz weight file -> an lbyl_jax checkpoint.
 
-  python -m converters --arch resnet20 --weights resnet20-12fca82f.th --out ckpt/resnet20
+  python -m lbyl_jax.convert --arch resnet20 --weights resnet20-12fca82f.th --out ckpt/resnet20
 
 The result loads with ``lbyl_jax.load('ckpt/resnet20')``. Widths are read from the file, so the
 checkpoint of a pruned PyTorch network converts too. Nothing here imports torch.
@@ -9,21 +9,22 @@ checkpoint of a pruned PyTorch network converts too. Nothing here imports torch.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import pathlib
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+import converters
+from lbyl_jax.cli import common
+from lbyl_jax.core import units
+from lbyl_jax.io import checkpoint
+from lbyl_jax.io import download
+from lbyl_jax.models import archs
 
-def _sha256(path: pathlib.Path) -> str:
-  h = hashlib.sha256()
-  with open(path, 'rb') as f:
-    for block in iter(lambda: f.read(1 << 20), b''):
-      h.update(block)
-  return h.hexdigest()
+PROG = 'python -m lbyl_jax.convert'
 
 
 def _leaves(tree: Any) -> list[np.ndarray]:
@@ -34,17 +35,12 @@ def _leaves(tree: Any) -> list[np.ndarray]:
 
 def convert(arch: str, weights: str, out: str, *, overwrite: bool = False) -> dict[str, Any]:
   """Reads ``weights`` for ``arch``, saves the checkpoint to ``out``; returns a summary dict."""
-  import converters  # pylint: disable=import-outside-toplevel
-  from lbyl_jax.models import archs
-  from lbyl_jax.io import checkpoint
-  from lbyl_jax.compress import units  # pylint: disable=import-outside-toplevel
-
   spec = archs.get(arch)
   src = pathlib.Path(weights).absolute()
   fmt = converters.detect_format(src)
   variables = converters.load_variables(src, spec)
   widths = units.widths_of(variables, spec.units)
-  digest = _sha256(src)
+  digest = download.sha256_file(src)
   published = None
   if spec.weights is not None and src.name == spec.weights.filename:
     published = digest.startswith(spec.weights.sha256)
@@ -67,27 +63,26 @@ def convert(arch: str, weights: str, out: str, *, overwrite: bool = False) -> di
   }
 
 
-def _parser() -> argparse.ArgumentParser:
+def parser(show_advanced: bool = False) -> argparse.ArgumentParser:
+  del show_advanced
   p = argparse.ArgumentParser(
-      prog='python -m converters',
+      prog=PROG,
       description='Convert PyTorch (.pth/.th/.pth.tar, legacy or zip), .safetensors or .npz weights'
                   ' into an lbyl_jax checkpoint directory.',
   )
-  p.add_argument('--arch', required=True, help='architecture name (see lbyl_jax.models.archs.names())')
+  p.add_argument('--arch', required=True, choices=archs.names(), metavar='ARCH',
+                 help=f'architecture: {", ".join(archs.names())}')
   p.add_argument('--weights', required=True, help='weight file to convert')
   p.add_argument('--out', required=True, help='checkpoint directory to create')
-  p.add_argument('--overwrite', action='store_true', help='replace an existing --out directory')
+  p.add_argument('--overwrite', action='store_true',
+                 help='replace an existing --out that this tool wrote (never anything else)')
   p.add_argument('--json', action='store_true', help='print the summary as JSON')
+  common.add_common(p)
   return p
 
 
-def main(argv: list[str] | None = None) -> int:
-  args = _parser().parse_args(argv)
-  try:
-    summary = convert(args.arch, args.weights, args.out, overwrite=args.overwrite)
-  except (ValueError, OSError) as e:  # CheckpointError is a ValueError
-    print(f'error: {e}', file=sys.stderr)
-    return 1
+def _run(args: argparse.Namespace) -> dict[str, Any]:
+  summary = convert(args.arch, args.weights, args.out, overwrite=args.overwrite)
   if args.json:
     print(json.dumps(summary, indent=2))
   else:
@@ -97,8 +92,9 @@ def main(argv: list[str] | None = None) -> int:
           f" {summary['params']:,} parameters")
     if summary['sha256_matches_published'] is False:
       print('  warning: sha256 differs from the published weights of this arch', file=sys.stderr)
-  return 0
+  return summary
 
 
-if __name__ == '__main__':
-  sys.exit(main())
+def main(argv: Sequence[str] | None = None) -> None:
+  """Console entry point."""
+  common.run_main(PROG, parser, _run, argv)

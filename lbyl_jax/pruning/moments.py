@@ -1,4 +1,4 @@
-"""Rectified-Gaussian moments and their data-free propagation through a network (BN_MOMENTS.md).
+"""Rectified-Gaussian moments and their data-free propagation through a network (docs/bn_moments.md).
 
 Three parts:
 
@@ -7,7 +7,7 @@ Three parts:
    whole second-moment matrix M = E[a a^T] of a = ReLU(y), y ~ N(mean, Sigma); the moments of the
    max of k iid rectified Gaussians (max-pools).
 2. :func:`propagate`: for every prunable unit, the per-channel mean and variance of the producer's
-   input, derived from BN statistics only (no data), as BN_MOMENTS.md's ``diag`` Sx needs.
+   input, derived from BN statistics only (no data), as docs/bn_moments.md#input-covariance's ``diag`` Sx needs.
 3. The per-unit model the BN-moments method, the bias correction and the guard share: each unit's
    pre-activations N(mean, Sigma) (:func:`preactivation`) and its activation moments
    E[a], E[a a^T] (:func:`unit_moments`, :func:`activation_means`). Monte Carlo references for
@@ -40,8 +40,8 @@ import numpy as np
 import scipy.special
 
 from lbyl_jax.core import trees
-from lbyl_jax.compress import terms
-from lbyl_jax.compress.problem import UnitProblem
+from lbyl_jax.pruning import terms
+from lbyl_jax.pruning.problem import UnitProblem
 
 _SQRT2 = math.sqrt(2.0)
 _SQRT2PI = math.sqrt(2.0 * math.pi)
@@ -73,7 +73,7 @@ def norm_cdf(x: jax.Array) -> jax.Array:
 
 
 def relu_moments(mean: jax.Array, std: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """E[ReLU(y)] and E[ReLU(y)^2] for y ~ N(mean, std^2), elementwise (BN_MOMENTS.md).
+  """E[ReLU(y)] and E[ReLU(y)^2] for y ~ N(mean, std^2), elementwise (docs/bn_moments.md#one-channel).
 
   E[ReLU(y)] = m Phi(m/s) + s phi(m/s);  E[ReLU(y)^2] = (m^2 + s^2) Phi(m/s) + m s phi(m/s).
   ``std`` may be negative (a BN gamma): only |std| matters. std == 0 gives exactly ReLU(m) and
@@ -190,7 +190,7 @@ def relu_second_moments(mean: jax.Array, cov: jax.Array, *, activation: str = 'r
   Args:
     mean: (N,) pre-activation means.
     cov: (N, N) pre-activation covariance (symmetric PSD).
-    activation: 'relu' (BN_MOMENTS.md) or 'linear' (a = y, M = mean mean^T + cov; for tests of
+    activation: 'relu' (docs/bn_moments.md#rectified-gaussian-moments) or 'linear' (a = y, M = mean mean^T + cov; for tests of
       exact linear recovery).
   """
   mean = jnp.asarray(mean)
@@ -247,7 +247,7 @@ def max_relu_moments(mean: jax.Array, std: jax.Array, k: int) -> tuple[jax.Array
 
 
 # --------------------------------------------------------------------------------------------
-# Part 2: data-free propagation of per-channel moments (BN_MOMENTS.md, 'diag' Sx).
+# Part 2: data-free propagation of per-channel moments (docs/bn_moments.md#propagation-through-the-network, 'diag' Sx).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,7 +267,7 @@ class InputMoments:
 
 
 def _bn(variables: Mapping[str, Any], path: str) -> tuple[np.ndarray, np.ndarray]:
-  """(beta, |gamma|) of a BN: the pre-activation model N(beta, gamma^2) of BN_MOMENTS.md."""
+  """(beta, |gamma|) of a BN: the pre-activation model N(beta, gamma^2) of docs/bn_moments.md#gaussian-pre-activation-model."""
   p = trees.get_path(variables['params'], path)
   return np.asarray(p['bias'], np.float64), np.abs(np.asarray(p['scale'], np.float64))
 
@@ -427,7 +427,7 @@ def propagate(spec, variables: Mapping[str, Any], *, input_mean: float = 0.0,
               input_var: float = 1.0) -> dict[str, InputMoments]:
   """Per-unit moments of the producer's input, from the checkpoint's BN parameters only.
 
-  Model (BN_MOMENTS.md, 'diag' Sx): every BN output is N(beta, gamma^2) per channel (exact in mean
+  Model (docs/bn_moments.md#propagation-through-the-network, 'diag' Sx): every BN output is N(beta, gamma^2) per channel (exact in mean
   and variance when the running statistics match the data); channels and positions are treated
   as independent; residual sums add means and variances; a ReLU maps N(m, s^2) to its rectified
   moments. Family specifics:
@@ -507,7 +507,7 @@ def preactivation(problem: UnitProblem, moments: InputMoments | None, *,
   """(mean, covariance, model name) of the unit's pre-activations y (N,), (N, N), float64.
 
   Args:
-    problem: the unit (W, bn as in :class:`lbyl_jax.compress.methods.base.UnitProblem`).
+    problem: the unit (W, bn as in :class:`lbyl_jax.pruning.methods.base.UnitProblem`).
     moments: the producer's input moments (needed for 'diag' and for BN-free units).
     cov_model: 'identity' or 'diag' Sx for BN units.
   """

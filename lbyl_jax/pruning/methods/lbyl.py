@@ -1,17 +1,17 @@
-"""LBYL delivery coefficients (ALGORITHMS.md 5): each pruned channel leaves its information to ALL
+"""LBYL delivery coefficients (docs/lbyl.md): each pruned channel leaves its information to ALL
 kept channels through a ridge-regularized least-squares row s_j.
 
 Forms (``config.lbyl_mode``):
 
-- 'consistent' (5.3, default): F = diag(alpha_K) W_K, f_j = alpha_j W_j, and
+- 'consistent' (docs/lbyl.md#consistent-closed-form, default): F = diag(alpha_K) W_K, f_j = alpha_j W_j, and
   (F F^T + lam1 b_K b_K^T + lam2 I) s_j = F f_j + lam1 b_j b_K, one SPD matrix per layer.
-- 'reference_code' (5.4): the official code's per-row systems with the BN running variance as
+- 'reference_code' (docs/lbyl.md#reference-code-form): the official code's per-row systems with the BN running variance as
   "sg", the BN rank-1 term turned into a diagonal ||a||^2 shift, and c (not K * c) applied.
-- MLP units (no BN, 5.6): alpha = 1, b = 0, bias already a filter coordinate; lam1 plays no role.
+- MLP units (no BN, docs/lbyl.md#units-without-bn): alpha = 1, b = 0, bias already a filter coordinate; lam1 plays no role.
   In 'reference_code' mode the filters are centred over their D coordinates first, which is what
   the official code's sklearn ``Ridge(fit_intercept=True)`` does before discarding the intercept.
 
-Build systems here, solve them batched in :mod:`lbyl_jax.compress.solvers`.
+Build systems here, solve them batched in :mod:`lbyl_jax.pruning.solvers`.
 """
 
 from __future__ import annotations
@@ -22,13 +22,13 @@ from collections.abc import Sequence
 import numpy as np
 
 from lbyl_jax.core.options import NONNEG, option
-from lbyl_jax.compress import solvers
-from lbyl_jax.compress.methods.base import Method, register
-from lbyl_jax.compress.problem import UnitProblem, UnitSolution, coefficient_stats
+from lbyl_jax.pruning import solvers
+from lbyl_jax.pruning.methods.base import Method, register
+from lbyl_jax.pruning.problem import UnitProblem, UnitSolution, coefficient_stats
 
 
 def consistent_system(problem: UnitProblem, lam1: float, lam2: float) -> solvers.SharedSystem:
-  """The 5.3 system of one unit (5.6 for units without BN: alpha = 1, b = 0)."""
+  """The docs/lbyl.md#consistent-closed-form system of one unit (docs/lbyl.md#units-without-bn for units without BN: alpha = 1, b = 0)."""
   K, P = problem.keep, problem.prune
   alpha = np.asarray(problem.bn['alpha'], np.float64)
   b = np.asarray(problem.bn['b'], np.float64)
@@ -39,7 +39,7 @@ def consistent_system(problem: UnitProblem, lam1: float, lam2: float) -> solvers
 
 
 def mlp_reference_system(problem: UnitProblem, lam2: float) -> solvers.SharedSystem:
-  """5.6 reference: ridge on filters centred over their D coordinates (sklearn's intercept)."""
+  """docs/lbyl.md#units-without-bn reference: ridge on filters centred over their D coordinates (sklearn's intercept)."""
   W = np.asarray(problem.W, np.float64)
   Wc = W - W.mean(axis=1, keepdims=True)
   K, P = problem.keep, problem.prune
@@ -48,7 +48,7 @@ def mlp_reference_system(problem: UnitProblem, lam2: float) -> solvers.SharedSys
 
 
 def reference_system(problem: UnitProblem, lam1: float, lam2: float) -> solvers.RowSystem:
-  """The official code's per-row normal equations (5.4), variance as sg, for one BN unit.
+  """The official code's per-row normal equations (docs/lbyl.md#reference-code-form), variance as sg, for one BN unit.
 
   For pruned j and kept k: K_jk = (gamma_j / gamma_k) (sg_k / sg_j), a_k = mu_k - sg_k beta_k /
   gamma_k, and
@@ -61,7 +61,7 @@ def reference_system(problem: UnitProblem, lam1: float, lam2: float) -> solvers.
   gamma = np.asarray(bn['gamma'], np.float64)
   beta = np.asarray(bn['beta'], np.float64)
   mu = np.asarray(bn['mu'], np.float64)
-  sg = np.asarray(bn['var'], np.float64)  # A1: the code's "sg" is the raw running variance
+  sg = np.asarray(bn['var'], np.float64)  # docs/README.md#bn-terms: the code's "sg" is the raw running variance
   if np.any(gamma[K] == 0) or np.any(gamma[P] == 0):
     raise ValueError(f"{name}: lbyl_mode='reference_code' divides by BN gamma, which has zeros"
                      " here; use lbyl_mode='consistent'")
@@ -101,8 +101,8 @@ def solve_problems(
 
 
 # Used when neither the options nor ``spec.hparams['lbyl']`` give a value (docs/lbyl.md).
-DEFAULT_LAMBDA1 = 1e-5
-DEFAULT_LAMBDA2 = 1e-3
+DEFAULT_LAMBDdocs/README.md#bn-terms = 1e-5
+DEFAULT_LAMBDdocs/neuron_merging.md#bn-rule = 1e-3
 
 
 @register
@@ -113,9 +113,10 @@ class LBYL(Method):
   name = 'lbyl'
   summary = 'Leave Before You Leave (many-to-one delivery)'
 
-  lambda1: float | None = option(None, help='weight of the BN-shift error (default 1e-5)',
-                                 check=NONNEG)
-  lambda2: float | None = option(None, help='ridge weight (default 1e-3)', check=NONNEG)
+  lambda1: float | None = option(None, help='weight of the BN-shift error',
+                                 check=NONNEG, default_text="the preset's, else 1e-5")
+  lambda2: float | None = option(None, help='ridge weight', check=NONNEG,
+                                 default_text="the preset's, else 1e-3")
   lbyl_mode: str = option('consistent', help="'consistent' closed form, or the official code's"
                      " 'reference_code' normal equations",
                      choices=('consistent', 'reference_code'), advanced=True)

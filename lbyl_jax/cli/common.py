@@ -1,0 +1,164 @@
+"""What the commands share: flags generated from the stages' options, one-line errors, phases.
+
+Errors: every expected error (a bad argument, a missing or unreadable file, a checkpoint that does
+not fit, a failed download, a missing optional extra, an output that must not be replaced) is
+printed as ONE line ``<prog>: error: ...`` on stderr with exit code 1; usage errors found by the
+argument parser exit with 2. ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from lbyl_jax.core.options import Options, flag_of
+from lbyl_jax.io import download as download_lib
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXPECTED_ERRORS = (ValueError, OSError, ImportError, download_lib.DownloadError)
+
+
+def one_line(e: BaseException) -> str:
+  """The error's message on one line (multi-line messages joined with '; ')."""
+  lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+  text = '; '.join(lines) if lines else type(e).__name__
+  if isinstance(e, ImportError) and getattr(e, 'name', None):
+    text = f'{text} (the optional package {e.name!r} is missing; see README "Installing")'
+  return text
+
+
+def log(msg: str) -> None:
+  print(msg, file=sys.stderr, flush=True)
+
+
+def run_main(prog: str, make_parser: Callable[[bool], argparse.ArgumentParser],
+             run: Callable[[argparse.Namespace], Any], argv: Sequence[str] | None) -> Any:
+  """Parses ``argv`` (``--help-all``: the full listing), runs, and turns expected errors into one
+  line with exit code 1."""
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if '--help-all' in argv:
+    make_parser(True).print_help()
+    raise SystemExit(0)
+  args = make_parser(False).parse_args(argv)
+  try:
+    return run(args)
+  except KeyboardInterrupt:
+    log(f'{prog}: interrupted')
+    raise SystemExit(130) from None
+  except EXPECTED_ERRORS as e:
+    if getattr(args, 'debug', False):
+      raise
+    log(f'{prog}: error: {one_line(e)}')
+    raise SystemExit(EXIT_ERROR) from None
+
+
+def add_common(p: argparse.ArgumentParser) -> None:
+  p.add_argument('--debug', action='store_true', help='show tracebacks of errors')
+  p.add_argument('--help-all', action='store_true',
+                 help='show every flag, including research and reproduction options')
+
+
+# --------------------------------------------------------------------------------------------
+# Flags from options.
+
+
+def _override(text: str) -> tuple[str, float]:
+  pattern, sep, value = text.rpartition('=')
+  if not sep or not pattern:
+    raise argparse.ArgumentTypeError(f'expected PATTERN=RATIO, got {text!r}')
+  try:
+    return pattern, float(value)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f'bad ratio in {text!r}') from None
+
+
+def _show(v: Any) -> str:
+  return 'per method / preset' if v is None else ('none' if v == () else str(v))
+
+
+def add_option(group, field: dataclasses.Field, *, advanced: bool, show_advanced: bool) -> None:
+  """One flag for an options field (argparse default SUPPRESS: only given flags reach the plan)."""
+  meta = field.metadata
+  flag = flag_of(field)
+  helptext = meta['help']
+  if advanced and not show_advanced:
+    helptext = argparse.SUPPRESS
+  kwargs: dict[str, Any] = dict(dest=field.name, default=argparse.SUPPRESS)
+  ann = str(field.type)
+  if isinstance(field.default, bool):
+    kwargs['action'] = 'store_false' if field.default else 'store_true'
+    if helptext is not argparse.SUPPRESS:
+      kwargs['help'] = helptext
+  elif field.name == 'ratio_overrides':
+    kwargs.update(action='append', type=_override, metavar=meta.get('metavar') or 'PATTERN=RATIO')
+    if helptext is not argparse.SUPPRESS:
+      kwargs['help'] = helptext + ' (repeatable)'
+  else:
+    choices = meta.get('choices')
+    choices = choices() if callable(choices) else choices
+    if choices is not None:
+      kwargs['choices'] = [c for c in choices if c is not None]
+    elif 'float' in ann:
+      kwargs['type'] = float
+    elif 'int' in ann:
+      kwargs['type'] = int
+    if meta.get('metavar'):
+      kwargs['metavar'] = meta['metavar']
+    if helptext is not argparse.SUPPRESS:
+      shown = meta.get('default_text') or _show(field.default)
+      kwargs['help'] = f'{helptext} (default: {shown})'
+  if 'help' not in kwargs:
+    kwargs['help'] = argparse.SUPPRESS
+  group.add_argument(flag, **kwargs)
+
+
+def add_options(group, classes: Iterable[type[Options]], *, advanced: bool | None,
+                show_advanced: bool, skip: Iterable[str] = (), seen: set[str] | None = None) -> None:
+  """Flags of every option field of ``classes`` whose ``advanced`` flag equals ``advanced`` (None:
+  all), each flag once."""
+  seen = set() if seen is None else seen
+  skip = set(skip)
+  for cls in classes:
+    for name, field in cls.option_fields().items():
+      if name in seen or name in skip:
+        continue
+      if advanced is not None and bool(field.metadata.get('advanced')) != advanced:
+        continue
+      seen.add(name)
+      add_option(group, field, advanced=bool(field.metadata.get('advanced')),
+                 show_advanced=show_advanced)
+
+
+def given_options(args: argparse.Namespace, classes: Iterable[type[Options]]) -> dict[str, Any]:
+  """The option values given on the command line (flags not given are absent)."""
+  names = {name for cls in classes for name in cls.option_fields()}
+  out = {k: v for k, v in vars(args).items() if k in names}
+  if 'ratio_overrides' in out:
+    out['ratio_overrides'] = tuple(out['ratio_overrides'])
+  return out
+
+
+# --------------------------------------------------------------------------------------------
+# Phases.
+
+
+class Phases:
+  """Announces each phase on stderr and records its wall time."""
+
+  def __init__(self, quiet: bool = False):
+    self.seconds: dict[str, float] = {}
+    self.quiet = quiet
+
+  def run(self, name: str, message: str, fn, *args, **kwargs):
+    if not self.quiet:
+      log(f'[{name}] {message}')
+    t0 = time.perf_counter()
+    try:
+      return fn(*args, **kwargs)
+    finally:
+      self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0

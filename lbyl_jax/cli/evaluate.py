@@ -1,0 +1,153 @@
+"""``python -m lbyl_jax.evaluate``: top-1 / top-5 of a checkpoint, or a paired comparison of two.
+
+  python -m lbyl_jax.evaluate runs/resnet20-lbyl-r0.3 --data cifar10       # a saved run
+  python -m lbyl_jax.evaluate --arch resnet20 [--weights FILE|DIR] [--data SPEC]
+  python -m lbyl_jax.evaluate --compare RUN_A RUN_B [--data SPEC]
+
+A saved run (or the converter's output) carries its architecture in ``meta.json``; ``--arch`` is
+needed only for a weights file. ``--compare`` evaluates two saved checkpoints of the same
+architecture on the same examples and reports the paired comparison (exact McNemar test).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from lbyl_jax import evaluation
+from lbyl_jax.cli import common
+from lbyl_jax.io import checkpoint
+from lbyl_jax.io import data as data_lib
+from lbyl_jax.io import weights as weights_lib
+from lbyl_jax.models import archs
+
+PROG = 'python -m lbyl_jax.evaluate'
+
+
+def _slice(text: str) -> tuple[int, int]:
+  try:
+    return data_lib.parse_slice(text)
+  except ValueError as e:
+    raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def parser(show_advanced: bool = False) -> argparse.ArgumentParser:
+  del show_advanced  # no research options here
+  p = argparse.ArgumentParser(
+      prog=PROG, description='Top-1/top-5 accuracy of a saved run, a converted checkpoint or a '
+      "preset's weights, or a paired comparison of two saved runs on the same examples.")
+  p.add_argument('run', nargs='?', metavar='RUN_DIR',
+                 help='a checkpoint directory (lbyl_jax.restore --out, or the converter\'s output)')
+  p.add_argument('--arch', choices=archs.names(), metavar='ARCH',
+                 help='preset, for a weights file (a checkpoint directory names its own)')
+  p.add_argument('--weights', metavar='PATH|DIR|random',
+                 help='checkpoint file or directory (default: the caches, then a verified download)')
+  p.add_argument('--compare', nargs=2, metavar=('RUN_A', 'RUN_B'),
+                 help='two checkpoint directories of one architecture: accuracies, examples only '
+                      'one gets right, exact McNemar p-value, 95%% interval of A - B')
+  p.add_argument('--data', help="dataset name, path or tfds:NAME[:SPLIT] (default: the preset's)")
+  p.add_argument('--data-slice', type=_slice, metavar='START:STOP',
+                 help='evaluate on examples START..STOP-1 only (0:5000 development, '
+                      '5000:10000 held-out)')
+  p.add_argument('--limit', type=int, help='evaluate only the first N examples')
+  p.add_argument('--batch-size', type=int, default=500, help='evaluation batch (default: 500)')
+  p.add_argument('--no-download', action='store_true', help='never use the network')
+  p.add_argument('--no-progress', action='store_true', help='no progress bars')
+  p.add_argument('--json', action='store_true',
+                 help='print the report as one JSON object on the last line of stdout')
+  common.add_common(p)
+  return p
+
+
+def _dataset(args, spec):
+  ds = data_lib.load_dataset(args.data, arch=spec, limit=args.limit,
+                             download=not args.no_download, progress=not args.no_progress)
+  return ds if args.data_slice is None else ds.slice(*args.data_slice)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+  """Resolves the checkpoint and the data, evaluates, returns the report."""
+  if args.compare:
+    if args.run or args.weights:
+      raise ValueError('--compare takes the two runs; give no RUN_DIR or --weights with it')
+    return run_compare(args)
+  source = args.run or args.weights
+  if source is not None and checkpoint.is_checkpoint(source):
+    loaded = checkpoint.load(source)
+    if args.arch and args.arch != loaded.spec.name:
+      raise ValueError(f'--arch {args.arch} does not match {source} ({loaded.spec.name})')
+    spec, variables, widths, where = loaded.spec, loaded.variables, loaded.widths, str(
+        pathlib.Path(source).absolute())
+  else:
+    if args.run is not None:
+      raise ValueError(f'{args.run}: not an lbyl_jax checkpoint directory (no meta.json); pass a '
+                       'weights file with --arch ARCH --weights FILE')
+    if not args.arch:
+      raise ValueError('give a checkpoint directory, or --arch ARCH (with --weights FILE or the '
+                       "preset's cached weights)")
+    spec = archs.get(args.arch)
+    variables, where = weights_lib.load_weights(spec, args.weights, download=not args.no_download,
+                                                progress=not args.no_progress)
+    widths = None
+  dataset = _dataset(args, spec)
+  evaluator = evaluation.Evaluator(spec, batch_size=args.batch_size)
+  result = evaluator.evaluate(variables, dataset, widths=widths, progress=not args.no_progress)
+  return dict(arch=spec.name, weights=where, data=dataset.source or dataset.name,
+              data_slice=None if args.data_slice is None else list(args.data_slice),
+              n=result['n'], top1=result['top1'], top5=result['top5'],
+              seconds=result['seconds'], compile_seconds=result['compile_seconds'],
+              devices=evaluator.num_devices, batch_size=evaluator.batch_size)
+
+
+def run_compare(args: argparse.Namespace) -> dict[str, Any]:
+  """Loads two saved checkpoints, evaluates both on the same examples, returns the comparison."""
+  run_a, run_b = (checkpoint.load(d) for d in args.compare)
+  if run_a.spec.name != run_b.spec.name:
+    raise ValueError(f'--compare needs two checkpoints of one architecture, got '
+                     f'{run_a.spec.name} ({args.compare[0]}) and {run_b.spec.name} ({args.compare[1]})')
+  if args.arch and archs.get(args.arch).name != run_a.spec.name:
+    raise ValueError(f'--arch {args.arch} does not match the checkpoints ({run_a.spec.name})')
+  spec = run_a.spec
+  dataset = _dataset(args, spec)
+  evaluator = evaluation.Evaluator(spec, batch_size=args.batch_size)
+  correct = [evaluator.predictions(r.variables, dataset, widths=r.meta['widths'],
+                                   progress=not args.no_progress)['correct']
+             for r in (run_a, run_b)]
+  return dict(arch=spec.name, a=str(pathlib.Path(args.compare[0]).absolute()),
+              b=str(pathlib.Path(args.compare[1]).absolute()),
+              data=dataset.source or dataset.name, **evaluation.paired_comparison(*correct))
+
+
+def _print(args, report) -> None:
+  if args.compare:
+    lo, hi = report['ci95']
+    print(f'{report["arch"]} on {report["data"]} ({report["n"]} examples):')
+    print(f'  A {report["a"]}: top-1 {report["top1_a"]:.2f}%')
+    print(f'  B {report["b"]}: top-1 {report["top1_b"]:.2f}%')
+    print(f'  A - B {report["diff"]:+.2f} points (95% interval {lo:+.2f} to {hi:+.2f}); '
+          f'only A right {report["only_a"]}, only B right {report["only_b"]}; '
+          f'exact McNemar p = {report["mcnemar_p"]:.3g}')
+  else:
+    print(f'{report["arch"]} on {report["data"]} ({report["n"]} images, '
+          f'weights {report["weights"]}):')
+    print(f'  top-1 {report["top1"]:.2f}%  top-5 {report["top5"]:.2f}%  '
+          f'({report["seconds"]:.1f} s on {report["devices"]} device(s), '
+          f'compile {report["compile_seconds"]:.1f} s)')
+  if args.json:
+    print(json.dumps(report))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+  """Console entry point (returns None: console scripts pass the return value to sys.exit)."""
+
+  def go(args):
+    report = run(args)
+    _print(args, report)
+    return report
+
+  common.run_main(PROG, parser, go, argv)
+  sys.stdout.flush()
