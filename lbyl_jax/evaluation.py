@@ -39,31 +39,41 @@ _Key = tuple[Any, ...]
 
 
 def _top_classes(model, normalize, variables, images, k: int):
-  """The k highest-scoring classes per row; top_k puts the lower index first among equal
-  logits, like argmax."""
-  logits = model.apply(variables, normalize(images))
-  return jax.lax.top_k(logits.astype(jnp.float32), k)[1]
+  """The k highest-scoring classes per row (top_k puts the lower index first among equal logits,
+  like argmax) and whether each row's logits are all finite."""
+  logits = model.apply(variables, normalize(images)).astype(jnp.float32)
+  return jax.lax.top_k(logits, k)[1], jnp.all(jnp.isfinite(logits), axis=1)
 
 
 def _make_step(model, normalize, k: int):
-  """Adds this batch's (top-1, top-k) hit counts, over valid rows only, to ``total``."""
+  """Adds this batch's (top-1, top-k, non-finite) counts, over valid rows only, to ``total``."""
 
   def step(variables, images, labels, valid, total):
-    hit = _top_classes(model, normalize, variables, images, k) == labels[:, None]
+    top, finite = _top_classes(model, normalize, variables, images, k)
+    hit = top == labels[:, None]
     top1 = jnp.sum(hit[:, 0] & valid)
     topk_hits = jnp.sum(jnp.any(hit, axis=1) & valid)
-    return total + jnp.stack([top1, topk_hits]).astype(jnp.int32)
+    bad = jnp.sum(~finite & valid)
+    return total + jnp.stack([top1, topk_hits, bad]).astype(jnp.int32)
 
   return step
 
 
 def _make_predict(model, normalize):
-  """Top-1 class per row (the same ranking and tie rule as :func:`_make_step`)."""
+  """Top-1 class per row (the same ranking and tie rule as :func:`_make_step`), and whether the
+  row's logits are finite."""
 
   def predict(variables, images):
-    return _top_classes(model, normalize, variables, images, 1)[:, 0].astype(jnp.int32)
+    top, finite = _top_classes(model, normalize, variables, images, 1)
+    return top[:, 0].astype(jnp.int32), finite
 
   return predict
+
+
+def _refuse_nonfinite(n_bad: int, n: int, name: str) -> None:
+  if n_bad:
+    raise ValueError(f'{name}: the network produced NaN or Inf logits on {n_bad} of {n} examples;'
+                     ' a non-finite network has no accuracy (check its weights)')
 
 
 def _signature(variables: Any) -> tuple[Any, ...]:
@@ -143,12 +153,12 @@ class Evaluator:
           images,
           jax.ShapeDtypeStruct((b,), jnp.int32, sharding=self._batch_sharding),
           jax.ShapeDtypeStruct((b,), jnp.bool_, sharding=self._batch_sharding),
-          jax.ShapeDtypeStruct((2,), jnp.int32, sharding=self._replicated),
+          jax.ShapeDtypeStruct((3,), jnp.int32, sharding=self._replicated),
       )
     else:
       fn = jax.jit(_make_predict(model, self._normalize),
                    in_shardings=(self._replicated, self._batch_sharding),
-                   out_shardings=self._batch_sharding)
+                   out_shardings=(self._batch_sharding, self._batch_sharding))
       args = (abstract_vars, images)
     t0 = time.perf_counter()
     executable = fn.lower(*args).compile()
@@ -214,7 +224,7 @@ class Evaluator:
     executable, compile_s = self.compiled(variables, key, image_shape)
     t0 = time.perf_counter()
     device_vars = jax.device_put(variables, self._replicated)
-    total = jax.device_put(np.zeros(2, np.int32), self._replicated)
+    total = jax.device_put(np.zeros(3, np.int32), self._replicated)
     with self._bar(dataset, progress) as bar:
       pending = 0
       for images, labels, valid, m in self._padded_batches(dataset):
@@ -230,10 +240,11 @@ class Evaluator:
           jax.block_until_ready(previous)
           bar.update(pending)
         pending = m
-      top1, top5 = (int(c) for c in np.asarray(total))
+      top1, top5, bad = (int(c) for c in np.asarray(total))
       bar.update(pending)
     seconds = time.perf_counter() - t0
     n = len(dataset)
+    _refuse_nonfinite(bad, n, self.spec.name)
     return dict(n=n, top1=100.0 * top1 / n, top5=100.0 * top5 / n, seconds=seconds,
                 compile_seconds=compile_s)
 
@@ -279,13 +290,15 @@ class Evaluator:
     executable, compile_s = self.compiled(variables, key, image_shape, kind='predict')
     t0 = time.perf_counter()
     device_vars = jax.device_put(variables, self._replicated)
-    preds, labels_all = [], []
+    preds, labels_all, bad = [], [], 0
     with self._bar(dataset, progress) as bar:
       for images, labels, _, m in self._padded_batches(dataset):
-        out = executable(device_vars, jax.device_put(images, self._batch_sharding))
+        out, finite = executable(device_vars, jax.device_put(images, self._batch_sharding))
         preds.append(np.asarray(out)[:m])
         labels_all.append(labels[:m])
+        bad += int(np.sum(~np.asarray(finite)[:m]))
         bar.update(m)
+    _refuse_nonfinite(bad, len(dataset), self.spec.name)
     pred = np.concatenate(preds).astype(np.int32)
     labels = np.concatenate(labels_all).astype(np.int32)
     return dict(pred=pred, labels=labels, correct=pred == labels,

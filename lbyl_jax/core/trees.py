@@ -6,6 +6,8 @@ accessors walk the nested dicts directly (no flattening for one lookup).
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -63,3 +65,16 @@ def copy_tree(tree: Any, leaf: Callable[[Any], Any] | None = None) -> Any:
 def copy_arrays(tree: Any) -> Any:
   """A deep copy of a nested dict of arrays (NumPy copies of the leaves)."""
   return copy_tree(tree, np.array)
+
+
+def digest(tree: Mapping[str, Any], *extra: Any) -> str:
+  """SHA-256 over every leaf's path, dtype, shape and bytes (sorted by path), then ``extra``
+  objects as canonical JSON: equal exactly when the stored arrays are bitwise equal."""
+  h = hashlib.sha256()
+  for path, leaf in sorted(flatten(tree).items()):
+    a = np.ascontiguousarray(np.asarray(leaf))
+    h.update(f'{path}|{a.dtype.str}|{a.shape}|'.encode())
+    h.update(a.tobytes())
+  for obj in extra:
+    h.update(json.dumps(obj, sort_keys=True, separators=(',', ':')).encode())
+  return h.hexdigest()

@@ -31,11 +31,14 @@ from lbyl_jax.io import publish
 from lbyl_jax.models import archs
 from lbyl_jax.quant import uniform as quant
 
-FORMAT_VERSION = 1
+# 2: meta.json records the SHA-256 of the stored variables (and of the quantization metadata),
+# which load verifies; version-1 checkpoints (no digest) still load.
+FORMAT_VERSION = 2
+DIGEST_KEY = 'variables_sha256'
 META_FILE = 'meta.json'
 VARIABLES_DIR = 'variables'
 FORMATS = ('float', 'quantized')
-_RESERVED = ('format_version', 'arch', 'widths')
+_RESERVED = ('format_version', 'arch', 'widths', DIGEST_KEY)
 
 
 class Loaded(NamedTuple):
@@ -214,6 +217,7 @@ def save(out_dir: str | os.PathLike, arch_name: str, widths, variables: Mapping[
     raise ValueError("a quantized checkpoint needs meta['quant'] (the dequantization config)")
 
   tree = _to_numpy_tree(variables)
+  _check_finite_leaves(tree, f'save({os.fspath(out_dir)!r})')
   if fmt == 'float':
     bad = [k for k, v in trees.flatten(tree).items() if not np.issubdtype(v.dtype, np.floating)]
     if bad:
@@ -227,6 +231,7 @@ def save(out_dir: str | os.PathLike, arch_name: str, widths, variables: Mapping[
       'widths': None if widths is None else list(widths),
       'format': fmt,
       'lbyl_jax_version': meta.get('lbyl_jax_version', __version__),
+      DIGEST_KEY: trees.digest(tree, meta.get('quant')),
   }
   try:
     json.dumps(full_meta)
@@ -260,6 +265,44 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
   return p.is_dir() and (p / META_FILE).is_file()
 
 
+def _check_finite_leaves(tree: Mapping[str, Any], where: str) -> None:
+  for path, leaf in trees.flatten(tree).items():
+    a = np.asarray(leaf)
+    if a.dtype.kind == 'f' and not np.all(np.isfinite(a)):
+      raise ValueError(f'{where}: non-finite values in {path} ({int(np.sum(~np.isfinite(a)))} of'
+                       f' {a.size}); a network with NaN / Inf weights is refused')
+
+
+def _check_meta_fields(meta: dict[str, Any], meta_path: pathlib.Path) -> None:
+  """Types of the fields load relies on; ValueError naming the file and the field."""
+  def bad(field, why):
+    raise ValueError(f'{meta_path}: field {field!r} {why}')
+
+  if not isinstance(meta['arch'], str):
+    bad('arch', f'must be a preset name, got {meta["arch"]!r}')
+  w = meta['widths']
+  if w is not None:
+    if not isinstance(w, list) or not all(isinstance(x, int) and not isinstance(x, bool)
+                                          for x in w):
+      bad('widths', f'must be null or a list of integers, got {w!r:.200}')
+    if any(x < 1 for x in w):
+      bad('widths', f'must be >= 1, got {w!r:.200}')
+  if meta['format'] == 'quantized':
+    q = meta.get('quant')
+    if not isinstance(q, dict) or not isinstance(q.get('layers'), dict):
+      bad('quant', 'must describe the quantized layers (a quantized checkpoint without its'
+          ' dequantization data)')
+    for layer, info in q['layers'].items():
+      if not isinstance(info, dict) or not {'bits', 'shape', 'axis', 'packed', 'symmetric'} <= info.keys():
+        bad('quant', f'layer {layer!r} lacks its bits / shape / axis / packed / symmetric entries')
+      shape = info['shape']
+      if not (isinstance(shape, list) and all(isinstance(x, int) and x >= 0 for x in shape)):
+        bad('quant', f'layer {layer!r} has a malformed shape {shape!r:.100}')
+  d = meta.get(DIGEST_KEY)
+  if d is not None and not (isinstance(d, str) and len(d) == 64):
+    bad(DIGEST_KEY, 'must be a hex SHA-256')
+
+
 def read_meta(path: str | os.PathLike) -> dict[str, Any]:
   """The ``meta.json`` of a checkpoint directory (errors say why it is not one)."""
   d = pathlib.Path(path).absolute()
@@ -272,7 +315,9 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     meta = json.loads(meta_path.read_text(encoding='utf-8'))
   except (UnicodeDecodeError, json.JSONDecodeError) as e:
     raise ValueError(f'{meta_path}: unreadable JSON ({e})') from None
-  missing = [k for k in (*_RESERVED, 'format') if k not in meta]
+  if not isinstance(meta, dict):
+    raise ValueError(f'{meta_path}: not a JSON object')
+  missing = [k for k in ('format_version', 'arch', 'widths', 'format') if k not in meta]
   if missing:
     raise ValueError(f'{meta_path}: missing keys {missing}')
   if not isinstance(meta['format_version'], int) or meta['format_version'] > FORMAT_VERSION:
@@ -282,6 +327,9 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
     )
   if meta['format'] not in FORMATS:
     raise ValueError(f'{meta_path}: unknown format {meta["format"]!r} (expected one of {FORMATS})')
+  if meta['format_version'] >= 2 and DIGEST_KEY not in meta:
+    raise ValueError(f'{meta_path}: missing keys [{DIGEST_KEY!r}]')
+  _check_meta_fields(meta, meta_path)
   return meta
 
 
@@ -290,8 +338,11 @@ def _read_orbax(path: pathlib.Path) -> dict[str, Any]:
 
   if not path.is_dir():
     raise ValueError(f'{path.parent}: checkpoint has no {VARIABLES_DIR}/ directory')
-  with ocp.StandardCheckpointer() as ckptr:
-    tree = ckptr.restore(path)
+  try:
+    with ocp.StandardCheckpointer() as ckptr:
+      tree = ckptr.restore(path)
+  except (ValueError, OSError, KeyError, TypeError, AttributeError, RuntimeError) as e:
+    raise ValueError(f'{path}: unreadable orbax checkpoint ({type(e).__name__}: {e})') from None
   return jax.tree_util.tree_map(np.asarray, tree)
 
 
@@ -312,10 +363,19 @@ def load(path: str | os.PathLike) -> Loaded:
   if widths is not None and len(widths) != len(spec.units):
     raise ValueError(f'{d / META_FILE}: {spec.name} needs {len(spec.units)} widths, meta has {len(widths)}')
   stored = _read_orbax(d / VARIABLES_DIR)
+  if DIGEST_KEY in meta and trees.digest(stored, meta.get('quant')) != meta[DIGEST_KEY]:
+    raise ValueError(f'{d / VARIABLES_DIR}: the stored variables do not match the SHA-256 in'
+                     f' {d / META_FILE} (changed or replaced after saving)')
   raw = None
   variables = stored
   if meta['format'] == 'quantized':
     raw = stored
-    variables = jax.tree_util.tree_map(np.asarray, quant.dequantize_tree(raw, meta['quant']))
+    try:
+      deq = quant.dequantize_tree(raw, meta['quant'])
+    except (KeyError, TypeError, ValueError) as e:
+      raise ValueError(f'{d / META_FILE}: field \'quant\' does not fit the stored tree'
+                       f' ({type(e).__name__}: {e})') from None
+    variables = jax.tree_util.tree_map(np.asarray, deq)
   check_shapes(spec, variables, widths, where=os.fspath(d))
+  _check_finite_leaves(variables, os.fspath(d))
   return Loaded(spec=spec, model=spec.build(widths), variables=variables, meta=meta, raw=raw)

@@ -68,7 +68,7 @@ from lbyl_jax.models import trace
 from lbyl_jax.quant import uniform as quant
 from lbyl_jax.quant.base import QuantResult, Quantizer, register
 
-DEFAULT_docs/README.md#bn-terms = 0.01  # docs/quantization.md#udfc-defaults (UDFC ablation optimum) [RECON]
+DEFAULT_A1 = 0.01  # docs/quantization.md#udfc-defaults (UDFC ablation optimum) [RECON]
 DEFAULT_A2 = 0.008
 
 

@@ -101,8 +101,8 @@ def solve_problems(
 
 
 # Used when neither the options nor ``spec.hparams['lbyl']`` give a value (docs/lbyl.md).
-DEFAULT_LAMBDdocs/README.md#bn-terms = 1e-5
-DEFAULT_LAMBDdocs/neuron_merging.md#bn-rule = 1e-3
+DEFAULT_LAMBDA1 = 1e-5
+DEFAULT_LAMBDA2 = 1e-3
 
 
 @register
