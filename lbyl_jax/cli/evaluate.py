@@ -64,9 +64,8 @@ def parser(show_advanced: bool = False) -> argparse.ArgumentParser:
 
 
 def _dataset(args, spec):
-  ds = data_lib.load_dataset(args.data, arch=spec, limit=args.limit,
-                             download=not args.no_download, progress=not args.no_progress)
-  return ds if args.data_slice is None else ds.slice(*args.data_slice)
+  return data_lib.load_dataset(args.data, arch=spec, limit=args.limit, slice_=args.data_slice,
+                              download=not args.no_download, progress=not args.no_progress)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -243,10 +243,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   dataset = evaluator = baseline = throughput_before = None
   if args.data:
     dataset = phases.run('data', f'loading {args.data}', data_lib.load_dataset, args.data,
-                         arch=spec, limit=args.limit, download=not args.no_download,
-                         progress=progress)
-    if args.data_slice is not None:
-      dataset = dataset.slice(*args.data_slice)
+                         arch=spec, download=not args.no_download, progress=progress,
+                         slice_=args.data_slice, limit=args.limit)
     evaluator = evaluation.Evaluator(spec, batch_size=args.batch_size)
     baseline = phases.run('evaluate_original', f'evaluating the original model on {dataset.name}'
                           f' (n={len(dataset)})', evaluator.evaluate, variables, dataset,

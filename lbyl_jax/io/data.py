@@ -820,6 +820,7 @@ def load_dataset(
     *,
     arch: archs.ArchSpec | str | None = None,
     limit: int | None = None,
+    slice_: tuple[int, int] | None = None,
     download: bool = True,
     progress: bool = True,
     workers: int | None = None,
@@ -830,7 +831,8 @@ def load_dataset(
     spec_str: name, path or ``tfds:NAME[:SPLIT]``; None means the dataset of ``arch``.
     arch: preset (or name) the data is for: sets the image size of image folders and checks
       image shape and label range.
-    limit: keep only the first ``limit`` examples.
+    limit: keep only the first ``limit`` examples (of the slice, when one is given).
+    slice_: (start, stop): keep examples start..stop-1 (``--data-slice``), before ``limit``.
     download: allow downloading a named dataset that has no local copy.
     progress: progress bar while downloading.
     workers: decoding threads of lazily decoded sets.
@@ -874,4 +876,6 @@ def load_dataset(
 
   if arch is not None:
     _check_arch(ds, arch)
+  if slice_ is not None:
+    ds = ds.slice(*slice_)
   return ds.limit(limit)
