@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from lbyl_jax.core.options import Options, flag_of
+from lbyl_jax.io import compile_cache
 from lbyl_jax.io import download as download_lib
 
 EXIT_ERROR = 1
@@ -46,6 +47,7 @@ def run_main(prog: str, make_parser: Callable[[bool], argparse.ArgumentParser],
     raise SystemExit(0)
   args = make_parser(False).parse_args(argv)
   try:
+    compile_cache.enable(getattr(args, 'compile_cache', None))
     return run(args)
   except KeyboardInterrupt:
     log(f'{prog}: interrupted')
@@ -58,6 +60,9 @@ def run_main(prog: str, make_parser: Callable[[bool], argparse.ArgumentParser],
 
 
 def add_common(p: argparse.ArgumentParser) -> None:
+  p.add_argument('--compile-cache', metavar='DIR|off',
+                 help="JAX's persistent compilation cache (default: $LBYL_JAX_COMPILATION_CACHE, "
+                      "else ~/.cache/lbyl_jax/jax); 'off' disables it")
   p.add_argument('--debug', action='store_true', help='show tracebacks of errors')
   p.add_argument('--help-all', action='store_true',
                  help='show every flag, including research and reproduction options')
