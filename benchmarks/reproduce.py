@@ -1,18 +1,21 @@
 """Accuracy sweeps on the real checkpoints in ../shared, rendered to benchmarks/RESULTS.md.
 
-Every row is one (model, method, criterion, ratio, quantization) configuration, restored with
-:func:`lbyl_jax.pipeline.compress` and evaluated on the FULL test set (``--limit`` for less). Rows
-are appended to ``benchmarks/results/<suite>.jsonl`` as they finish; a rerun skips rows already
-there, so a long sweep can be interrupted and resumed. ``--render`` turns all JSONL files into
-``benchmarks/RESULTS.md`` tables (next to the published numbers of ALGORITHMS.md section 9 and
-BN_MOMENTS.md where they exist) and PNG plots of top-1 versus ratio.
+Every row is one (model, method, criterion, ratio, quantization) configuration, compressed with
+:func:`lbyl_jax.pipeline.compress` (the job's options become a :class:`lbyl_jax.plan.Plan`,
+:func:`job_plan`) and evaluated on the FULL test set (``--limit`` for less). Rows are appended to
+``benchmarks/results/<suite>.jsonl`` as they finish; a rerun skips rows already there (by job
+key), so a long sweep can be interrupted and resumed. ``--render`` turns all result files into
+``benchmarks/RESULTS.md`` (:mod:`benchmarks.report`) and PNG plots of top-1 versus ratio.
 
-  python benchmarks/reproduce.py --suite restore          # methods x criteria x ratios, 3 CIFAR models
-  python benchmarks/reproduce.py --suite lenet            # LeNet-300-100 FashionMNIST, reference + consistent
-  python benchmarks/reproduce.py --suite quant            # W8/W6/W4 x rtn/dfq/udfc, pruning + quantization
-  python benchmarks/reproduce.py --suite bnm              # BN-moments vs LBYL/NM/prune, bias correction
-  python benchmarks/reproduce.py --render
-  python benchmarks/reproduce.py --quick --results-dir /tmp/q   # CI smoke run: small subset, few rows
+Run from the repository root:
+
+  python -m benchmarks.reproduce --suite restore     # methods x criteria x ratios, 3 CIFAR models
+  python -m benchmarks.reproduce --suite lenet       # LeNet-300-100 FashionMNIST, reference + consistent
+  python -m benchmarks.reproduce --suite quant       # W8/W6/W4 x rtn/dfq/udfc, pruning + quantization
+  python -m benchmarks.reproduce --suite bnm         # BN-moments vs LBYL/NM/prune, bias correction
+  python -m benchmarks.reproduce --suite guard       # LBYL / NM with the moment guard
+  python -m benchmarks.reproduce --render
+  python -m benchmarks.reproduce --quick --results-dir /tmp/q   # smoke run: few rows, 500 images
 """
 
 from __future__ import annotations
@@ -29,7 +32,6 @@ import sys
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5)
 LENET_RATIOS = (0.5, 0.6, 0.7, 0.8)
@@ -41,8 +43,12 @@ MODELS = {
     'lenet_300_100': ('lbyl_lenet_300_100.fashionmnist.pth.tar', 'fashion_mnist_test.npz'),
 }
 
-# LeNet lambdas of the LBYL README (ALGORITHMS.md 8.1), reference-code scale, L2 criterion.
+# LeNet lambdas of the LBYL README (docs/lbyl.md#lambdas), reference-code scale, L2 criterion.
 LENET_LBYL_LAM = {0.5: 0.3, 0.6: 0.6, 0.7: 0.3, 0.8: 1e-6}
+# The official codes' forms, as the LeNet 'reference' jobs spell them (the job keys hash this
+# tuple, so it must not change); :func:`plan_options` turns it into preset='reference_code'.
+REFERENCE_CODE = (('lbyl_mode', 'reference_code'), ('nm_mode', 'reference_code'),
+                  ('bn_sigma', 'variance'), ('keep_rounding', 'round'))
 
 
 def shared_dir() -> pathlib.Path:
@@ -52,11 +58,14 @@ def shared_dir() -> pathlib.Path:
 
 @dataclasses.dataclass(frozen=True)
 class Job:
+  """One sweep row's configuration. Its :meth:`key` (a hash of every field) names the stored row,
+  so the fields and their spelling are frozen: results/*.jsonl rows are found by it."""
+
   arch: str
   method: str
   criterion: str = 'l2'
   ratio: float = 0.0
-  options: tuple[tuple[str, object], ...] = ()   # extra RestoreConfig fields
+  options: tuple[tuple[str, object], ...] = ()   # flat plan options (Plan.from_options)
   bits: int | None = None
   quant_method: str | None = None
   tag: str = ''
@@ -73,7 +82,7 @@ PUBLISHED_MODE = {'lbyl': ('lbyl_mode', 'consistent'), 'nm': ('nm_mode', 'exact'
 
 def pin_bias_correction(method: str, options) -> tuple[tuple[str, object], ...]:
   """Every LBYL / NM row names its bias correction: a row without one is the published form
-  ('off'), as it was before 'on' became the default for lbyl / nm (RestoreConfig)."""
+  ('off'), as it was before 'on' became the default for lbyl / nm."""
   options = tuple(tuple(o) for o in options)
   if method in PUBLISHED_MODE and 'bias_correction' not in dict(options):
     key, published = PUBLISHED_MODE[method]
@@ -113,8 +122,7 @@ def restore_jobs(quick: bool) -> list[Job]:
 
 def lenet_jobs(quick: bool) -> list[Job]:
   ratios = (0.5,) if quick else LENET_RATIOS
-  ref = (('lbyl_mode', 'reference_code'), ('nm_mode', 'reference_code'), ('bn_sigma', 'variance'),
-         ('keep_rounding', 'round'))
+  ref = REFERENCE_CODE
   jobs = []
   for r in ratios:
     jobs.append(Job('lenet_300_100', 'prune', 'l2', r, ref, tag='reference'))
@@ -168,7 +176,8 @@ def bnm_jobs(quick: bool) -> list[Job]:
   diag, ident = (('bnm_cov', 'diag'),), (('bnm_cov', 'identity'),)
   bc_on, bc_auto = (('bias_correction', 'on'),), (('bias_correction', 'auto'),)
   jobs = []
-  # Most decisive first (a CPU-bound run may be cut short): the NM ResNet-56 of BN_MOMENTS.md.
+  # Most decisive first (a CPU-bound run may be cut short): the NM ResNet-56 of the BN-moments
+  # prototype (docs/published_results.md).
   for r in RATIOS:
     for opts in (diag, bc_on, bc_auto):
       jobs.append(Job('resnet56_b', 'bnm', 'l2', r, opts))
@@ -195,7 +204,7 @@ def bnm_jobs(quick: bool) -> list[Job]:
   for arch in ('resnet56', 'resnet20', 'resnet56_b'):
     for r in RATIOS:
       jobs.append(Job(arch, 'nm', 'l2', r, bc_on))
-  # The BN_MOMENTS.md prototype's fold of the constant (every tap, padding ignored).
+  # The BN-moments prototype's fold of the constant (every tap, padding ignored).
   taps = bc_on + (('bias_fold', 'all_taps'),)
   for r in RATIOS:
     for m in ('bnm', 'lbyl'):
@@ -214,7 +223,7 @@ def bnm_jobs(quick: bool) -> list[Job]:
 
 
 def guard_jobs(quick: bool) -> list[Job]:
-  """LBYL and NM with the data-free moment guard (RestoreConfig.guard='moments')."""
+  """LBYL and NM with the data-free moment guard (option guard='moments')."""
   g = (('guard', 'moments'),)
   if quick:
     return [Job('resnet20', 'lbyl', 'l2', 0.3, g)]
@@ -242,25 +251,46 @@ def _loaded(arch: str):
   import converters
   from lbyl_jax.models import archs
   from lbyl_jax.io import data
-  from lbyl_jax import evaluation as evaluate
+  from lbyl_jax import evaluation
 
   spec = archs.get(arch)
   wfile, dfile = MODELS[arch]
   variables = converters.load_variables(shared_dir() / 'weights' / wfile, spec)
   ds = data.load_dataset(str(shared_dir() / 'data' / dfile))
-  return spec, variables, ds, evaluate.Evaluator(spec, batch_size=1000)
+  return spec, variables, ds, evaluation.Evaluator(spec, batch_size=1000)
+
+
+def plan_options(job: Job) -> dict:
+  """The flat :meth:`lbyl_jax.plan.Plan.from_options` arguments of a job.
+
+  The LeNet 'reference' jobs carry all four reference-code options (:data:`REFERENCE_CODE`);
+  they become ``preset='reference_code'``, which sets exactly those values for the job's method
+  (a method's own form only where it has one: prune has neither LBYL's nor NM's mode).
+  """
+  options = dict(job.options)
+  preset = None
+  if all(options.get(k) == v for k, v in REFERENCE_CODE):
+    preset = 'reference_code'
+    for k, _ in REFERENCE_CODE:
+      del options[k]
+  quant = {} if job.bits is None else dict(quant_method=job.quant_method, bits=job.bits)
+  return dict(method=job.method, preset=preset, criterion=job.criterion, ratio=job.ratio,
+              **quant, **options)
+
+
+def job_plan(job: Job):
+  """The job's :class:`lbyl_jax.plan.Plan` (an option its stages do not use is an error)."""
+  from lbyl_jax.plan import Plan
+
+  return Plan.from_options(**plan_options(job))
 
 
 def compress_job(job: Job):
-  """``pipeline.compress`` of the job's configuration on its loaded checkpoint."""
+  """``pipeline.compress`` of the job's plan on its loaded checkpoint."""
   from lbyl_jax import pipeline
-  from lbyl_jax.compress import restore
 
   spec, variables, _, _ = _loaded(job.arch)
-  cfg = restore.RestoreConfig(method=job.method, criterion=job.criterion, ratio=job.ratio,
-                              **dict(job.options))
-  qcfg = None if job.bits is None else pipeline.QuantConfig(bits=job.bits, method=job.quant_method)
-  return pipeline.compress(spec, variables, cfg, qcfg)
+  return pipeline.compress(spec, variables, job_plan(job))
 
 
 def run_job(job: Job, limit: int | None) -> dict:

@@ -1,23 +1,26 @@
 """Compensation solve time: batched JAX (float32 / float64), unbatched JAX, and NumPy per filter.
 
 For each architecture (random weights in the real shapes; no data needed) and pruning ratio, the
-LBYL consistent-form systems (ALGORITHMS.md 5.3) of every prunable unit are solved with:
+LBYL consistent-form systems (docs/lbyl.md#consistent-closed-form) of every prunable unit are
+solved with:
 
-* ``batched_f32`` / ``batched_f64``: :func:`lbyl_jax.compress.solvers.solve` on all units at once (shape
-  buckets, one compiled executable per bucket);
+* ``batched_f32`` / ``batched_f64``: :func:`lbyl_jax.pruning.solvers.solve` on all units at once
+  (shape buckets, one compiled executable per bucket);
 * ``unbatched_f32``: the same solver called once per layer (one executable per layer shape);
-* ``numpy_per_filter``: the reference implementations' style, one ``scipy.linalg.solve`` per
-  pruned filter with the Gram matrix formed again for each filter, float64 on the host.
+* ``numpy_per_filter``: the official LBYL code's solve pattern (docs/lbyl.md#reference-code-form:
+  one system per pruned filter), one ``scipy.linalg.solve`` per pruned filter with the Gram
+  matrix formed again for each filter, float64 on the host. The official code itself is not run
+  (it needs PyTorch and its own training scripts); this emulates its loop on the same systems.
 
 Compile time (first call of a fresh process-level cache) is reported separately from warm time
-(median over ``--repeats`` runs after a warm-up). The whole ``restore()`` (criteria, solves,
-surgery, statistics) is timed too. Per layer, the JSON's ``per_layer`` rows hold each system's
+(median over ``--repeats`` runs after a warm-up). The whole :func:`lbyl_jax.pipeline.compress`
+(selection, solves, surgery, statistics) is timed too. Per layer, the JSON's ``per_layer`` rows hold each system's
 shape, its own warm unbatched JAX time and (for the measured layers) its NumPy per-filter time.
 Results: JSON (``--out``) and two Markdown tables on stdout (whole network, per layer).
 
-  python benchmarks/solver_speed.py --quick
-  python benchmarks/solver_speed.py --archs resnet50,resnet101 --ratios 0.3 --out benchmarks/results/solver_cpu.json
-  python benchmarks/solver_speed.py --compare benchmarks/results/solver_cpu.json benchmarks/results/solver_gpu.json
+  python -m benchmarks.solver_speed --quick
+  python -m benchmarks.solver_speed --archs resnet50,resnet101 --ratios 0.3 --out benchmarks/results/solver_cpu.json
+  python -m benchmarks.solver_speed --compare benchmarks/results/solver_cpu.json benchmarks/results/solver_gpu.json
 """
 
 from __future__ import annotations
@@ -30,9 +33,6 @@ import platform
 import statistics
 import sys
 import time
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 ALL_ARCHS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152', 'vgg16_bn')
 LAM1, LAM2 = 1e-5, 1e-3
@@ -63,19 +63,20 @@ def numpy_per_filter(problems, lam1: float, lam2: float) -> None:
 
 
 def bench_arch(arch: str, ratio: float, *, repeats: int, modes: list[str], ref_limit: int | None):
-  import jax
+  from lbyl_jax import pipeline
   from lbyl_jax.models import archs
-  from lbyl_jax.compress.methods import lbyl
-  from lbyl_jax.compress import restore
-  from lbyl_jax.compress import solvers
+  from lbyl_jax.plan import Plan
+  from lbyl_jax.pruning import selection
+  from lbyl_jax.pruning import solvers
+  from lbyl_jax.pruning.methods import lbyl
 
   spec = archs.get(arch)
   variables = spec.init(0)
   # The solver's cost: bias correction off, as when the recorded tables were measured (its own
   # cost is timed separately by benchmarks/probes/bias_correction_cost.py).
-  cfg = restore.RestoreConfig(method='lbyl', ratio=ratio, lambda1=LAM1, lambda2=LAM2,
-                              bias_correction='off')
-  problems = restore.build_problems(spec, variables, cfg)
+  plan = Plan.from_options(method='lbyl', ratio=ratio, lambda1=LAM1, lambda2=LAM2,
+                           bias_correction='off')
+  problems = selection.build_problems(spec, variables, plan.selection)
   row = dict(arch=arch, ratio=ratio, units=len(problems),
              pruned_filters=int(sum(p.prune.size for p in problems)))
   # Per-layer rows: the system's shape (N filters, m kept, |P| pruned, D = filter length).
@@ -118,12 +119,12 @@ def bench_arch(arch: str, ratio: float, *, repeats: int, modes: list[str], ref_l
                        extrapolated=len(measured) < len(problems))
     else:
       raise ValueError(f'unknown mode {mode!r}')
-  # Whole restore (criteria + solve + surgery + stats), warm (solver executables cached).
-  restore.restore(spec, variables, cfg)
-  row['restore_total_s'] = _median_time(lambda: restore.restore(spec, variables, cfg), max(1, repeats // 2))
+  # Whole compression (selection + solve + surgery + stats), warm (solver executables cached).
+  pipeline.compress(spec, variables, plan)
+  row['restore_total_s'] = _median_time(lambda: pipeline.compress(spec, variables, plan),
+                                        max(1, repeats // 2))
   if 'numpy_per_filter' in row and 'batched_f32' in row:
     row['speedup_batched_f32_vs_numpy'] = row['numpy_per_filter']['warm_s'] / row['batched_f32']['warm_s']
-  del jax
   return row
 
 
@@ -234,7 +235,8 @@ def main(argv=None) -> None:
   if args.out:
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(dict(env=env, command=' '.join(sys.argv), results=results), indent=2) + '\n')
+    command = 'python -m benchmarks.solver_speed ' + ' '.join(sys.argv[1:] if argv is None else argv)
+    out.write_text(json.dumps(dict(env=env, command=command, results=results), indent=2) + '\n')
 
 
 if __name__ == '__main__':

@@ -4,7 +4,7 @@ Random weights in the real shapes (throughput does not depend on the values); ea
 same class with smaller widths, jit-compiled once (compile excluded), then timed as the median of
 ``--repeats`` passes over ``--n`` images in batches of ``--batch-size``.
 
-  python benchmarks/throughput.py --archs resnet56,resnet50 --ratios 0,0.3,0.5 --out benchmarks/results/throughput.json
+  python -m benchmarks.throughput --archs resnet56,resnet50 --ratios 0,0.3,0.5 --out benchmarks/results/throughput.json
 """
 
 from __future__ import annotations
@@ -17,22 +17,20 @@ import statistics
 import sys
 import time
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
 
 def measure(arch: str, ratio: float, *, n: int, batch_size: int, repeats: int) -> dict:
   import jax
   import numpy as np
 
+  from lbyl_jax import pipeline
   from lbyl_jax.models import archs
-  from lbyl_jax.compress import restore
-  from lbyl_jax.compress import stats
+  from lbyl_jax.pruning import stats
 
   spec = archs.get(arch)
   variables = spec.init(0)
   if ratio > 0:
-    widths, variables, _ = restore.restore(spec, variables, restore.RestoreConfig(method='prune', ratio=ratio))
+    res = pipeline.compress(spec, variables, method='prune', ratio=ratio)
+    widths, variables = res.widths, res.variables
   else:
     widths = spec.default_widths()
   model = spec.build(widths)
@@ -88,7 +86,8 @@ def main(argv=None) -> None:
   if args.out:
     out = pathlib.Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(dict(command=' '.join(['python'] + sys.argv), machine=machine,
+    command = 'python -m benchmarks.throughput ' + ' '.join(sys.argv[1:] if argv is None else argv)
+    out.write_text(json.dumps(dict(command=command, machine=machine,
                                    results=results), indent=2) + '\n')
 
 

@@ -1,27 +1,38 @@
-"""The benchmark scripts' --quick modes run end to end (their numbers live in benchmarks/)."""
+"""The benchmark scripts run as modules of the `benchmarks` package: their --quick modes end to
+end, the sweep jobs' translation to plans, the probes' main guards, and RESULTS.md as a rendering
+of the committed results (their numbers live in benchmarks/)."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import pathlib
+import pkgutil
+import re
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
+from benchmarks import probes
+from benchmarks import report
+from benchmarks import reproduce
+from benchmarks import verify_rows
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _run(*args, timeout=900):
-  return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+  return subprocess.run([sys.executable, '-m', *args], cwd=ROOT, capture_output=True, text=True,
                         timeout=timeout, check=True)
 
 
 def test_solver_speed_quick(tmp_path):
   out = tmp_path / 'solver.json'
-  proc = _run('benchmarks/solver_speed.py', '--quick', '--out', str(out))
+  proc = _run('benchmarks.solver_speed', '--quick', '--out', str(out))
   run = json.loads(out.read_text())
+  assert run['command'].startswith('python -m benchmarks.solver_speed --quick')
   assert [r['arch'] for r in run['results']] == ['resnet18', 'resnet50']
   for r in run['results']:
     assert r['batched_f32']['warm_s'] > 0 and r['batched_f32']['compiles'] >= 1
@@ -32,7 +43,7 @@ def test_solver_speed_quick(tmp_path):
     assert 0 < len(measured) == r['numpy_per_filter']['measured_units'] < len(lay)
   assert '| resnet50 | 0.3 |' in proc.stdout
   assert 'unbatched f32 per layer' in proc.stdout
-  compare = _run('benchmarks/solver_speed.py', '--compare', str(out), str(out))
+  compare = _run('benchmarks.solver_speed', '--compare', str(out), str(out))
   assert 'resnet50' in compare.stdout
 
 
@@ -40,40 +51,117 @@ def test_solver_speed_quick(tmp_path):
 def test_reproduce_quick_and_render(shared, tmp_path):
   res = tmp_path / 'results'
   md = tmp_path / 'RESULTS.md'
-  _run('benchmarks/reproduce.py', '--quick', '--results-dir', str(res), '--render', '--results-md', str(md),
-       '--suite', 'restore', '--suite', 'lenet')
+  _run('benchmarks.reproduce', '--quick', '--results-dir', str(res), '--render', '--results-md',
+       str(md), '--suite', 'restore', '--suite', 'lenet')
   rows = [json.loads(l) for f in res.glob('*.jsonl') for l in f.read_text().splitlines()]
   assert any(r['method'] == 'lbyl' and r['arch'] == 'resnet20' for r in rows)
   assert all(r['n'] == 500 for r in rows)
+  # The LeNet reference-code job ran through preset='reference_code'.
+  assert any(r['arch'] == 'lenet_300_100' and r.get('tag') == 'reference' and r['method'] == 'lbyl'
+             for r in rows)
   text = md.read_text()
+  assert text.startswith('# Results') and '## Headline' in text
   assert '### resnet20' in text and (tmp_path / 'plots' / 'resnet20_l2.png').stat().st_size > 0
   # Resuming skips rows already computed.
   before = sum(1 for _ in res.glob('*.jsonl') for _ in _.read_text().splitlines())
-  _run('benchmarks/reproduce.py', '--quick', '--results-dir', str(res), '--suite', 'restore')
+  _run('benchmarks.reproduce', '--quick', '--results-dir', str(res), '--suite', 'restore')
   after = sum(1 for _ in res.glob('*.jsonl') for _ in _.read_text().splitlines())
   assert after == before
 
 
 def test_throughput_quick(tmp_path):
   out = tmp_path / 't.json'
-  _run('benchmarks/throughput.py', '--quick', '--out', str(out))
+  _run('benchmarks.throughput', '--quick', '--out', str(out))
   run = json.loads(out.read_text())
+  assert run['command'].startswith('python -m benchmarks.throughput --quick')
   assert [r['ratio'] for r in run['results']] == [0.0, 0.5]
   assert run['results'][1]['flops'] < run['results'][0]['flops']
 
 
+def test_stored_rows_keep_their_keys_and_translate_to_plans():
+  """Every committed row is found again by its job's key, every suite job is a committed row,
+  and every job's options become a valid plan (an unused option would be an error)."""
+  rows = {k: r for k, r in reproduce.stored_rows().items() if r['method'] != 'baseline'}
+  assert len(rows) > 400
+  for key, row in rows.items():
+    assert verify_rows.job_of(row).key() == key
+  jobs = {j.key(): j for suite in reproduce.SUITES.values() for j in suite(False)}
+  assert set(jobs) == set(rows)
+  for job in jobs.values():
+    plan = reproduce.job_plan(job)
+    assert (plan.method.name, plan.selection.criterion, plan.selection.ratio) == (
+        job.method, job.criterion, job.ratio)
+    assert (None if plan.quantizer is None else (plan.quantizer.name, plan.quantizer.bits)) == (
+        None if job.bits is None else (job.quant_method, job.bits))
+    opts = dict(job.options)
+    if 'bias_correction' in opts:
+      assert plan.bias_correction == opts['bias_correction']
+
+
+def test_reference_jobs_become_the_preset():
+  ref = [j for j in reproduce.lenet_jobs(False) if j.tag == 'reference']
+  assert {j.method for j in ref} == {'prune', 'lbyl', 'nm'}
+  for job in ref:
+    opts = reproduce.plan_options(job)
+    assert opts['preset'] == 'reference_code'
+    assert not set(opts) & {'lbyl_mode', 'nm_mode', 'bn_sigma', 'keep_rounding'}
+    plan = reproduce.job_plan(job)
+    assert (plan.selection.bn_sigma, plan.selection.keep_rounding) == ('variance', 'round')
+    if job.method == 'lbyl':
+      assert plan.method.lbyl_mode == 'reference_code' and plan.bias_correction == 'off'
+      assert plan.method.lambda2 == reproduce.LENET_LBYL_LAM[job.ratio]
+    if job.method == 'nm':
+      assert plan.method.nm_mode == 'reference_code' and plan.method.nm_t == 0.45
+  # A job with only some of the reference options keeps them as options.
+  partial = reproduce.Job('resnet20', 'lbyl', 'l2', 0.3, (('lbyl_mode', 'reference_code'),))
+  assert reproduce.plan_options(partial)['preset'] is None
+  with pytest.raises(ValueError, match='nm_mode'):
+    reproduce.job_plan(reproduce.Job('resnet20', 'lbyl', 'l2', 0.3, (('nm_mode', 'exact'),)))
+
+
+def test_probes_run_nothing_at_import(capsys):
+  names = [m.name for m in pkgutil.iter_modules(probes.__path__)]
+  assert len(names) >= 11
+  for name in names:
+    module = importlib.import_module(f'benchmarks.probes.{name}')
+    assert callable(module.main), name
+  assert capsys.readouterr() == ('', '')
+
+
+def test_no_path_hacks():
+  for path in (ROOT / 'benchmarks').rglob('*.py'):
+    assert 'sys.path' not in path.read_text(), path
+
+
+def test_results_md_is_the_rendering_of_the_committed_results(tmp_path):
+  """RESULTS.md opens with the headline, has no internal labels, and equals what --render makes
+  of benchmarks/results now (the plots are written to a temporary directory)."""
+  committed = (ROOT / 'benchmarks' / 'RESULTS.md').read_text()
+  machine = re.search(r'scripts in `benchmarks/` on (.*?) \(CPU only\)', committed).group(1)
+  out = tmp_path / 'RESULTS.md'
+  report.render(ROOT / 'benchmarks' / 'results', out, machine)
+  assert out.read_text() == committed
+  headings = [l for l in committed.splitlines() if l.startswith('#')]
+  assert headings[:5] == ['# Results', '## Headline',
+                          '### Accuracy after pruning, no fine-tuning (L2 criterion, the full '
+                          '10,000-image test set)',
+                          "### Solve time against the official code's per-filter solves",
+                          '## Conclusions']
+  assert not re.search(r'(?i)\bissues? \d|\bsession \d', committed)
+  assert 'NOTES.md' in committed and 'How the defaults were chosen' not in committed
+
+
 def test_significance_section(tmp_path):
   """RESULTS.md's table of paired comparisons, and its plot, from the probe's summary file."""
-  sys.path.insert(0, str(ROOT / 'benchmarks'))
-  import report
-  from lbyl_jax import evaluation as evaluate
+  from lbyl_jax import evaluation
 
   res, plots = tmp_path / 'results', tmp_path / 'plots'
   res.mkdir()
   assert 'not run yet' in '\n'.join(report.significance_section(res, plots))
   a = np.r_[np.ones(60, bool), np.zeros(40, bool)]
   b = np.r_[np.ones(50, bool), np.zeros(50, bool)]
-  summary = {'x vs y': evaluate.paired_comparison(a, b), 'y vs x': evaluate.paired_comparison(b, a)}
+  summary = {'x vs y': evaluation.paired_comparison(a, b),
+             'y vs x': evaluation.paired_comparison(b, a)}
   (res / 'paired_significance.json').write_text(json.dumps(summary))
   lines = report.significance_section(res, plots)
   assert '| x vs y | 60.00 | 50.00 | +10.00 |' in '\n'.join(lines)

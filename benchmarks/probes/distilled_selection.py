@@ -1,32 +1,27 @@
-"""Issue 6: choose the bias correction per network by output agreement on BN-distilled inputs.
+"""Choose the bias correction per network by output agreement on BN-distilled inputs.
 
 Rule, fixed before it was run: per model and ratio, among bias correction 'off' and 'on', take
 the one whose compressed network has the smaller mean KL(original || compressed) on 64 inputs
 distilled from the original checkpoint's BatchNorm statistics (`lbyl_jax.experimental.distill`, 300 Adam
 steps, lr 0.1, seed 0); a tie goes to 'off'. No image and no label is used. The accuracies
-printed beside each choice are the stored full-test-set rows of `reproduce.py` (same job keys);
+printed beside each choice are the stored full-test-set rows of `benchmarks.reproduce` (same job keys);
 the script recomputes none of them. `auto` and `blend` are listed with their KL for comparison.
 
 Diagnostic, not part of the rule: with `--real N` the same KL is also computed on the first N
 CIFAR-10 test images (their labels are never read), to tell whether a miss comes from the
 distilled inputs or from output agreement itself.
 
-  python benchmarks/probes/distilled_selection.py [--arch resnet56_b ...] [--steps 300] [--real N]
+  python -m benchmarks.probes.distilled_selection [--arch resnet56_b ...] [--steps 300] [--real N]
 """
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', '..'))
-import reproduce  # noqa: E402
-from reproduce import BNM_MODES, RATIOS, Job  # noqa: E402
-from lbyl_jax.experimental import distill  # noqa: E402
+from benchmarks import reproduce
+from benchmarks.reproduce import BNM_MODES, RATIOS, Job
 
 MODES = {
     'bnm': BNM_MODES,
@@ -36,6 +31,8 @@ MODES = {
 
 
 def main(argv=None) -> None:
+  from lbyl_jax.experimental import distill
+
   ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   ap.add_argument('--arch', action='append', help='default: resnet56_b, resnet56, resnet20')
   ap.add_argument('--steps', type=int, default=300)

@@ -1,22 +1,22 @@
-"""Are the small margins that issues 4 and 6 are judged on larger than the test set can resolve?
+"""Are the small margins of two comparisons larger than the test set can resolve?
 
-Every configuration below is the `reproduce.py` job of the same key (so its top-1 must equal the
+Every configuration below is the `benchmarks.reproduce` job of the same key (so its top-1 must equal the
 stored row's; the script says so per job). For each pair it evaluates both models on the same
-10,000 CIFAR-10 test images and reports, with `evaluate.paired_comparison`, the difference, the
+10,000 CIFAR-10 test images and reports, with `evaluation.paired_comparison`, the difference, the
 examples only one of them gets right, the exact McNemar p-value and a 95 % interval of the
 difference. Per-example correctness is kept (bit-packed, keyed by job) in
 `results/paired_correct.npz`, so a rerun only evaluates what is missing; the summary goes to
 `results/paired_significance.json`.
 
 Pairs:
-- issue 4: joint UDFC + bias correction against LBYL + bias correction + round-to-nearest (the
+- joint UDFC against round-to-nearest: joint UDFC + bias correction against LBYL + bias correction + round-to-nearest (the
   defaults), L2, both ResNet-56 checkpoints, 30 % at W4 / W6, 40 / 50 % at W4 (NM ResNet-56), and
   l1 / l2-gm at 30 % W4, and the akamaster ResNet-20 at 30 % W4 (configurations not in the quant
   suite); UDFC against RTN without pruning (W4; ResNet-20 not in the quant suite either);
-- issue 6: bnm `auto` and `blend` against the better of bias correction off / on, L2, per ratio
+- the data-free bias rules: bnm `auto` and `blend` against the better of bias correction off / on, L2, per ratio
   (NM ResNet-56, ResNet-20, akamaster ResNet-56).
 
-  python benchmarks/probes/paired_significance.py [--part quant|bnm|all] [--limit N]
+  python -m benchmarks.probes.paired_significance [--part quant|bnm|all] [--limit N]
 """
 from __future__ import annotations
 
@@ -24,15 +24,11 @@ import argparse
 import json
 import os
 import pathlib
-import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..'))
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..', '..'))
-import reproduce  # noqa: E402
-from reproduce import BC_ON, BNM_MODES, RATIOS, Job  # noqa: E402
-from lbyl_jax import evaluation as evaluate  # noqa: E402
+from benchmarks import reproduce
+from benchmarks.reproduce import BC_ON, BNM_MODES, RATIOS, Job
 
 RESULTS = pathlib.Path(__file__).resolve().parents[1] / 'results'
 
@@ -103,6 +99,8 @@ def fmt(c: dict) -> str:
 
 
 def main(argv=None) -> None:
+  from lbyl_jax import evaluation
+
   ap = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   ap.add_argument('--part', choices=('quant', 'bnm', 'all'), default='all')
   ap.add_argument('--limit', type=int, help='first N test images (no cache, no summary file)')
@@ -111,22 +109,22 @@ def main(argv=None) -> None:
   summary_path = RESULTS / 'paired_significance.json'
   summary = json.loads(summary_path.read_text()) if summary_path.exists() and not args.limit else {}
   if args.part in ('quant', 'all'):
-    print('issue 4: A = joint UDFC, B = round-to-nearest', flush=True)
+    print('A = joint UDFC, B = round-to-nearest', flush=True)
     for label, a, b in quant_pairs():
-      c = evaluate.paired_comparison(store.get(a), store.get(b))
+      c = evaluation.paired_comparison(store.get(a), store.get(b))
       summary[label] = c
       print(f'{label}: {fmt(c)}', flush=True)
   if args.part in ('bnm', 'all'):
-    print('issue 6: A = the rule, B = the better of bias correction off / on', flush=True)
+    print('A = the rule, B = the better of bias correction off / on', flush=True)
     for arch, r, jobs in bnm_jobs():
       correct = {name: store.get(job) for name, job in jobs.items()}
       best = max(('off', 'on'), key=lambda k: correct[k].mean())
       for rule in ('auto', 'blend'):
         label = f'{arch} bnm {r:.0%}: {rule} vs best of off/on ({best})'
-        c = evaluate.paired_comparison(correct[rule], correct[best])
+        c = evaluation.paired_comparison(correct[rule], correct[best])
         summary[label] = c
         print(f'{label}: {fmt(c)}', flush=True)
-      c = evaluate.paired_comparison(correct['on'], correct['off'])
+      c = evaluation.paired_comparison(correct['on'], correct['off'])
       summary[f'{arch} bnm {r:.0%}: on vs off'] = c
       print(f'{arch} bnm {r:.0%}: on vs off: {fmt(c)}', flush=True)
   if not args.limit:

@@ -1,0 +1,1 @@
+"""One-off probes behind benchmarks/NOTES.md; run each as ``python -m benchmarks.probes.<name>``."""
