@@ -9,7 +9,10 @@ from __future__ import annotations
 import os
 import pathlib
 
+import flax.linen as nn
 import pytest
+
+from lbyl_jax.core.bn import BN_EPS
 
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -31,11 +34,40 @@ def shared() -> pathlib.Path:
   return path
 
 
-def one_unit_network(W, gamma, beta, mu, var, V, bias):
-  """A one-unit network: dense l1 (rows W) -> BN bn1 -> ReLU -> dense l2 (kernel V, bias)."""
-  import types
+class OneUnitNet(nn.Module):
+  """Dense 'l1' (no bias) -> BatchNorm 'bn1' -> ReLU -> Dense 'l2' (with bias)."""
 
-  from lbyl_jax.compress import units as units_lib
+  hidden: int
+  outputs: int
+  widths: tuple[int, ...] | None = None
+
+  @nn.compact
+  def __call__(self, x):
+    x = x.reshape(x.shape[0], -1)
+    n = self.hidden if self.widths is None else self.widths[0]
+    x = nn.Dense(n, use_bias=False, name='l1')(x)
+    x = nn.BatchNorm(use_running_average=True, epsilon=BN_EPS, name='bn1')(x)
+    return nn.Dense(self.outputs, name='l2')(nn.relu(x))
+
+
+def toy_spec(model, units, input_shape, *, name='toy', family='toy', num_classes=None):
+  """A real, unregistered :class:`lbyl_jax.models.archs.ArchSpec` around a hand-made module (whose
+  ``widths`` field the spec's ``build`` sets), for tests on small hand-written layers."""
+  from lbyl_jax.models import archs
+
+  c = input_shape[-1]
+  return archs.ArchSpec(name=name, family=family, model=model, units=tuple(units),
+                        input_shape=tuple(input_shape), mean=(0.0,) * c, std=(1.0,) * c,
+                        num_classes=num_classes or 0, dataset=name, torch_naming=name, hparams={})
+
+
+def one_unit_network(W, gamma, beta, mu, var, V, bias):
+  """A one-unit network: dense l1 (rows W) -> BN bn1 -> ReLU -> dense l2 (kernel V, bias).
+
+  The spec is a real :func:`toy_spec` around :class:`OneUnitNet`, so code that traces the model
+  (surgery's consumer BN) works on it.
+  """
+  from lbyl_jax.core import units as units_lib
 
   variables = {
       'params': {
@@ -46,5 +78,7 @@ def one_unit_network(W, gamma, beta, mu, var, V, bias):
       'batch_stats': {'bn1': {'mean': mu, 'var': var}},
   }
   unit = units_lib.Unit('l1', 'l1', 'bn1', 'l2', 'dense')
-  spec = types.SimpleNamespace(name='toy', units=(unit,), family='toy', hparams={})
+  n, d = W.shape
+  spec = toy_spec(OneUnitNet(hidden=n, outputs=V.shape[1]), (unit,), (1, 1, d),
+                  num_classes=V.shape[1])
   return spec, variables, unit

@@ -1,4 +1,4 @@
-"""lbyl_jax.checkpoint: orbax + meta.json round trips, atomic writes, validation on load."""
+"""lbyl_jax.io.checkpoint: orbax + meta.json round trips, atomic writes, validation on load."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ import lbyl_jax
 from lbyl_jax.models import archs
 from lbyl_jax.io import checkpoint
 from lbyl_jax.quant import uniform as quant
-from lbyl_jax.compress import units
+from lbyl_jax.core import trees
+from lbyl_jax.core import units
 
 
 def _random_variables(spec, widths=None, seed=0):
@@ -26,7 +27,7 @@ def _random_variables(spec, widths=None, seed=0):
 
 
 def _assert_trees_equal(a, b):
-  fa, fb = checkpoint._flatten(a), checkpoint._flatten(b)  # pylint: disable=protected-access
+  fa, fb = trees.flatten(a), trees.flatten(b)
   assert fa.keys() == fb.keys()
   for k in fa:
     x, y = np.asarray(fa[k]), np.asarray(fb[k])
@@ -45,7 +46,8 @@ def resnet20_vars():
 
 def test_round_trip_is_bitwise(tmp_path, resnet20_vars):
   variables = jax.tree_util.tree_map(np.copy, resnet20_vars)
-  variables['params']['fc']['bias'][:3] = [np.nan, -0.0, np.inf]  # stored as is, bit for bit
+  # Stored as is, bit for bit: a signed zero, a subnormal, the largest float32.
+  variables['params']['fc']['bias'][:3] = [-0.0, np.float32(1e-45), -np.finfo(np.float32).max]
   meta = {'method': 'lbyl', 'config': {'ratio': 0.5, 'layers': ['a', 'b']}, 'top1': 91.25}
   out = checkpoint.save(tmp_path / 'ck', 'resnet20', None, variables, meta=meta)
 
@@ -63,6 +65,15 @@ def test_round_trip_is_bitwise(tmp_path, resnet20_vars):
   for k, v in meta.items():
     assert loaded.meta[k] == v
   _assert_trees_equal(loaded.variables, variables)
+  assert np.signbit(loaded.variables['params']['fc']['bias'][0])
+
+
+def test_non_finite_weights_are_refused_and_nothing_is_written(tmp_path, resnet20_vars):
+  variables = jax.tree_util.tree_map(np.copy, resnet20_vars)
+  variables['params']['fc']['bias'][:2] = [np.nan, np.inf]
+  with pytest.raises(ValueError, match=r'non-finite values in params/fc/bias \(2 of 10\)'):
+    checkpoint.save(tmp_path / 'ck', 'resnet20', None, variables)
+  assert os.listdir(tmp_path) == []
 
 
 def test_mlp_without_batch_stats_and_jax_arrays(tmp_path):
@@ -118,7 +129,7 @@ def test_quantized_round_trip(tmp_path, resnet20_vars, bits, symmetric):
 
   loaded = checkpoint.load(out)
 
-  q_leaves = [v for k, v in checkpoint._flatten(loaded.raw).items() if k.endswith('/q')]  # pylint: disable=protected-access
+  q_leaves = [v for k, v in trees.flatten(loaded.raw).items() if k.endswith('/q')]
   assert q_leaves and all(v.dtype == (np.int8 if symmetric and bits > 4 else np.uint8) for v in q_leaves)
   _assert_trees_equal(loaded.raw, qtree)
   _assert_trees_equal(loaded.variables, quant.dequantize_tree(qtree, qmeta))

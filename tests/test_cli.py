@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 
 import lbyl_jax
-from lbyl_jax import pipeline
-from lbyl_jax.models import archs
-from lbyl_jax.cli.restore.restore import restore as cli
-from lbyl_jax.compress import restore
-from lbyl_jax.io import data as data_lib
 from lbyl_jax import evaluation as evaluate_lib
+from lbyl_jax import pipeline
+from lbyl_jax.cli import restore as cli
+from lbyl_jax.io import data as data_lib
+from lbyl_jax.models import archs
+from lbyl_jax.plan import Plan
 
 pytestmark = pytest.mark.realdata
 
@@ -66,13 +66,19 @@ def test_existing_out_is_refused_and_untouched(shared, tmp_path, capsys):
   out = tmp_path / 'run'
   out.mkdir()
   (out / 'keep.txt').write_text('mine')
-  with pytest.raises(SystemExit):
+  with pytest.raises(SystemExit) as exc:
     cli.main(_args(shared, out, '--ratio', '0.5'))
+  assert exc.value.code == 1
   assert (out / 'keep.txt').read_text() == 'mine'
   # A directory this tool did not write is never replaced, not even with --overwrite.
-  with pytest.raises(SystemExit):
+  with pytest.raises(SystemExit) as exc:
     cli.main(_args(shared, out, '--ratio', '0.5', '--overwrite'))
-  assert 'not a directory this tool wrote' in capsys.readouterr().err
+  assert exc.value.code == 1
+  err = capsys.readouterr().err
+  assert 'not a directory this tool wrote' in err
+  # Expected errors are one line: 'python -m lbyl_jax.restore: error: ...'.
+  errors = [ln for ln in err.splitlines() if ln.startswith('python -m lbyl_jax.restore: error: ')]
+  assert len(errors) == 2 and 'Traceback' not in err
   assert sorted(p.name for p in out.iterdir()) == ['keep.txt']
   # An earlier result of ours is replaced with --overwrite.
   run = tmp_path / 'ours'
@@ -83,12 +89,15 @@ def test_existing_out_is_refused_and_untouched(shared, tmp_path, capsys):
   assert (first['ratio'], second['ratio']) == (0.5, 0.6)
 
 
-@pytest.mark.parametrize('bad', [['--ratio', '1.0'], ['--ratio', '-0.1'], ['--method', 'magic'],
-                                 ['--criterion', 'l3'], ['--weight-bits', '9']])
-def test_bad_arguments_fail_before_writing(shared, tmp_path, bad):
+@pytest.mark.parametrize('bad,code', [(['--ratio', '1.0'], 1), (['--ratio', '-0.1'], 1),
+                                      (['--method', 'magic'], 2), (['--criterion', 'l3'], 2),
+                                      (['--weight-bits', '9'], 1),
+                                      (['--method', 'lbyl', '--nm-t', '0.2'], 1)])
+def test_bad_arguments_fail_before_writing(shared, tmp_path, bad, code):
   out = tmp_path / 'run'
-  with pytest.raises(SystemExit):
+  with pytest.raises(SystemExit) as exc:
     cli.main(_args(shared, out, *bad))
+  assert exc.value.code == code  # 1: expected error, 2: usage error found by the parser
   assert not out.exists()
   assert not list(tmp_path.iterdir())
 
@@ -138,10 +147,9 @@ def test_compress_is_pure(shared):
   spec = archs.get('lenet_300_100')
   variables = converters.load_variables(shared / 'weights' / LENET, spec)
   before = {k: np.array(v['kernel']) for k, v in variables['params'].items()}
-  a = pipeline.compress(spec, variables, restore.RestoreConfig(method='lbyl', ratio=0.5),
-                        pipeline.QuantConfig(bits=6))
-  b = pipeline.compress(spec, variables, restore.RestoreConfig(method='lbyl', ratio=0.5),
-                        pipeline.QuantConfig(bits=6))
+  plan = Plan.from_options(method='lbyl', ratio=0.5, quant_method='rtn', bits=6)
+  a = pipeline.compress(spec, variables, plan)
+  b = pipeline.compress(spec, variables, plan)
   for k, v in before.items():
     np.testing.assert_array_equal(v, variables['params'][k]['kernel'])
   for k in a.variables['params']:
@@ -153,13 +161,15 @@ def test_joint_udfc_bias_correction_follows_the_config(shared):
 
   spec = archs.get('lenet_300_100')
   variables = converters.load_variables(shared / 'weights' / LENET, spec)
-  q = pipeline.QuantConfig(bits=4, method='udfc')
-  for extra in (dict(bias_correction='auto'), dict(guard='moments')):
-    with pytest.raises(ValueError, match='udfc with lbyl delivery computes its own delivery'):
-      pipeline.compress(spec, variables, restore.RestoreConfig(method='lbyl', ratio=0.5, **extra), q)
+  q = dict(quant_method='udfc', bits=4)
+  for extra, flag in ((dict(bias_correction='auto'), '--bias-correction auto'),
+                      (dict(guard='moments'), '--guard'), (dict(lambda2=0.1), '--lambda2'),
+                      (dict(lbyl_mode='reference_code'), '--lbyl-mode reference_code')):
+    with pytest.raises(ValueError, match=f'--quant-method udfc with --method lbyl computes its own'
+                       f' pruning delivery .* so {flag} would do nothing there'):
+      pipeline.compress(spec, variables, method='lbyl', ratio=0.5, **extra, **q)
   for bc, want in ((None, True), ('on', True), ('off', False)):
-    res = pipeline.compress(spec, variables,
-                            restore.RestoreConfig(method='lbyl', ratio=0.5, bias_correction=bc), q)
+    res = pipeline.compress(spec, variables, method='lbyl', ratio=0.5, bias_correction=bc, **q)
     assert res.report['bias_correction'] == ('on' if want else 'off')
     assert res.report['quant_report']['bias_correction'] is want
     unit = res.report['quant_report']['units']['ip1']
@@ -171,7 +181,7 @@ def test_guard_and_bias_flags_reach_the_report(shared, tmp_path, capsys):
   cli.main(_args(shared, out, '--method', 'nm', '--ratio', '0.6', '--guard', 'moments',
                  '--bias-correction', 'on', '--bias-fold', 'all_taps', '--json'))
   report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-  assert report['config']['guard'] == 'moments' and report['config']['bias_fold'] == 'all_taps'
+  assert report['options']['guard'] == 'moments' and report['options']['bias_fold'] == 'all_taps'
   for layer in report['layers']:
     d = layer['diagnostics']
     assert d['guard'] == 'moments' and 0.0 <= d['guard_t_mean'] <= 1.0

@@ -17,9 +17,10 @@ import pytest
 
 import converters
 from converters import formats
-from converters.__main__ import main as convert_main
-from lbyl_jax.models import archs
+from lbyl_jax.cli import convert as convert_cli
+from lbyl_jax.core import trees
 from lbyl_jax.io import checkpoint
+from lbyl_jax.models import archs
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 RESNET20 = 'resnet20-12fca82f.th'
@@ -40,6 +41,15 @@ def _run_without_torch(code: str, tmp_path: pathlib.Path) -> subprocess.Complete
              JAX_PLATFORMS='cpu')
   return subprocess.run([sys.executable, '-c', prelude + code + epilogue], cwd=tmp_path, env=env,
                         capture_output=True, text=True, timeout=300)
+
+
+def convert_main(argv) -> int:
+  """Runs ``python -m lbyl_jax.convert`` in process: its exit status (0 when main returns)."""
+  try:
+    convert_cli.main(argv)
+  except SystemExit as e:
+    return e.code
+  return 0
 
 
 def _torch_name_to_flax(key: str) -> tuple[str, str]:
@@ -70,14 +80,15 @@ def _torch_layout(value: np.ndarray) -> np.ndarray:
 
 @pytest.mark.realdata
 def test_cli_converts_real_file_without_torch_and_reloads(shared, tmp_path):
-  """`python -m converters` on the real akamaster file with torch unimportable; the checkpoint
+  """`python -m lbyl_jax.convert` on the real akamaster file with torch unimportable; the checkpoint
   reloads through lbyl_jax.load and every value equals torch.load's, bitwise."""
   src = shared / 'weights' / RESNET20
   out = tmp_path / 'ckpt'
   proc = _run_without_torch(
-      'from converters.__main__ import main\n'
-      f'rc = main(["--arch", "resnet20", "--weights", {str(src)!r}, "--out", {str(out)!r}, "--json"])\n'
-      'assert rc == 0, rc\n', tmp_path)
+      'import runpy\n'
+      f'sys.argv = ["lbyl_jax.convert", "--arch", "resnet20", "--weights", {str(src)!r},'
+      f' "--out", {str(out)!r}, "--json"]\n'
+      "runpy.run_module('lbyl_jax.convert', run_name='__main__')\n", tmp_path)
   assert proc.returncode == 0, proc.stderr[-3000:]
   summary = json.loads(proc.stdout)
   assert summary['source_format'] == 'torch-legacy'
@@ -93,7 +104,7 @@ def test_cli_converts_real_file_without_torch_and_reloads(shared, tmp_path):
 
   torch = pytest.importorskip('torch')
   sd = torch.load(src, map_location='cpu', weights_only=True)['state_dict']
-  flat = checkpoint._flatten(loaded.variables)  # pylint: disable=protected-access
+  flat = trees.flatten(loaded.variables)
   assert len(flat) == len(sd) == 97
   for key, value in sd.items():
     col, path = _torch_name_to_flax(key)
@@ -108,7 +119,7 @@ def test_cli_converts_real_file_without_torch_and_reloads(shared, tmp_path):
 ])
 def test_real_files_read_in_process(shared, name, arch, n):
   variables = converters.load_variables(shared / 'weights' / name, archs.get(arch))
-  flat = checkpoint._flatten(variables)  # pylint: disable=protected-access
+  flat = trees.flatten(variables)
   assert len(flat) == n
   assert checkpoint.shape_mismatches(archs.get(arch), variables) == []
 
@@ -134,7 +145,10 @@ def test_cli_json_summary_and_refusals(tmp_path, capsys):
 
   # An existing output is refused without --overwrite and replaced with it.
   assert convert_main(['--arch', 'lenet_300_100', '--weights', str(src), '--out', str(out)]) == 1
-  assert 'already exists' in capsys.readouterr().err
+  err = capsys.readouterr().err
+  assert 'already exists' in err
+  assert err.startswith('python -m lbyl_jax.convert: error: ')
+  assert len(err.strip().splitlines()) == 1
   assert convert_main(['--arch', 'lenet_300_100', '--weights', str(src), '--out', str(out),
                        '--overwrite']) == 0
   assert 'lenet_300_100' in capsys.readouterr().out

@@ -1,11 +1,11 @@
-"""Filter-ranking criteria, kept counts and tie-breaking (ALGORITHMS.md 3, A10)."""
+"""Filter-ranking criteria, kept counts and tie-breaking (docs/criteria.md)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from lbyl_jax.compress import criteria
+from lbyl_jax.pruning import criteria
 
 
 def brute_force_keep(score: np.ndarray, m: int) -> np.ndarray:

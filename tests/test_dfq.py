@@ -1,4 +1,5 @@
-"""DFQ baseline (ALGORITHMS.md 7.1): BN folding, CLE (T8), bias absorption, bias correction (T9)."""
+"""DFQ baseline (docs/quantization.md#dfq): BN folding, CLE (T8), bias absorption, bias correction
+(T9)."""
 
 from __future__ import annotations
 
@@ -8,10 +9,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lbyl_jax.core import trees
+from lbyl_jax.core import units as units_lib
+from lbyl_jax.core.bn import BN_EPS
 from lbyl_jax.models import archs
+from lbyl_jax.models import trace
+from lbyl_jax.pruning.moments import relu_mean
 from lbyl_jax.quant import dfq
 from lbyl_jax.quant import uniform as quant
-from lbyl_jax.compress import units as units_lib
 
 
 def _rel(a, b) -> float:
@@ -57,7 +62,7 @@ def vgg():
 
 
 def test_identity_bn_is_exact_in_flax():
-  assert dfq.IDENTITY_VAR + np.float32(dfq.BN_EPS) == np.float32(1.0)
+  assert dfq.IDENTITY_VAR + np.float32(BN_EPS) == np.float32(1.0)
   bn = nn.BatchNorm(use_running_average=True, epsilon=1e-5)
   x = jax.random.normal(jax.random.PRNGKey(0), (4, 5, 5, 7)) * 10
   b = np.random.default_rng(0).normal(size=7).astype(np.float32)
@@ -71,16 +76,16 @@ def test_fold_bn_keeps_the_function(name, resnet20, vgg):
   net = {'resnet20': resnet20, 'vgg16_bn_cifar': vgg}.get(name) or _Net(name)
   folded, stats = (vgg.folded, vgg.stats) if name == 'vgg16_bn_cifar' else dfq.fold_bn(net.spec, net.v)
   assert _rel(net.out(folded), net.y) < 1e-5
-  bn_of = quant.trace_layers(net.spec).bn
+  bn_of = trace.trace_layers(net.spec).bn
   assert set(stats) == set(bn_of)
   for layer, bn in bn_of.items():
-    p = units_lib.get_path(folded['params'], bn)
-    s = units_lib.get_path(folded['batch_stats'], bn)
+    p = trees.get_path(folded['params'], bn)
+    s = trees.get_path(folded['batch_stats'], bn)
     np.testing.assert_array_equal(p['scale'], 1.0)
     np.testing.assert_array_equal(s['mean'], 0.0)
     np.testing.assert_array_equal(s['var'], dfq.IDENTITY_VAR)
     # The BN-implied output distribution: N(beta, gamma^2) of the ORIGINAL BN.
-    np.testing.assert_array_equal(stats[layer]['mean'], units_lib.get_path(net.v['params'], bn)['bias'])
+    np.testing.assert_array_equal(stats[layer]['mean'], trees.get_path(net.v['params'], bn)['bias'])
   # kernel * alpha on the output axis (checked on one layer against float64 numpy).
   k = net.v['params']['conv1' if 'resnet' in name else 'conv0']['kernel'].astype(np.float64)
   bnp = net.v['params']['bn1' if 'resnet' in name else 'bn0']
@@ -124,8 +129,8 @@ def test_cle_resnet20(resnet20):
   _check_equal_ranges(eq, resnet20.spec.units)
   # The statistics follow the producer's rescaling: mean / s, std / s.
   u = resnet20.spec.units[0]
-  k_before = units_lib.get_path(folded['params'], u.producer)['kernel'].astype(np.float64)
-  k_after = units_lib.get_path(eq['params'], u.producer)['kernel']
+  k_before = trees.get_path(folded['params'], u.producer)['kernel'].astype(np.float64)
+  k_after = trees.get_path(eq['params'], u.producer)['kernel']
   s = k_before[0, 0, 0] / k_after[0, 0, 0]  # W1[i] /= s_i
   np.testing.assert_allclose(info['stats'][u.producer]['std'], stats[u.producer]['std'] / s, rtol=1e-5)
 
@@ -211,18 +216,18 @@ def test_bias_absorption_exact_when_preactivations_stay_above_c():
                                         (-0.05, 0.1)])
 def test_relu_mean_matches_monte_carlo(beta, gamma):
   y = beta + gamma * np.random.default_rng(7).standard_normal(1_000_000)
-  assert abs(dfq.relu_mean(beta, gamma) - np.maximum(y, 0).mean()) < 1e-3
+  assert abs(relu_mean(beta, gamma) - np.maximum(y, 0).mean()) < 1e-3
 
 
 @pytest.mark.parametrize('beta,gamma', [(0.0, 1.0), (1.5, 2.0), (-1.0, 0.7), (2.0, -1.5)])
 def test_relu_mean_matches_monte_carlo_wide(beta, gamma):
   a = np.maximum(beta + gamma * np.random.default_rng(8).standard_normal(1_000_000), 0)
   se = a.std() / 1000
-  assert abs(dfq.relu_mean(beta, gamma) - a.mean()) < 5 * se
+  assert abs(relu_mean(beta, gamma) - a.mean()) < 5 * se
 
 
 def test_relu_mean_degenerate_std():
-  np.testing.assert_allclose(dfq.relu_mean([0.5, -0.5], [0.0, 0.0]), [0.5, 0.0])
+  np.testing.assert_allclose(relu_mean([0.5, -0.5], [0.0, 0.0]), [0.5, 0.0])
 
 
 def _relu_mean_quadrature(beta, gamma):
@@ -284,7 +289,7 @@ def test_dfq_8bit_close_to_float(resnet20, lenet):
 def test_dfq_keep_8bit_and_bad_bits(resnet20):
   spec = resnet20.spec
   q, m, _ = dfq.dfq(spec, resnet20.v, bits=4, per_channel=True, symmetric=True,
-                    keep_8bit=quant.first_and_last_layers(spec), bias_absorption=True)
+                    keep_8bit=trace.first_and_last_layers(spec), bias_absorption=True)
   assert m['layers']['conv1']['bits'] == 8 and m['layers']['fc']['bits'] == 8
   assert m['layers']['layer1_0/conv1']['bits'] == 4
   with pytest.raises(ValueError, match='bits'):

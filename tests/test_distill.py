@@ -11,7 +11,7 @@ import scipy.special
 
 from lbyl_jax.models import archs
 from lbyl_jax.experimental import distill
-from lbyl_jax.compress import moments
+from lbyl_jax.experimental import montecarlo
 from test_evaluate import random_variables
 
 
@@ -25,7 +25,7 @@ def test_loss_is_zero_where_running_stats_are_the_batch_stats(r20):
   """Calibrate every BN on a batch (mc_propagate, no border dropped): the loss there is ~0."""
   spec, variables = r20
   n = 8
-  calibrated = moments.mc_propagate(spec, variables, n=n, seed=5, margin=0)['batch_stats']
+  calibrated = montecarlo.mc_propagate(spec, variables, n=n, seed=5, margin=0)['batch_stats']
   tuned = dict(variables, batch_stats=calibrated)
   x = np.random.default_rng(5).standard_normal((n, *spec.input_shape))  # mc_propagate's batch
   loss = distill._bn_loss_fn(spec, jax.tree_util.tree_map(np.asarray, tuned))  # pylint: disable=protected-access

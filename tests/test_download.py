@@ -233,8 +233,11 @@ def test_search_order(clean_env, monkeypatch, tmp_path, server, dead_url):
   for p in locations:  # each location wins once the ones before it are gone
     assert weights.resolve_weights(spec) == p
     p.unlink()
-  # Nothing local: the download goes into the user cache, and is then found there offline.
-  with pytest.raises(download.DownloadError, match='offline'):
+  # Nothing local: the download goes into the user cache, and is then found there offline. A failed
+  # download says where it looked and why the download failed.
+  with pytest.raises(weights.WeightsNotFoundError,
+                     match=r'no local weights \(looked for --weights, .*\) and the download of .*'
+                           r' failed \(.*offline\?'):
     weights.resolve_weights(spec)
   got = weights.resolve_weights(_spec(f'{server}/file.bin'), progress=False)
   assert got == locations[1] and got.read_bytes() == PAYLOAD

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -12,9 +13,10 @@ import jax
 import numpy as np
 import pytest
 
-from lbyl_jax.models import archs
-from lbyl_jax.io import data
 from lbyl_jax import evaluation as evaluate
+from lbyl_jax.cli import evaluate as evaluate_cli
+from lbyl_jax.io import data
+from lbyl_jax.models import archs
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -247,7 +249,7 @@ def test_resnet20_cifar10_accuracy(shared):
 def test_cli_lenet_fashion_mnist(shared, capsys):
   """The CLI end to end; every prediction checked against a float64 NumPy forward pass."""
   converters = pytest.importorskip('converters')
-  evaluate.main(['--arch', 'lenet_300_100', '--weights', str(shared / 'weights'),
+  evaluate_cli.main(['--arch', 'lenet_300_100', '--weights', str(shared / 'weights'),
                  '--data', str(shared / 'data' / 'fashion-mnist'), '--batch-size', '1000',
                  '--json', '--no-progress', '--no-download'])
   lines = capsys.readouterr().out.strip().splitlines()
@@ -264,13 +266,30 @@ def test_cli_lenet_fashion_mnist(shared, capsys):
   assert round(report['top1'] * 100) == top1 and round(report['top5'] * 100) == top5
 
 
-def test_cli_errors(tmp_path):
-  with pytest.raises(SystemExit, match='does not exist'):
-    evaluate.main(['--arch', 'resnet20', '--weights', str(tmp_path / 'nope.th'), '--no-download'])
-  with pytest.raises(SystemExit, match='unknown architecture'):
-    evaluate.main(['--arch', 'no_such_arch'])
-  with pytest.raises(SystemExit, match='directory without lbyl_lenet_300_100'):
-    evaluate.main(['--arch', 'lenet_300_100', '--weights', str(tmp_path)])
+PROG = 'python -m lbyl_jax.evaluate'
+
+
+def cli_error(capsys, argv, match, code=1):
+  """Runs the evaluate CLI expecting an error: exit ``code`` (1: expected error, one line
+  '<prog>: error: ...' on stderr; 2: usage error) and a message matching ``match``."""
+  capsys.readouterr()
+  with pytest.raises(SystemExit) as exc:
+    evaluate_cli.main(argv)
+  assert exc.value.code == code
+  err = capsys.readouterr().err
+  if code == 1:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f'{PROG}: error: '), err
+  assert re.search(match, err), err
+
+
+def test_cli_errors(tmp_path, capsys):
+  cli_error(capsys, ['--arch', 'resnet20', '--weights', str(tmp_path / 'nope.th'),
+                     '--no-download'], 'does not exist')
+  cli_error(capsys, ['--arch', 'no_such_arch'], "invalid choice: 'no_such_arch'", code=2)
+  cli_error(capsys, ['--arch', 'lenet_300_100', '--weights', str(tmp_path)],
+            'directory without lbyl_lenet_300_100')
+  cli_error(capsys, [str(tmp_path), '--no-download'], 'not an lbyl_jax checkpoint directory')
 
 
 def test_cli_compare(tmp_path, capsys):
@@ -283,7 +302,7 @@ def test_cli_compare(tmp_path, capsys):
   run_b = checkpoint.save(tmp_path / 'b', spec.name, (120, 30), pruned, meta={'ratio': 0.6})
   npz = tmp_path / 'd.npz'
   np.savez(npz, images=ds.images, labels=ds.labels)
-  evaluate.main(['--compare', str(run_a), str(run_b), '--data', str(npz), '--batch-size', '64',
+  evaluate_cli.main(['--compare', str(run_a), str(run_b), '--data', str(npz), '--batch-size', '64',
                  '--json', '--no-progress', '--no-download'])
   lines = capsys.readouterr().out.strip().splitlines()
   report = json.loads(lines[-1])
@@ -297,19 +316,27 @@ def test_cli_compare(tmp_path, capsys):
     assert report[k] == pytest.approx(expected[k], abs=1e-12), k
   assert report['ci95'] == pytest.approx(list(expected['ci95']), abs=1e-12)
   assert report['a'] == str(run_a) and 'McNemar' in lines[-2]
+  # A saved run as the positional RUN_DIR: its own architecture and widths, the same accuracy.
+  evaluate_cli.main([str(run_b), '--data', str(npz), '--batch-size', '64', '--json',
+                     '--no-progress', '--no-download'])
+  single = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert single['arch'] == 'lenet_300_100' and single['n'] == 157
+  assert single['top1'] == pytest.approx(100.0 * cb.mean(), abs=1e-9)
 
 
-def test_cli_compare_errors(tmp_path):
+def test_cli_compare_errors(tmp_path, capsys):
   from lbyl_jax.io import checkpoint
 
-  with pytest.raises(SystemExit):  # argparse: neither --arch nor --compare
-    evaluate.main(['--no-download'])
+  # Neither a run, nor --arch, nor --compare.
+  cli_error(capsys, ['--no-download'], 'give a checkpoint directory, or --arch ARCH')
   spec, full, _ = case(n=2)
   run_a = checkpoint.save(tmp_path / 'a', spec.name, None, full)
   r20 = checkpoint.save(tmp_path / 'r', 'resnet20', None, random_variables(archs.get('resnet20')))
-  with pytest.raises(SystemExit, match='one architecture, got lenet_300_100 .* and resnet20'):
-    evaluate.main(['--compare', str(run_a), str(r20), '--no-download'])
-  with pytest.raises(SystemExit, match='not an lbyl_jax checkpoint'):
-    evaluate.main(['--compare', str(run_a), str(tmp_path), '--no-download'])
-  with pytest.raises(SystemExit, match='--arch resnet20 does not match'):
-    evaluate.main(['--compare', str(run_a), str(run_a), '--arch', 'resnet20', '--no-download'])
+  cli_error(capsys, ['--compare', str(run_a), str(r20), '--no-download'],
+            'one architecture, got lenet_300_100 .* and resnet20')
+  cli_error(capsys, ['--compare', str(run_a), str(tmp_path), '--no-download'],
+            'not an lbyl_jax checkpoint')
+  cli_error(capsys, ['--compare', str(run_a), str(run_a), '--arch', 'resnet20', '--no-download'],
+            '--arch resnet20 does not match')
+  cli_error(capsys, [str(run_a), '--compare', str(run_a), str(run_a), '--no-download'],
+            '--compare takes the two runs')

@@ -1,4 +1,5 @@
-"""LBYL coefficients (ALGORITHMS.md 5, tests T1, T3, T6, T10) and the batched solvers.
+"""LBYL coefficients (docs/lbyl.md; properties T1, T3, T6, T10 of docs/properties.md) and the
+batched solvers.
 
 Every expected value is an independent NumPy computation (float64 unless the test is about the
 reference code's float32 arithmetic).
@@ -11,17 +12,19 @@ import numpy as np
 import pytest
 import scipy.linalg
 
+from lbyl_jax.core import trees
+from lbyl_jax.core import units as units_lib
+from lbyl_jax.core.bn import BN_EPS
 from lbyl_jax.models import archs
-from lbyl_jax.compress import criteria
-from lbyl_jax.compress.methods import lbyl
-from lbyl_jax.compress import restore
-from lbyl_jax.compress import solvers
-from lbyl_jax.compress import surgery
-from lbyl_jax.compress import units as units_lib
+from lbyl_jax.pruning import criteria
+from lbyl_jax.pruning import solvers
+from lbyl_jax.pruning import surgery
+from lbyl_jax.pruning import terms
+from lbyl_jax.pruning.methods import lbyl
+from lbyl_jax.pruning.problem import UnitProblem
 from conftest import one_unit_network
-from lbyl_jax.compress.methods.base import UnitProblem
 
-EPS = units_lib.BN_EPS
+EPS = BN_EPS
 
 
 def random_bn(rng, n, *, sigma='std'):
@@ -86,7 +89,7 @@ def toy_forward(v, x, act):
 
 def test_t1_exact_reconstruction_coefficients_and_output():
   spec, variables, unit, keep, C = toy_dense_unit(0)
-  problem = make_problem(units_lib.filters(variables, unit), restore.bn_terms(variables, unit), keep)
+  problem = make_problem(terms.filters(variables, unit), terms.bn_terms(variables, unit), keep)
   sol = solve1(problem, lam1=0.0, lam2=0.0)
   np.testing.assert_allclose(sol.S_P, C, rtol=0, atol=1e-10)
   _, new = surgery.apply(spec, variables, {'l1': (keep, sol.S_P, None)})
@@ -102,7 +105,7 @@ def test_t1_exact_reconstruction_coefficients_and_output():
 def test_t1_float32_solver_is_close():
   spec, variables, unit, keep, C = toy_dense_unit(2)
   del spec
-  problem = make_problem(units_lib.filters(variables, unit), restore.bn_terms(variables, unit), keep)
+  problem = make_problem(terms.filters(variables, unit), terms.bn_terms(variables, unit), keep)
   sol = solve1(problem, lam1=0.0, lam2=0.0, dtype='float32')
   assert sol.diag['solver'] == 'cholesky' and sol.diag['jitter'] > 0
   np.testing.assert_allclose(sol.S_P, C, atol=1e-3 * np.abs(C).max())
@@ -310,7 +313,7 @@ def resnet101_problems(ratio=0.3):
   rng = np.random.default_rng(0)
   out = []
   for u in spec.units:
-    shape = units_lib.get_path(abstract['params'], u.producer)['kernel'].shape
+    shape = trees.get_path(abstract['params'], u.producer)['kernel'].shape
     n, d = shape[-1], int(np.prod(shape[:-1]))
     W = rng.normal(size=(n, d)) / np.sqrt(d)
     keep, prune = criteria.select(W, criteria.n_keep(n, ratio), 'l2')

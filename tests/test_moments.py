@@ -14,9 +14,11 @@ from scipy import integrate
 from scipy.special import owens_t
 from scipy.stats import norm
 
+from lbyl_jax.core import trees
+from lbyl_jax.experimental import montecarlo
 from lbyl_jax.models import archs
-from lbyl_jax.compress import moments as M
-from lbyl_jax.compress import units as units_lib
+from lbyl_jax.pruning import moments as M
+from lbyl_jax.pruning import terms
 
 
 def _x64(fn, *args, **kwargs):
@@ -62,7 +64,7 @@ def test_relu_moments_match_quadrature():
 
 
 def test_relu_moments_monte_carlo_t9():
-  # ALGORITHMS.md T9 (1e6 samples), with the tolerance set by the sample standard error.
+  # docs/properties.md T9 (1e6 samples), with the tolerance set by the sample standard error.
   rng = np.random.default_rng(0)
   for beta, gamma in [(0.1, 1.0), (-0.8, 0.6), (1.5, 2.0)]:
     y = np.maximum(rng.normal(beta, gamma, 1_000_000), 0.0)
@@ -164,7 +166,7 @@ def test_second_moments_match_monte_carlo_and_are_psd():
   mean, cov = _random_gaussian(rng, 6)
   E, Mm = _x64(M.relu_second_moments, mean, cov)
   n = 200_000
-  Emc, Mmc = M.mc_relu_moments(mean, cov, n=n, seed=5)
+  Emc, Mmc = montecarlo.mc_relu_moments(mean, cov, n=n, seed=5)
   a = np.maximum(np.random.default_rng(5).multivariate_normal(mean, cov, size=n, method='eigh'), 0)
   se = (a[:, :, None] * a[:, None, :]).std(0) / np.sqrt(n)
   np.testing.assert_array_less(np.abs(Mm - Mmc), 5 * se + 1e-12)
@@ -234,7 +236,8 @@ def test_max_relu_moments():
 def resnet20():
   spec = archs.get('resnet20')
   variables = spec.init(jax.random.PRNGKey(0))
-  return spec, variables, M.propagate(spec, variables), M.mc_propagate(spec, variables, n=64, seed=0)
+  return (spec, variables, M.propagate(spec, variables),
+          montecarlo.mc_propagate(spec, variables, n=64, seed=0))
 
 
 def _z(pred_mean, mc_mean, mc_var, n_eff):
@@ -283,7 +286,7 @@ def test_propagation_option_a_padding_and_projection_shortcut():
   assert not np.allclose(got.mean[8:24], e1[8:24])  # the identity part adds the block input
   spec_b = archs.get('resnet20_b')
   vb = spec_b.init(jax.random.PRNGKey(1))
-  mc = M.mc_propagate(spec_b, vb, n=32, seed=1)
+  mc = montecarlo.mc_propagate(spec_b, vb, n=32, seed=1)
   pb = M.propagate(spec_b, vb)
   mean, var = mc['inputs']['layer2_1/conv1']
   assert np.max(np.abs(pb['layer2_1/conv1'].mean - mean) / np.sqrt(var)) < 0.35
@@ -295,10 +298,10 @@ def test_propagation_mlp_exact_preactivations():
   spec = archs.get('lenet_300_100')
   variables = spec.init(jax.random.PRNGKey(2))
   n = 8_000
-  mc = M.mc_propagate(spec, variables, n=n, seed=2)
+  mc = montecarlo.mc_propagate(spec, variables, n=n, seed=2)
   pred = M.propagate(spec, variables)
   for u in spec.units:
-    mean, cov = M.dense_preactivation(units_lib.filters(variables, u), pred[u.name])
+    mean, cov = M.dense_preactivation(terms.filters(variables, u), pred[u.name])
     m_mc, v_mc = mc['preact'][u.name]
     assert np.max(_z(mean, m_mc, v_mc, n)) < 5.5, u.name
     np.testing.assert_allclose(np.diag(cov), v_mc, rtol=0.1)
@@ -313,7 +316,7 @@ def test_propagation_vgg_with_max_pool():
   widths = (8, 8, 16, 16, 16, 16, 16, 16, 16, 16, 16, 16, 16)
   variables = spec.init(jax.random.PRNGKey(3), widths)
   pred = M.propagate(spec, variables)
-  mc = M.mc_propagate(spec, variables, n=64, seed=3)
+  mc = montecarlo.mc_propagate(spec, variables, n=64, seed=3)
   assert pred['conv0'].mean.shape == (3,) and np.all(pred['conv0'].var == 1.0)
   # conv1 reads ReLU(bn0) directly: exact.
   mean, var = mc['inputs']['conv1']
@@ -332,7 +335,7 @@ def test_propagation_torchvision_bottleneck_structure():
   assert set(pred) == {u.name for u in spec.units}
   for u in spec.units:
     p = pred[u.name]
-    d_in = np.shape(units_lib.get_path(variables['params'], u.producer)['kernel'])[2]
+    d_in = np.shape(trees.get_path(variables['params'], u.producer)['kernel'])[2]
     assert p.mean.shape == (d_in,) and np.all(np.isfinite(p.mean)) and np.all(p.var > 0)
   # conv2 of a bottleneck reads ReLU(N(beta_bn1, gamma_bn1^2)).
   bn1 = variables['params']['layer3_2']['bn1']

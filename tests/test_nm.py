@@ -1,4 +1,4 @@
-"""Neuron Merging (ALGORITHMS.md 4; tests T2, T5) against loop implementations in float64."""
+"""Neuron Merging (docs/neuron_merging.md; properties T2, T5) against float64 loop implementations."""
 
 from __future__ import annotations
 
@@ -6,15 +6,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lbyl_jax.compress.methods import base as methods
-from lbyl_jax.compress.methods import nm
-from lbyl_jax.compress import restore
-from lbyl_jax.compress import surgery
-from lbyl_jax.compress import units as units_lib
+from lbyl_jax.core import units as units_lib
+from lbyl_jax.core.bn import BN_EPS
+from lbyl_jax.pruning import methods
+from lbyl_jax.pruning import surgery
+from lbyl_jax.pruning import terms
+from lbyl_jax.pruning.methods import nm
+from lbyl_jax.pruning.problem import UnitProblem
 from conftest import one_unit_network
-from lbyl_jax.compress.methods.base import UnitProblem
 
-EPS = units_lib.BN_EPS
+EPS = BN_EPS
 
 
 def cos_and_norms(W, j, k):
@@ -142,7 +143,7 @@ def forward(v, x):
 def test_t2_exact_scale_reproduces_relu_output():
   spec, variables, unit, scale = proportional_unit()
   keep, prune = np.arange(5), np.array([5])
-  problem = UnitProblem(unit, units_lib.filters(variables, unit), restore.bn_terms(variables, unit),
+  problem = UnitProblem(unit, terms.filters(variables, unit), terms.bn_terms(variables, unit),
                         keep, prune)
   x = np.random.default_rng(4).normal(size=(256, 10))
   ref = forward(variables, x)
@@ -172,7 +173,7 @@ def test_t5_threshold_one_is_pruning():
     unit = units_lib.Unit('u', 'u', 'bn' if with_bn else None, 'v', 'dense')
     p = UnitProblem(unit, W, bn, keep, prune)
     got = nm.solve_problems([p], t=1.0, lam=0.85)[0]
-    want = methods.prune(None, None, [p], None)[0]
+    want = methods.get('prune')().deliver(None, None, [p], methods.Context())[0]
     np.testing.assert_array_equal(got.S_P, want.S_P)
     assert got.diag['merged'] == 0 and got.S_P.shape == (8, 12)
 

@@ -23,9 +23,10 @@ safetensors_torch = pytest.importorskip('safetensors.torch')
 
 import converters  # noqa: E402
 import torch_reference as tr  # noqa: E402
-from lbyl_jax.models import archs
-from lbyl_jax.io import checkpoint
-from lbyl_jax.compress import units  # noqa: E402
+from lbyl_jax.models import archs  # noqa: E402
+from lbyl_jax.io import checkpoint  # noqa: E402
+from lbyl_jax.core import trees  # noqa: E402
+from lbyl_jax.core import units  # noqa: E402
 
 RTOL = 1e-4
 
@@ -82,7 +83,7 @@ def _write(form: str, model, path: pathlib.Path, flax_vars=None) -> None:
   elif form == 'npz':
     np.savez(path, **{k: v.numpy() for k, v in sd.items()})
   elif form == 'flax_npz':
-    flat = checkpoint._flatten(flax_vars)  # pylint: disable=protected-access
+    flat = trees.flatten(flax_vars)
     np.savez(path, **{k: np.asarray(v) for k, v in flat.items()})
   else:
     raise ValueError(form)
@@ -143,7 +144,7 @@ def test_logits_match_torch(references, tmp_path, case, form):
   widths = units.widths_of(variables, ref.spec.units)
   assert widths == (ref.widths or ref.spec.default_widths())
   assert checkpoint.shape_mismatches(ref.spec, variables, ref.widths) == []
-  assert all(np.asarray(v).dtype == np.float32 for v in checkpoint._flatten(variables).values())  # pylint: disable=protected-access
+  assert all(np.asarray(v).dtype == np.float32 for v in trees.flatten(variables).values())
   out = ref.apply(variables, ref.x_nhwc)
   assert out.shape == ref.logits.shape
   err = _rel_err(out, ref.logits)
@@ -179,7 +180,7 @@ def test_deep_resnet_loads_with_exact_shapes(tmp_path, arch):
   variables = converters.load_variables(path, spec)
 
   assert checkpoint.shape_mismatches(spec, variables) == []
-  flat = checkpoint._flatten(variables)  # pylint: disable=protected-access
+  flat = trees.flatten(variables)
   n_torch = sum(v.numel() for k, v in sd.items() if not k.endswith('num_batches_tracked'))
   assert sum(np.size(v) for v in flat.values()) == n_torch
   assert all(np.asarray(v).dtype == np.float32 for v in flat.values())

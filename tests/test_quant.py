@@ -1,4 +1,4 @@
-"""Uniform weight quantizer and quantized trees (ALGORITHMS.md 7.2)."""
+"""Uniform weight quantizer and quantized trees (docs/quantization.md)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,10 @@ import jax
 import numpy as np
 import pytest
 
+from lbyl_jax.core import trees
 from lbyl_jax.models import archs
+from lbyl_jax.models import trace
 from lbyl_jax.quant import uniform as quant
-from lbyl_jax.compress import units as units_lib
 
 
 def _ref_symmetric(w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
@@ -143,21 +144,21 @@ def test_first_and_last_layers():
               'vgg16_bn_cifar': ('conv0', 'fc2'), 'vgg16_bn': ('conv0', 'fc3'),
               'lenet_300_100': ('ip1', 'ip3')}
   for name, pair in expected.items():
-    assert quant.first_and_last_layers(archs.get(name)) == pair, name
+    assert trace.first_and_last_layers(archs.get(name)) == pair, name
 
 
 def test_trace_layers_pairs_bn_by_dataflow():
-  tr = quant.trace_layers(archs.get('resnet20_b'))
+  tr = trace.trace_layers(archs.get('resnet20_b'))
   assert tr.order[0] == 'conv1' and tr.order[-1] == 'fc'
   assert tr.bn['layer2_0/downsample_conv'] == 'layer2_0/downsample_bn'
   assert tr.bn['layer3_2/conv2'] == 'layer3_2/bn2' and 'fc' not in tr.bn
-  assert quant.trace_layers(archs.get('vgg16_bn_cifar')).bn['fc1'] == 'bn_fc1'
+  assert trace.trace_layers(archs.get('vgg16_bn_cifar')).bn['fc1'] == 'bn_fc1'
 
 
 @pytest.mark.parametrize('bits,symmetric', [(8, True), (4, True), (3, False), (6, False)])
 def test_quantize_tree_roundtrip(resnet20, bits, symmetric):
   spec, v = resnet20
-  first_last = quant.first_and_last_layers(spec)
+  first_last = trace.first_and_last_layers(spec)
   qtree, qmeta = quant.quantize_tree(v, bits=bits, symmetric=symmetric, keep_8bit=first_last,
                                      skip=['layer1_0/conv2/kernel'])
   assert qmeta['format'] == 'quantized'
@@ -174,8 +175,8 @@ def test_quantize_tree_roundtrip(resnet20, bits, symmetric):
   deq = quant.dequantize_tree(qtree, qmeta)
   assert jax.tree_util.tree_structure(deq) == jax.tree_util.tree_structure(v)
   for path in quant.kernel_paths(v):
-    w = units_lib.get_path(v['params'], path)['kernel']
-    got = units_lib.get_path(deq['params'], path)['kernel']
+    w = trees.get_path(v['params'], path)['kernel']
+    got = trees.get_path(deq['params'], path)['kernel']
     assert got.dtype == np.float32 and got.shape == w.shape
     if path == 'layer1_0/conv2':
       np.testing.assert_array_equal(got, w)
@@ -197,7 +198,7 @@ def test_integer_form_and_errors(resnet20):
   deq = quant.dequantize_tree(qtree, qmeta)
   ints = quant.integer_form(qtree, qmeta)
   for path, (q, scale, zp) in ints.items():
-    kernel = units_lib.get_path(deq['params'], path)['kernel']
+    kernel = trees.get_path(deq['params'], path)['kernel']
     assert q.shape == kernel.shape and q.dtype == np.uint8 and q.max() <= 15
     np.testing.assert_allclose(scale * (q.astype(np.float64) - zp), kernel, rtol=1e-6, atol=1e-8)
   errs = quant.layer_errors(v, qtree, qmeta)
@@ -211,8 +212,8 @@ def test_integer_form_and_errors(resnet20):
 def test_tree_nbytes_4bit_is_about_an_eighth(resnet20):
   _, v = resnet20
   qtree, qmeta = quant.quantize_tree(v, bits=4)
-  float_k = sum(units_lib.get_path(v['params'], p)['kernel'].nbytes for p in qmeta['layers'])
-  quant_k = sum(quant.tree_nbytes(units_lib.get_path(qtree['params'], p)['kernel'])
+  float_k = sum(trees.get_path(v['params'], p)['kernel'].nbytes for p in qmeta['layers'])
+  quant_k = sum(quant.tree_nbytes(trees.get_path(qtree['params'], p)['kernel'])
                 for p in qmeta['layers'])
   assert abs(quant_k / float_k - 1 / 8) < 0.02  # plus one float32 scale per channel
   other = quant.tree_nbytes(v) - float_k

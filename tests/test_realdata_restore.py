@@ -1,10 +1,10 @@
 """Compensation on the real checkpoints: published numbers that must be reproduced exactly.
 
 * LeNet-300-100 / FashionMNIST in reference-code mode reproduces the LBYL README table
-  (ALGORITHMS.md 9.1) and the Neuron Merging L1 table (9.2) within 0.1 points.
+  and the Neuron Merging L1 table (docs/published_results.md) within 0.1 points.
 * Plain L2 pruning of the NM ResNet-56 equals the "Prune" row UDFC reports for this very file
-  (9.3: 76.95 / 24.34 at 30 / 50 %), which pins the criterion, the kept count and the surgery;
-  compensation beats it at 30 %, and BN-moments stays far above it at 50 %.
+  (76.95 / 24.34 at 30 / 50 %, docs/published_results.md), which pins the criterion, the kept
+  count and the surgery; compensation beats it at 30 %, and BN-moments stays far above it at 50 %.
 * On the akamaster ResNet-20, LBYL and NM beat plain pruning at 30 % with their defaults (bias
   correction on) and, as published (bias correction off), with the data-free moment guard.
 * Joint UDFC with the bias correction beats joint UDFC without it at 30 % / W4.
@@ -17,18 +17,18 @@ import functools
 import pytest
 
 import converters
-from lbyl_jax import pipeline
-from lbyl_jax.models import archs
-from lbyl_jax.compress import restore
-from lbyl_jax.io import data as data_lib
 from lbyl_jax import evaluation as evaluate_lib
+from lbyl_jax import pipeline
+from lbyl_jax.io import data as data_lib
+from lbyl_jax.models import archs
 
 pytestmark = pytest.mark.realdata
 
-REF = dict(lbyl_mode='reference_code', nm_mode='reference_code', bn_sigma='variance',
-           keep_rounding='round')
+# The reference codes' forms of the method, the raw running variance as BN sigma, rounded kept
+# count.
+REF = dict(preset='reference_code')
 LENET_LBYL_LAM = {0.5: 0.3, 0.6: 0.6, 0.7: 0.3, 0.8: 1e-6}
-# (LBYL L2, NM L2, Prune L2) from 9.1 and (Prune L1, NM L1) from 9.2.
+# (LBYL L2, NM L2, Prune L2) of the LBYL README and (Prune L1, NM L1) of the Neuron Merging paper.
 LBYL_TABLE = {0.5: (88.83, None, 87.86), 0.6: (87.75, 88.07, 83.03), 0.7: (83.92, 83.27, 71.21),
               0.8: (78.05, 77.11, 63.9)}
 NM_TABLE = {0.5: (88.40, 88.69), 0.6: (85.17, 86.92), 0.7: (71.26, 82.75), 0.8: (66.76, 80.02)}
@@ -44,8 +44,8 @@ def _setup(shared, arch, weights, dataset):
 
 def _top1(shared, arch, weights, dataset, **config):
   spec, variables, ds, ev = _setup(shared, arch, weights, dataset)
-  widths, new, _ = restore.restore(spec, variables, restore.RestoreConfig(**config))
-  return ev.evaluate(new, ds, widths=widths, progress=False)['top1']
+  res = pipeline.compress(spec, variables, **config)
+  return ev.evaluate(res.variables, ds, widths=res.widths, progress=False)['top1']
 
 
 def _lenet(shared, **config):
@@ -68,7 +68,7 @@ def test_lenet_reference_mode_reproduces_published_tables(shared, ratio):
   assert got['prune'] == pytest.approx(prune_pub, abs=0.1), got
   assert got['nm_l1'] == pytest.approx(nm_l1_pub, abs=0.1), got
   assert got['prune_l1'] == pytest.approx(prune_l1_pub, abs=0.1), got
-  if nm_pub is not None:  # the 50 % NM cell of 9.1 is a copy of its Prune cell
+  if nm_pub is not None:  # the 50 % NM cell of the LBYL table is a copy of its Prune cell
     nm = _lenet(shared, method='nm', criterion='l2', ratio=ratio, nm_t=0.45, **REF)
     assert nm == pytest.approx(nm_pub, abs=0.1)
 
@@ -88,11 +88,11 @@ def test_nm_resnet56_bn_moments_at_50(shared):
   prune = _top1(shared, *NM56, method='prune', criterion='l2', ratio=0.5)
   assert prune == pytest.approx(24.34, abs=0.05)
   bnm = _top1(shared, *NM56, method='bnm', criterion='l2', ratio=0.5)
-  assert bnm >= 63.25 - 0.5  # BN_MOMENTS.md prototype: 63.25
+  assert bnm >= 63.25 - 0.5  # the BN-moments prototype's 63.25 (docs/published_results.md)
 
 
 def test_bn_moments_prototype_lbyl_bias_correction_row_at_50(shared):
-  """BN_MOMENTS.md's "LBYL + bias correction" row (36.00 at 50 %) with the prototype's lambdas
+  """The BN-moments prototype's "LBYL + bias correction" row (36.00 at 50 %) with the prototype's lambdas
   (1e-2 / 1e-2, found by benchmarks/probes/lbyl_bc_prototype.py) and its all-taps fold."""
   got = _top1(shared, *NM56, method='lbyl', criterion='l2', ratio=0.5, lambda1=1e-2, lambda2=1e-2,
               bias_correction='on', bias_fold='all_taps')
@@ -100,17 +100,16 @@ def test_bn_moments_prototype_lbyl_bias_correction_row_at_50(shared):
 
 
 def test_udfc_beats_round_to_nearest_at_w4(shared):
-  """4-bit per-channel weights, no pruning (ALGORITHMS.md 6.2 a): the rescale must help.
+  """4-bit per-channel weights, no pruning (docs/quantization.md, rescale): the rescale must help.
 
-  (With 30 % LBYL pruning, joint UDFC as written in 6.2 does NOT beat LBYL + RTN on this file;
+  (With 30 % LBYL pruning, joint UDFC as written does NOT beat LBYL + RTN on this file;
   both with the default bias correction, it does by 0.23 points on this file and not on the
   akamaster ResNet-56 (-0.09); see benchmarks/RESULTS.md. That is reported, not asserted.)
   """
   spec, variables, ds, ev = _setup(shared, *NM56)
-  cfg = restore.RestoreConfig(method='prune', ratio=0.0)
   acc, nbytes = {}, {}
   for q in ('rtn', 'udfc'):
-    res = pipeline.compress(spec, variables, cfg, pipeline.QuantConfig(bits=4, method=q))
+    res = pipeline.compress(spec, variables, method='prune', ratio=0.0, quant_method=q, bits=4)
     acc[q] = ev.evaluate(res.variables, ds, widths=res.widths, progress=False)['top1']
     nbytes[q] = res.report['bytes_after']
   assert acc['udfc'] > acc['rtn'], acc
@@ -150,8 +149,8 @@ def test_joint_udfc_bias_correction_at_30_w4(shared):
   ds = ds.subset(2000)
   acc = {}
   for bc in ('on', 'off'):
-    cfg = restore.RestoreConfig(method='lbyl', criterion='l2', ratio=0.3, bias_correction=bc)
-    res = pipeline.compress(spec, variables, cfg, pipeline.QuantConfig(bits=4, method='udfc'))
+    res = pipeline.compress(spec, variables, method='lbyl', criterion='l2', ratio=0.3,
+                            bias_correction=bc, quant_method='udfc', bits=4)
     assert res.report['quant_report']['bias_correction'] is (bc == 'on')
     acc[bc] = ev.evaluate(res.variables, ds, widths=res.widths, progress=False)['top1']
   assert acc['on'] > acc['off'] + 2.0, acc

@@ -1,20 +1,58 @@
-"""Physical channel removal (ALGORITHMS.md 1, 2, 5.7; tests T4, T11) and its folding rules."""
+"""Physical channel removal (docs/surgery.md; properties T4, T11) and its folding rules."""
 
 from __future__ import annotations
 
 import math
-import types
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lbyl_jax import pipeline
+from lbyl_jax.core import units as units_lib
+from lbyl_jax.core.bn import BN_EPS
 from lbyl_jax.models import archs
-from lbyl_jax.compress import restore
-from lbyl_jax.compress import surgery
-from lbyl_jax.compress import units as units_lib
+from lbyl_jax.models import trace
+from lbyl_jax.pruning import surgery
+from conftest import toy_spec
 
-EPS = units_lib.BN_EPS
+EPS = BN_EPS
+
+
+class ConvPair(nn.Module):
+  """conv1 (3x3) -> bn1 -> ReLU -> conv2 (3x3) -> bn2, no biases."""
+
+  n: int
+  out: int
+  widths: tuple[int, ...] | None = None
+
+  @nn.compact
+  def __call__(self, x):
+    n = self.n if self.widths is None else self.widths[0]
+    x = nn.Conv(n, (3, 3), padding='VALID', use_bias=False, name='conv1')(x)
+    x = nn.relu(nn.BatchNorm(use_running_average=True, epsilon=EPS, name='bn1')(x))
+    x = nn.Conv(self.out, (3, 3), padding='VALID', use_bias=False, name='conv2')(x)
+    return nn.BatchNorm(use_running_average=True, epsilon=EPS, name='bn2')(x)
+
+
+class DensePair(nn.Module):
+  """l1 (dense, per position) -> ReLU -> NCHW flatten of ``flatten`` positions -> l2 (dense)."""
+
+  n: int
+  out: int
+  flatten: int = 1
+  bias: bool = True
+  widths: tuple[int, ...] | None = None
+
+  @nn.compact
+  def __call__(self, x):  # x: (batch, positions, features)
+    n = self.n if self.widths is None else self.widths[0]
+    x = x.reshape(x.shape[0], self.flatten, -1)
+    x = nn.relu(nn.Dense(n, use_bias=self.bias, name='l1')(x))
+    x = jnp.transpose(x, (0, 2, 1)).reshape(x.shape[0], -1)  # channel-major blocks
+    return nn.Dense(self.out, use_bias=self.bias, name='l2')(x)
 
 
 def random_variables(spec, widths=None, seed=0):
@@ -54,7 +92,7 @@ def random_plan(spec, variables, ratio, seed=0, with_bias=False):
 
 
 # --------------------------------------------------------------------------------------------
-# Consumer BN table.
+# The BN after a consumer, found by tracing the model.
 
 
 @pytest.mark.parametrize('arch,consumer,expected', [
@@ -66,10 +104,10 @@ def random_plan(spec, variables, ratio, seed=0, with_bias=False):
     ('vgg16_bn', 'fc1', None),
     ('lenet_300_100', 'ip2', None),
 ])
-def test_consumer_bn_path(arch, consumer, expected):
+def test_consumer_bn(arch, consumer, expected):
   spec = archs.get(arch)
-  assert surgery.consumer_bn_path(spec.abstract_variables(), consumer) == expected
-  for u in spec.units:  # every consumer of these archs is covered by the table or has a bias
+  assert trace.consumer_bn(spec, consumer) == expected
+  for u in spec.units:  # every consumer of these archs is covered by the tracing or has a bias
     if u.consumer == consumer:
       break
   else:
@@ -109,7 +147,7 @@ def test_conv_consumer_mixing_bias_constant_and_bn_shift_are_exact():
                       'bn2': {'mean': rng.normal(size=out), 'var': rng.uniform(0.5, 1.5, out)}},
   }
   unit = units_lib.Unit('conv1', 'conv1', 'bn1', 'conv2', 'conv')
-  spec = types.SimpleNamespace(name='toy', units=(unit,))
+  spec = toy_spec(ConvPair(n, out), (unit,), (8, 8, 2))
   widths, new = surgery.apply(spec, variables, {'conv1': (keep, S, c)})
   assert widths == (m,)
   # Activations that satisfy a_P = S a_K + c exactly: the consumer's BN output must not change.
@@ -146,7 +184,7 @@ def test_dense_consumer_after_nchw_flatten(flatten):
       'l2': {'kernel': rng.normal(size=(n * flatten, out)), 'bias': rng.normal(size=out)},
   }}
   unit = units_lib.Unit('l1', 'l1', None, 'l2', 'dense', flatten=flatten)
-  spec = types.SimpleNamespace(name='toy', units=(unit,))
+  spec = toy_spec(DensePair(n, out, flatten), (unit,), (1, flatten, 8))
   _, new = surgery.apply(spec, variables, {'l1': (keep, S, c)})
   aK = rng.normal(size=(5, m, flatten))  # (batch, channel, position): NCHW order
   a = np.zeros((5, n, flatten))
@@ -164,7 +202,7 @@ def test_errors():
   variables = {'params': {'l1': {'kernel': rng.normal(size=(3, 4))},
                           'l2': {'kernel': rng.normal(size=(4, 2))}}}
   unit = units_lib.Unit('l1', 'l1', None, 'l2', 'dense')
-  spec = types.SimpleNamespace(name='toy', units=(unit,))
+  spec = toy_spec(DensePair(4, 2, bias=False), (unit,), (1, 1, 3))
   keep = np.array([0, 2])
   with pytest.raises(ValueError, match=r'l1: S_P has shape \(2, 3\), expected \(2, 2\)'):
     surgery.apply(spec, variables, {'l1': (keep, np.zeros((2, 3)), None)})
@@ -196,7 +234,8 @@ def resnet50():
 
 def test_t4_ratio_zero_is_bitwise_identity(resnet20):
   spec, variables = resnet20
-  widths, new, report = restore.restore(spec, variables, restore.RestoreConfig(method='lbyl', ratio=0.0))
+  res = pipeline.compress(spec, variables, method='lbyl', ratio=0.0)
+  widths, new, report = res.widths, res.variables, res.report
   assert widths == spec.default_widths()
   flat_old = jax.tree_util.tree_leaves_with_path(variables)
   flat_new = jax.tree_util.tree_leaves_with_path(new)
@@ -257,8 +296,8 @@ def test_bottleneck_surgeries_commute(resnet50, order):
 def test_vgg_cifar_fc1_has_460_inputs_at_ratio_0_1():
   spec = archs.get('vgg16_bn_cifar')
   variables = random_variables(spec, seed=4)
-  widths, new, report = restore.restore(
-      spec, variables, restore.RestoreConfig(method='prune', ratio=0.1))
+  res = pipeline.compress(spec, variables, method='prune', ratio=0.1)
+  widths, new, report = res.widths, res.variables, res.report
   assert widths == (57, 57, 115, 115, 230, 230, 230, 460, 460, 460, 460, 460, 460)
   assert new['params']['fc1']['kernel'].shape == (460, 512)
   assert shapes(new) == shapes(spec.abstract_variables(widths))

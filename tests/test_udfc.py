@@ -1,4 +1,4 @@
-"""UDFC-style compensation (ALGORITHMS.md 6.2, T7) and the RTN baseline."""
+"""UDFC-style compensation (docs/quantization.md, T7) and the RTN baseline."""
 
 from __future__ import annotations
 
@@ -7,11 +7,17 @@ import numpy as np
 import pytest
 import scipy.optimize
 
-from lbyl_jax.models import archs
+from lbyl_jax import pipeline
+from lbyl_jax.core import trees
 from lbyl_jax.io import checkpoint
-from lbyl_jax.quant import uniform as quant
+from lbyl_jax.models import archs
+from lbyl_jax.models import trace
+from lbyl_jax.plan import Plan
+from lbyl_jax.pruning import moments as moments_lib
+from lbyl_jax.pruning import selection as selection_lib
+from lbyl_jax.pruning import terms
 from lbyl_jax.quant import udfc
-from lbyl_jax.compress import units as units_lib
+from lbyl_jax.quant import uniform as quant
 
 
 def _rel(a, b) -> float:
@@ -26,6 +32,19 @@ def _rows_problem(seed: int, n: int = 32, d: int = 144):
   alpha = rng.uniform(0.5, 2.0, n)
   b = rng.normal(0.0, 0.3, n)
   return W, alpha, b
+
+
+def _udfc(spec, variables, *, ratio=0.0, **kw):
+  """udfc.udfc with the plan's selection stage at ``ratio`` (criterion l2, seed 0)."""
+  return udfc.udfc(spec, variables, selection=selection_lib.Selection(ratio=ratio), **kw)
+
+
+def _rtn(spec, variables, *, bits, ratio=0.0):
+  """Plain pruning (S = 0) at ``ratio`` then round-to-nearest of every kernel, first and last layers
+  included: (widths, qtree, qmeta, report)."""
+  res = pipeline.compress(spec, variables, method='prune', ratio=ratio, quant_method='rtn',
+                          bits=bits, keep_8bit_ends=False)
+  return res.widths, res.qtree, res.qmeta, res.report
 
 
 def _fq_rows(W, bits):
@@ -204,12 +223,12 @@ class _Net:
 
 def _make_redundant(spec, v, seed):
   """Second half of every unit's channels := positive multiples (0.3-0.6x) of the first half, with
-  BN set so that a_j = c'_j a_k exactly (ALGORITHMS.md T2): an L2 criterion at ratio 0.5 prunes
+  BN set so that a_j = c'_j a_k exactly (docs/properties.md T2): an L2 criterion at ratio 0.5 prunes
   exactly the copies, and a faithful delivery restores the network."""
   rng = np.random.default_rng(seed)
   v = jax.tree_util.tree_map(lambda a: np.array(a, np.float64), v)
   for u in spec.units:
-    layer = units_lib.get_path(v['params'], u.producer)
+    layer = trees.get_path(v['params'], u.producer)
     h = layer['kernel'].shape[-1] // 2
     k, j = np.arange(h), np.arange(h, 2 * h)
     c = rng.uniform(0.3, 0.6, h)
@@ -217,8 +236,8 @@ def _make_redundant(spec, v, seed):
     if u.bn is None:
       layer['bias'][j] = layer['bias'][k] * c
       continue
-    p = units_lib.get_path(v['params'], u.bn)
-    st = units_lib.get_path(v['batch_stats'], u.bn)
+    p = trees.get_path(v['params'], u.bn)
+    st = trees.get_path(v['batch_stats'], u.bn)
     alpha = p['scale'] / np.sqrt(st['var'] + 1e-5)
     cp = alpha[j] * c / alpha[k]
     p['bias'][j] = cp * (p['bias'][k] - alpha[k] * st['mean'][k]) + alpha[j] * st['mean'][j]
@@ -236,7 +255,7 @@ def redundant(request):
 
 
 def test_udfc_no_pruning_8bit_is_close_to_float(resnet20):
-  widths, qtree, qmeta, rep = udfc.udfc(resnet20.spec, resnet20.v, bits=8)
+  widths, qtree, qmeta, rep = _udfc(resnet20.spec, resnet20.v, bits=8)
   assert widths == resnet20.spec.default_widths()
   assert resnet20.err(widths, qtree, qmeta) < 0.03
   assert set(rep['units']) == set(resnet20.spec.width_names)
@@ -246,8 +265,8 @@ def test_udfc_no_pruning_8bit_is_close_to_float(resnet20):
 def test_udfc_restores_redundant_network_where_rtn_after_pruning_fails(redundant):
   spec = redundant.spec
   for bits, factor in [(8, 5.0), (4, 1 / 0.6)]:
-    w_u, q_u, m_u, rep = udfc.udfc(spec, redundant.v, bits=bits, ratio=0.5)
-    w_r, q_r, m_r, _ = udfc.rtn(spec, redundant.v, bits=bits, ratio=0.5)
+    w_u, q_u, m_u, rep = _udfc(spec, redundant.v, bits=bits, ratio=0.5)
+    w_r, q_r, m_r, _ = _rtn(spec, redundant.v, bits=bits, ratio=0.5)
     assert w_u == w_r == tuple(x // 2 for x in spec.default_widths())
     e_u, e_r = redundant.err(w_u, q_u, m_u), redundant.err(w_r, q_r, m_r)
     assert e_u * factor < e_r, (bits, e_u, e_r)
@@ -261,20 +280,20 @@ def test_udfc_compensates_consumers_with_the_closed_form_scales(resnet20):
   # 8-bit quantization of s * V, with s recomputed here from the producer's deployed weights.
   spec, v = resnet20.spec, resnet20.v
   consumers = [u.consumer for u in spec.units]
-  _, qtree, qmeta, _ = udfc.udfc(spec, v, bits=2, keep_8bit=consumers)
+  _, qtree, qmeta, _ = _udfc(spec, v, bits=2, keep_8bit=consumers)
   deq = quant.dequantize_tree(qtree, qmeta)
   moved = 0.0
   for u in spec.units:
     assert qmeta['layers'][u.producer]['bits'] == 2 and qmeta['layers'][u.consumer]['bits'] == 8
-    W = units_lib.get_path(v['params'], u.producer)['kernel']
-    What = units_lib.get_path(deq['params'], u.producer)['kernel']
+    W = trees.get_path(v['params'], u.producer)['kernel']
+    What = trees.get_path(deq['params'], u.producer)['kernel']
     rows = lambda k: np.moveaxis(np.asarray(k, np.float64), -1, 0).reshape(k.shape[-1], -1)
-    bn = units_lib.bn_affine(v, u)
+    bn = terms.bn_affine(v, u)
     s = udfc.quant_scales(rows(W), rows(What), bn['alpha'], bn['b'])
-    V = units_lib.get_path(v['params'], u.consumer)['kernel'].astype(np.float64)
+    V = trees.get_path(v['params'], u.consumer)['kernel'].astype(np.float64)
     expected = V * s[None, None, :, None]
-    step = units_lib.get_path(qtree['params'], u.consumer)['kernel']['scale'].astype(np.float64)
-    got = units_lib.get_path(deq['params'], u.consumer)['kernel']
+    step = trees.get_path(qtree['params'], u.consumer)['kernel']['scale'].astype(np.float64)
+    got = trees.get_path(deq['params'], u.consumer)['kernel']
     assert np.all(np.abs(got - expected) <= step / 2 * (1 + 1e-5) + 1e-9), u.name
     moved = max(moved, float(np.max(np.abs(V - expected) / step)))
   assert moved > 2  # s * V is many 8-bit steps away from V: the check above is discriminative
@@ -282,8 +301,8 @@ def test_udfc_compensates_consumers_with_the_closed_form_scales(resnet20):
 
 def test_scale_from_original_equals_compensated_without_chains(resnet20):
   # CIFAR ResNet producers (block conv1) read the block input, never a compensated layer.
-  a = udfc.udfc(resnet20.spec, resnet20.v, bits=4, ratio=0.3)
-  b = udfc.udfc(resnet20.spec, resnet20.v, bits=4, ratio=0.3, scale_from='original')
+  a = _udfc(resnet20.spec, resnet20.v, bits=4, ratio=0.3)
+  b = _udfc(resnet20.spec, resnet20.v, bits=4, ratio=0.3, scale_from='original')
   assert a[0] == b[0]
   for x, y in zip(jax.tree_util.tree_leaves(a[1]), jax.tree_util.tree_leaves(b[1])):
     np.testing.assert_array_equal(x, y)
@@ -291,45 +310,49 @@ def test_scale_from_original_equals_compensated_without_chains(resnet20):
 
 def test_rescale_others(resnet20):
   spec, v = resnet20.spec, resnet20.v
-  widths, qtree, qmeta, rep = udfc.udfc(spec, v, bits=8, rescale_others=True)
+  widths, qtree, qmeta, rep = _udfc(spec, v, bits=8, rescale_others=True)
   assert resnet20.err(widths, qtree, qmeta) < 0.03
   assert rep['rescaled']['layer1_0/conv2']['how'] == 'bn'
   assert rep['rescaled']['conv1']['how'] == 'bn'
   assert rep['rescaled']['fc']['how'] == 'quant_step'
   assert 'layer1_0/conv1' not in rep['rescaled']  # producers are compensated by their consumer
-  _, _, _, rep_t = udfc.udfc(spec, v, bits=8, rescale_others=True, per_channel=False)
+  _, _, _, rep_t = _udfc(spec, v, bits=8, rescale_others=True, per_channel=False)
   assert rep_t['not_rescaled'] == ['fc']
 
 
 def test_rtn_is_plain_rounding(resnet20):
   spec, v = resnet20.spec, resnet20.v
-  widths, qtree, qmeta, rep = udfc.rtn(spec, v, bits=4, keep_8bit=quant.first_and_last_layers(spec))
+  # RTN of the unpruned network through the plan, ends kept at 8 bits (the default).
+  res = pipeline.compress(spec, v, method='prune', ratio=0.0, quant_method='rtn', bits=4)
+  widths, qtree, qmeta, rep = res.widths, res.qtree, res.qmeta, res.report
+  assert trace.first_and_last_layers(spec) == ('conv1', 'fc')
+  assert rep['keep_8bit'] == ['conv1', 'fc']
   ref, ref_meta = quant.quantize_tree(v, bits=4, keep_8bit=('conv1', 'fc'))
   assert widths == spec.default_widths() and ref_meta['layers'] == qmeta['layers']
   for x, y in zip(jax.tree_util.tree_leaves(qtree), jax.tree_util.tree_leaves(ref)):
     np.testing.assert_array_equal(x, y)
-  assert rep['nbytes'] == quant.tree_nbytes(qtree)
+  assert rep['bytes_after'] == quant.tree_nbytes(qtree)
 
 
 def test_bad_arguments(resnet20):
   spec, v = resnet20.spec, resnet20.v
   with pytest.raises(ValueError, match='bits'):
-    udfc.udfc(spec, v, bits=9)
-  with pytest.raises(ValueError, match='bits'):
-    udfc.rtn(spec, v, bits=1)
+    _udfc(spec, v, bits=9)
+  with pytest.raises(ValueError, match='--weight-bits'):
+    Plan.from_options(method='prune', quant_method='rtn', bits=1)
   with pytest.raises(ValueError, match='ratio'):
-    udfc.udfc(spec, v, bits=4, ratio=1.0)
+    _udfc(spec, v, bits=4, ratio=1.0)
   with pytest.raises(ValueError, match='scale_from'):
-    udfc.udfc(spec, v, bits=4, scale_from='data')
+    _udfc(spec, v, bits=4, scale_from='data')
   with pytest.raises(ValueError, match='not a conv/dense layer'):
-    udfc.udfc(spec, v, bits=4, keep_8bit=['head'])
+    _udfc(spec, v, bits=4, keep_8bit=['head'])
   with pytest.raises(ValueError, match='a1 and a2'):
     udfc.quant_scales(np.ones((2, 3)), np.ones((2, 3)), np.ones(2), np.zeros(2), a1=-1.0)
 
 
 def test_quantized_pruned_checkpoint_roundtrip(resnet20, tmp_path):
   spec = resnet20.spec
-  widths, qtree, qmeta, _ = udfc.udfc(spec, resnet20.v, bits=4, ratio=0.5, symmetric=False)
+  widths, qtree, qmeta, _ = _udfc(spec, resnet20.v, bits=4, ratio=0.5, symmetric=False)
   path = checkpoint.save(tmp_path / 'ck', spec.name, widths, qtree, meta={'quant': qmeta})
   loaded = checkpoint.load(path)
   assert loaded.widths == widths and loaded.meta['format'] == 'quantized'
@@ -344,19 +367,19 @@ def test_delivery_lambdas_only_change_the_pruning_delivery(resnet20):
   """``delivery_lambdas`` replaces a1 / a2 in 6.2(b) only: equal to a1 / a2 it changes nothing; else
   the consumers move, the producers' integers and the reported scalar rescales do not."""
   spec, v = resnet20.spec, resnet20.v
-  base = udfc.udfc(spec, v, bits=4, ratio=0.3)
-  same = udfc.udfc(spec, v, bits=4, ratio=0.3, delivery_lambdas=(udfc.DEFAULT_A1, udfc.DEFAULT_A2))
+  base = _udfc(spec, v, bits=4, ratio=0.3)
+  same = _udfc(spec, v, bits=4, ratio=0.3, delivery_lambdas=(udfc.DEFAULT_A1, udfc.DEFAULT_A2))
   for x, y in zip(jax.tree_util.tree_leaves(base[1]), jax.tree_util.tree_leaves(same[1])):
     np.testing.assert_array_equal(x, y)
-  other = udfc.udfc(spec, v, bits=4, ratio=0.3, delivery_lambdas=(1e-5, 1e-3))
+  other = _udfc(spec, v, bits=4, ratio=0.3, delivery_lambdas=(1e-5, 1e-3))
   assert other[3]['delivery_lambdas'] == [1e-5, 1e-3] and base[3]['delivery_lambdas'] == [0.01, 0.008]
   u = spec.units[0]
-  q = lambda r, path: units_lib.get_path(r[1]['params'], path)['kernel']['q']
+  q = lambda r, path: trees.get_path(r[1]['params'], path)['kernel']['q']
   np.testing.assert_array_equal(q(base, u.producer), q(other, u.producer))
   assert base[3]['units'][u.name]['scale'] == other[3]['units'][u.name]['scale']
   assert base[3]['units'][u.name]['coef'] != other[3]['units'][u.name]['coef']
   with pytest.raises(ValueError, match='a1 and a2'):
-    udfc.udfc(spec, v, bits=4, ratio=0.3, delivery_lambdas=(-1.0, 0.0))
+    _udfc(spec, v, bits=4, ratio=0.3, delivery_lambdas=(-1.0, 0.0))
 
 
 # --------------------------------------------------------------------------------------------
@@ -364,21 +387,20 @@ def test_delivery_lambdas_only_change_the_pruning_delivery(resnet20):
 
 
 def test_relu_mean_and_mean_match_invert_each_other():
-  from lbyl_jax.compress import moments as moments_lib
-
   rng = np.random.default_rng(7)
   sd = rng.uniform(0.05, 3.0, 300)
   m0 = rng.uniform(-2.0, 3.0, 300) * sd
-  np.testing.assert_allclose(udfc.relu_mean(m0, sd), moments_lib.relu_mean_var(m0, sd ** 2)[0],
+  np.testing.assert_allclose(moments_lib.relu_mean(m0, sd),
+                             moments_lib.relu_mean_var(m0, sd ** 2)[0],
                              rtol=1e-6)
-  np.testing.assert_allclose(udfc.relu_mean([-1.0, 2.0], [0.0, 0.0]), [0.0, 2.0])
+  np.testing.assert_allclose(moments_lib.relu_mean([-1.0, 2.0], [0.0, 0.0]), [0.0, 2.0])
   # s = 1 and the original rectified mean as target: the original pre-activation mean back.
-  np.testing.assert_allclose(udfc.mean_match(udfc.relu_mean(m0, sd), 1.0, sd), m0,
+  np.testing.assert_allclose(udfc.mean_match(moments_lib.relu_mean(m0, sd), 1.0, sd), m0,
                              rtol=1e-7, atol=1e-9)
   s = rng.uniform(0.5, 1.5, 300)
-  target = udfc.relu_mean(m0, sd) * rng.uniform(0.2, 50.0, 300)  # roots far from m0 too
+  target = moments_lib.relu_mean(m0, sd) * rng.uniform(0.2, 50.0, 300)  # roots far from m0 too
   m = udfc.mean_match(target, s, sd)
-  np.testing.assert_allclose(s * udfc.relu_mean(m, sd), target, rtol=1e-9)
+  np.testing.assert_allclose(s * moments_lib.relu_mean(m, sd), target, rtol=1e-9)
   bad = udfc.mean_match([0.0, -1.0, 1.0, 1.0, np.nan], [1.0, 1.0, 0.0, 1.0, 1.0],
                         [1.0, 1.0, 1.0, 0.0, 1.0])
   assert np.isnan(bad).all()
@@ -387,14 +409,14 @@ def test_relu_mean_and_mean_match_invert_each_other():
 def test_kept_shift_with_unit_scale_is_dfq_bias_correction(resnet20):
   """s = 1: the mean match must only undo the quantization's mean shift alpha (What - W) . E[x]."""
   spec, v = resnet20.spec, resnet20.v
-  selected = [udfc._select(spec, v, u, i, 0.0, 'l2', 0) for i, u in enumerate(spec.units)]
-  model = udfc._MeanModel(spec, v, selected, 'std')
+  problems = selection_lib.build_problems(spec, v, selection_lib.Selection(ratio=0.0))
+  model = udfc._MeanModel(spec, v, problems, 'padding_aware')
   for index in (0, 4, 8):
     u = spec.units[index]
-    k = np.asarray(units_lib.get_path(v['params'], u.producer)['kernel'], np.float64)
+    k = np.asarray(trees.get_path(v['params'], u.producer)['kernel'], np.float64)
     err = np.asarray(quant.fake_quantize(k.astype(np.float32), bits=3), np.float64) - k
     delta, skipped = model.kept_shift(index, err, np.ones(k.shape[-1]))
-    alpha = units_lib.bn_affine(v, u)['alpha']
+    alpha = terms.bn_affine(v, u)['alpha']
     want = -alpha * (model.moments[u.name].mean @ err.sum(axis=(0, 1)))
     assert skipped == 0 and np.abs(want).max() > 1e-4
     np.testing.assert_allclose(delta, want, rtol=1e-6, atol=1e-9)
@@ -402,8 +424,8 @@ def test_kept_shift_with_unit_scale_is_dfq_bias_correction(resnet20):
 
 def test_udfc_bias_correction_moves_only_bn_shifts_and_consumer_means(resnet20):
   spec, v = resnet20.spec, resnet20.v
-  off = udfc.udfc(spec, v, bits=4, ratio=0.3)
-  on = udfc.udfc(spec, v, bits=4, ratio=0.3, bias_correction=True)
+  off = _udfc(spec, v, bits=4, ratio=0.3)
+  on = _udfc(spec, v, bits=4, ratio=0.3, bias_correction=True)
   assert on[0] == off[0] and on[3]['bias_correction'] and not off[3]['bias_correction']
   a = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(on[1])}
   b = {jax.tree_util.keystr(p): x for p, x in jax.tree_util.tree_leaves_with_path(off[1])}
