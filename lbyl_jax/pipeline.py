@@ -94,6 +94,9 @@ def compress(spec, variables: Mapping[str, Any], plan: Plan | None = None, **opt
     plan = Plan.from_options(**options)
   elif options:
     raise ValueError('pass a Plan or flat options, not both')
+  if not isinstance(plan, Plan):
+    raise ValueError(f'plan must be a lbyl_jax.plan.Plan (or pass flat options), got '
+                     f'{type(plan).__name__}')
   t_start = time.perf_counter()
   phases: dict[str, float] = {}
   _timed(phases, 'validate', selection_lib.validate_variables, spec, variables)

@@ -166,9 +166,6 @@ def test_bad_variables(net):
     pipeline.compress(spec, variables, Plan(), ratio=0.1)
 
 
-@pytest.mark.xfail(strict=True, reason='library: pipeline.compress does not check that plan is'
-                   " a Plan (a dict gives AttributeError: 'dict' object has no attribute"
-                   " 'selection')")
 def test_plan_must_be_a_plan(net):
   spec, variables, _ = net
   with pytest.raises(ValueError, match='Plan'):

@@ -162,6 +162,10 @@ def number(lo: float | None = None, hi: float | None = None, *, lo_open: bool = 
     bad = ((lo is not None and (v < lo or (lo_open and v == lo)))
            or (hi is not None and (v > hi or (hi_open and v == hi))))
     if bad:
+      if hi is None:
+        raise ValueError(f'expected a value {">" if lo_open else ">="} {lo}, got {v!r}')
+      if lo is None:
+        raise ValueError(f'expected a value {"<" if hi_open else "<="} {hi}, got {v!r}')
       left = '(' if lo_open else '['
       right = ')' if hi_open else ']'
       raise ValueError(f'expected a value in {left}{lo}, {hi}{right}, got {v!r}')

@@ -136,7 +136,7 @@ def resolve_weights(
   Raises:
     WeightsNotFoundError: explicit path missing, or nothing found and no download possible.
     download_lib.ChecksumError: a local or downloaded file does not match its known checksum.
-    download_lib.DownloadError: the download failed.
+    WeightsNotFoundError: also when the download failed (the message lists every place looked).
   """
   if isinstance(spec, str):
     spec = archs.get(spec)
