@@ -10,9 +10,10 @@ import os
 import pathlib
 from typing import Any
 
+from collections.abc import Sequence
+
 import numpy as np
 
-from converters.mapping import normalize_state_dict, to_variables
 from converters.torch_pickle import CheckpointError, UnsafePickleError
 
 __all__ = ['CheckpointError', 'UnsafePickleError', 'read_state_dict', 'load_variables',
@@ -40,13 +41,22 @@ def detect_format(path: str | os.PathLike) -> str:
   )
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """Reads a checkpoint into a flat name -> array dict (containers unwrapped, 'module.' stripped)."""
+def read_state_dict(path: str | os.PathLike, *,
+                    module_prefixes: Sequence[str] = ()) -> dict[str, np.ndarray]:
+  """Reads a checkpoint into a flat name -> array dict (containers unwrapped, 'module.' stripped).
+
+  A whole pickled ``nn.Module`` (torch.nn layers, torchvision models) gives its ``state_dict()``,
+  read without importing or running any of its classes; ``module_prefixes`` names further
+  modules whose classes may be read that way (see :func:`converters.torch_pickle.load_weights`).
+  Only the weights are materialized, within the resource bounds of the readers.
+  """
+  from converters.mapping import normalize_state_dict  # pylint: disable=import-outside-toplevel
+
   fmt = detect_format(path)
   if fmt in ('torch-zip', 'torch-legacy'):
     from converters import torch_pickle  # pylint: disable=import-outside-toplevel
 
-    obj: Any = torch_pickle.load(str(path))
+    obj: Any = torch_pickle.load_weights(str(path), module_prefixes=module_prefixes)
   else:
     from converters import formats  # pylint: disable=import-outside-toplevel
 
@@ -55,10 +65,14 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
     except CheckpointError:
       raise
     except (ValueError, OSError, KeyError) as e:
+      if isinstance(e, (FileNotFoundError, IsADirectoryError, PermissionError)):
+        raise
       raise CheckpointError(f'{path}: unreadable {fmt} file: {e}') from e
   return normalize_state_dict(obj)
 
 
 def load_variables(path: str | os.PathLike, spec) -> dict[str, Any]:
   """Flax variables of ``spec`` (an ``lbyl_jax.archs.ArchSpec``) read from a checkpoint file."""
+  from converters.mapping import to_variables  # pylint: disable=import-outside-toplevel
+
   return to_variables(read_state_dict(path), spec)
