@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from converters.torch_pickle import CheckpointError, UnsafePickleError
+from converters.errors import CheckpointError, UnsafePickleError
 
 __all__ = ['CheckpointError', 'UnsafePickleError', 'read_state_dict', 'load_variables',
            'detect_format']

@@ -24,10 +24,13 @@ import json
 import math
 import os
 import zipfile
+import zlib
 from collections.abc import Collection
 from typing import Any
 
 import numpy as np
+
+from converters.errors import CheckpointError
 
 # safetensors dtype codes -> little-endian NumPy dtypes. BF16 has no NumPy dtype: it is read as
 # raw uint16 and widened to float32 (exact: bf16 is the top half of a float32).
@@ -122,8 +125,8 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
   BF16 tensors are returned as float32; every other dtype keeps its width, in native byte order.
 
   Raises:
-    ValueError: the file is not safetensors, is truncated, or its header is inconsistent
-      (unknown dtype, offsets outside the data, a byte count that does not match the shape,
+    CheckpointError (a ValueError): the file is not safetensors, is truncated, or its header is
+      inconsistent (unknown dtype, offsets outside the data, a byte count that does not match the shape,
       overlapping tensors); the message names the file and the offending tensor.
   """
   path = os.fspath(path)
@@ -131,26 +134,26 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
   with open(path, 'rb') as f:
     prefix = f.read(8)
     if len(prefix) < 8:
-      raise ValueError(f'{path}: not a safetensors file ({size} bytes, shorter than the 8-byte header length)')
+      raise CheckpointError(f'{path}: not a safetensors file ({size} bytes, shorter than the 8-byte header length)')
     n = int.from_bytes(prefix, 'little')
     if n < 2 or n > _MAX_HEADER_BYTES:
-      raise ValueError(f'{path}: not a safetensors file (header length field {n} is implausible)')
+      raise CheckpointError(f'{path}: not a safetensors file (header length field {n} is implausible)')
     if 8 + n > size:
-      raise ValueError(f'{path}: truncated safetensors file: header needs {n} bytes, file has {size - 8} after the length field')
+      raise CheckpointError(f'{path}: truncated safetensors file: header needs {n} bytes, file has {size - 8} after the length field')
     header_bytes = f.read(n)
     try:
       header = json.loads(header_bytes.decode('utf-8'))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-      raise ValueError(f'{path}: not a safetensors file (header is not UTF-8 JSON: {e})') from None
+    except (ValueError, RecursionError) as e:  # not UTF-8, not JSON, nesting, huge numbers
+      raise CheckpointError(f'{path}: not a safetensors file (header is not UTF-8 JSON: {e})') from None
     if not isinstance(header, dict):
-      raise ValueError(f'{path}: safetensors header must be a JSON object, got {type(header).__name__}')
+      raise CheckpointError(f'{path}: safetensors header must be a JSON object, got {type(header).__name__}')
     header.pop('__metadata__', None)
     entries = _validate_header(path, header)
     data_len = size - 8 - n
     needed = max((end for _, _, _, (_, end) in entries), default=0)
     if needed > data_len:
       worst = max(entries, key=lambda e: e[3][1])[0]
-      raise ValueError(
+      raise CheckpointError(
           f'{path}: truncated safetensors file: tensor {worst!r} ends at byte {needed} of the data'
           f' section, which holds only {data_len} bytes'
       )
@@ -158,7 +161,7 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     buf = bytearray(needed)
     got = f.readinto(buf)
     if got != needed:
-      raise ValueError(f'{path}: truncated safetensors file: read {got} of {needed} data bytes')
+      raise CheckpointError(f'{path}: truncated safetensors file: read {got} of {needed} data bytes')
 
   out: dict[str, np.ndarray] = {}
   for name, code, shape, (begin, end) in entries:
@@ -184,25 +187,25 @@ def _validate_header(path: str, header: dict[str, Any]) -> list[tuple[str, str, 
   entries = []
   for name, info in header.items():
     if not isinstance(info, dict) or not {'dtype', 'shape', 'data_offsets'} <= set(info):
-      raise ValueError(
+      raise CheckpointError(
           f'{path}: safetensors entry {name!r} lacks dtype/shape/data_offsets: {_short(info)}')
     code = info['dtype']
     if not isinstance(code, str) or code not in _SAFETENSORS_DTYPES:
-      raise ValueError(
+      raise CheckpointError(
           f'{path}: tensor {name!r} has unsupported dtype {code!r}'
           f' (supported: {", ".join(_SAFETENSORS_DTYPES)})'
       )
     shape = info['shape']
     if (not isinstance(shape, list) or len(shape) > 64
         or not all(type(d) is int and d >= 0 for d in shape)):
-      raise ValueError(f'{path}: tensor {name!r} has an invalid shape {_short(shape)}')
+      raise CheckpointError(f'{path}: tensor {name!r} has an invalid shape {_short(shape)}')
     offsets = info['data_offsets']
     if (not isinstance(offsets, list) or len(offsets) != 2
         or not all(type(o) is int for o in offsets) or not 0 <= offsets[0] <= offsets[1]):
-      raise ValueError(f'{path}: tensor {name!r} has invalid data_offsets {_short(offsets)}')
+      raise CheckpointError(f'{path}: tensor {name!r} has invalid data_offsets {_short(offsets)}')
     expected = math.prod(shape) * _SAFETENSORS_DTYPES[code].itemsize
     if offsets[1] - offsets[0] != expected:
-      raise ValueError(
+      raise CheckpointError(
           f'{path}: tensor {name!r} ({code} {tuple(shape)}) needs {expected} bytes but its'
           f' data_offsets {offsets} span {offsets[1] - offsets[0]}'
       )
@@ -210,7 +213,7 @@ def _validate_header(path: str, header: dict[str, Any]) -> list[tuple[str, str, 
   entries.sort(key=lambda e: e[3])
   for (a, _, _, (_, a_end)), (b, _, _, (b_begin, _)) in zip(entries, entries[1:]):
     if b_begin < a_end:
-      raise ValueError(f'{path}: tensors {a!r} and {b!r} overlap in the data section')
+      raise CheckpointError(f'{path}: tensors {a!r} and {b!r} overlap in the data section')
   return entries
 
 
@@ -228,8 +231,8 @@ def read_npz(path: str | os.PathLike,
     names: read only these arrays (in this order); all of them if None.
 
   Raises:
-    ValueError: the file is not a readable npz archive (a ``.npy`` file, a truncated or corrupt
-      zip, an object or structured array, a header that disagrees with the member's size, a
+    CheckpointError (a ValueError): the file is not a readable npz archive (a ``.npy`` file, a
+      truncated or corrupt zip, an object or structured array, a header that disagrees with the member's size, a
       member that would inflate too far, a missing name); the message names the file and array.
   """
   path = os.fspath(path)
@@ -237,13 +240,13 @@ def read_npz(path: str | os.PathLike,
   with open(path, 'rb') as f:
     head = f.read(6)
   if head == b'\x93NUMPY':
-    raise ValueError(f'{path}: expected an .npz archive of named arrays, found a single .npy array')
+    raise CheckpointError(f'{path}: expected an .npz archive of named arrays, found a single .npy array')
   try:
     zf = zipfile.ZipFile(path)
   except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError) as e:
     if isinstance(e, (FileNotFoundError, IsADirectoryError, PermissionError)):
       raise
-    raise ValueError(f'{path}: not a readable .npz archive ({type(e).__name__}: {e})') from None
+    raise CheckpointError(f'{path}: not a readable .npz archive ({type(e).__name__}: {e})') from None
   out: dict[str, np.ndarray] = {}
   with zf:
     members: dict[str, zipfile.ZipInfo] = {}
@@ -254,16 +257,16 @@ def read_npz(path: str | os.PathLike,
     wanted = list(members) if names is None else list(names)
     missing = [n for n in wanted if n not in members]
     if missing:
-      raise ValueError(f'{path}: .npz lacks {sorted(missing)} (has {sorted(members)})')
-    budget = ZipBudget(zf, size, ValueError)
+      raise CheckpointError(f'{path}: .npz lacks {sorted(missing)} (has {sorted(members)})')
+    budget = ZipBudget(zf, size, CheckpointError)
     for name in wanted:
       try:
         out[name] = _read_npy_member(budget, members[name])
-      except (zipfile.BadZipFile, EOFError, OSError, ValueError, RuntimeError,
-              NotImplementedError, OverflowError, SyntaxError, MemoryError) as e:
+      except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, RuntimeError,
+              NotImplementedError, OverflowError) as e:
         if isinstance(e, (FileNotFoundError, PermissionError)):
           raise
-        raise ValueError(f'{path}: cannot read array {name!r} ({type(e).__name__}: {e})') from None
+        raise CheckpointError(f'{path}: cannot read array {name!r} ({type(e).__name__}: {e})') from None
   return out
 
 
@@ -273,27 +276,30 @@ def _read_npy_member(budget: ZipBudget, info: zipfile.ZipInfo) -> np.ndarray:
   fmt = np.lib.format
   with budget.zf.open(info) as f:
     version = fmt.read_magic(f)
-    if version == (1, 0):
-      shape, fortran, dtype = fmt.read_array_header_1_0(f)
-    elif version == (2, 0):
-      shape, fortran, dtype = fmt.read_array_header_2_0(f)
-    else:
-      raise ValueError(f'unsupported .npy format version {version}')
+    if version not in ((1, 0), (2, 0)):
+      raise CheckpointError(f'unsupported .npy format version {version}')
+    read_header = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+    try:  # a bounded (10,000-character) literal parse, but it raises many exception types
+      shape, fortran, dtype = read_header(f)
+    except Exception as e:  # pylint: disable=broad-except
+      if isinstance(e, (zipfile.BadZipFile, OSError, zlib.error)):
+        raise
+      raise CheckpointError(f'malformed .npy header ({type(e).__name__}: {e})') from None
     header = f.tell()
     if dtype.hasobject:
-      raise ValueError('object arrays are not read (they would need pickle)')
+      raise CheckpointError('object arrays are not read (they would need pickle)')
     if dtype.fields is not None or dtype.subdtype is not None or dtype.kind not in _NPY_KINDS or (
         dtype.itemsize == 0):
-      raise ValueError(f'dtype {dtype} is not a plain numeric or string dtype')
+      raise CheckpointError(f'dtype {dtype} is not a plain numeric or string dtype')
     count = math.prod(shape)
     nbytes = count * dtype.itemsize
     if header + nbytes != info.file_size:
-      raise ValueError(
+      raise CheckpointError(
           f'its header declares shape {shape} of {dtype} ({nbytes} data bytes) but the member'
           f' holds {info.file_size - header}')
     buf = bytearray(nbytes)
     got = f.readinto(buf) if nbytes else 0
     extra = f.read(1)
   if got != nbytes or extra:
-    raise ValueError(f'member holds {got} of its {nbytes} data bytes')
+    raise CheckpointError(f'member holds {got} of its {nbytes} data bytes')
   return np.frombuffer(buf, dtype=dtype, count=count).reshape(shape, order='F' if fortran else 'C')

@@ -35,6 +35,7 @@ from __future__ import annotations
 import codecs
 import collections
 import dataclasses
+import functools
 import math
 import reprlib
 import struct
@@ -72,7 +73,7 @@ class Limits:
       work_allowance`` work units (bytes copied, elements iterated) in total.
   """
 
-  max_objects: int = 2_000_000
+  max_objects: int = 1_000_000
   max_memo: int = 2_000_000
   max_items: int = 20_000_000
   max_depth: int = 200
@@ -176,6 +177,8 @@ def describe(obj: Any) -> str:
     return f'a {obj.pickle_name} object'
   if isinstance(obj, _Marker):
     return obj.name
+  if isinstance(getattr(type(obj), 'describe_as', None), property):  # readers' own markers
+    return obj.describe_as
   if isinstance(obj, (str, bytes, int, float, bool, type(None))):
     return f'{type(obj).__name__} {_repr.repr(obj)}'
   return f'a {type(obj).__name__}'
@@ -483,8 +486,10 @@ class Unpickler:
     self._stack: list[Any] = []
     self._metastack: list[list[Any]] = []
     self._proto = 0
-    self._dispatch = {code: getattr(self, f'_op_{name}') for code, name in _OPNAMES.items()
-                      if name not in _REFUSED_OPS}
+    self._dispatch = [functools.partial(self._bad_opcode, code) for code in range(256)]
+    for code, name in _OPNAMES.items():
+      if name not in _REFUSED_OPS:
+        self._dispatch[code] = getattr(self, f'_op_{name}')
 
   # ---- reading
 
@@ -558,26 +563,27 @@ class Unpickler:
     try:
       while True:
         pos = self._pos
-        if pos >= self._end_of_data:
-          raise PickleFormatError('truncated pickle: no STOP opcode')
-        code = data[pos]
         self._pos = pos + 1
-        op = dispatch.get(code)
-        if op is None:
-          name = _OPNAMES.get(code)
-          if name in _REFUSED_OPS:
-            raise PickleRefusedError(f'pickle uses {_REFUSED_OPS[name]}, which is not supported')
-          raise PickleFormatError(f'invalid pickle opcode 0x{code:02x} at offset {pos}')
-        op()
+        dispatch[data[pos]]()
     except _Stop as stop:
       self.end = self._pos
       return stop.value
     except PickleFormatError:
       raise
+    except IndexError as e:
+      if self._pos > self._end_of_data:
+        raise PickleFormatError('truncated pickle: no STOP opcode') from None
+      raise PickleFormatError(f'corrupt pickle near offset {self._pos}: IndexError: {e}') from None
     except (struct.error, UnicodeDecodeError, ValueError, TypeError, OverflowError, KeyError,
-            IndexError, AttributeError, RecursionError, MemoryError) as e:
+            AttributeError) as e:
       raise PickleFormatError(
           f'corrupt pickle near offset {self._pos}: {type(e).__name__}: {e}') from None
+
+  def _bad_opcode(self, code: int) -> None:
+    name = _OPNAMES.get(code)
+    if name in _REFUSED_OPS:
+      raise PickleRefusedError(f'pickle uses {_REFUSED_OPS[name]}, which is not supported')
+    raise PickleFormatError(f'invalid pickle opcode 0x{code:02x} at offset {self._pos - 1}')
 
   # ---- opcodes: framing and control
 
@@ -731,7 +737,10 @@ class Unpickler:
     self._tuple_n(3)
 
   def _op_EMPTY_LIST(self):
-    self._new([])
+    self._objects += 1
+    if self._objects > self._limits.max_objects:
+      self._new(None)  # raises
+    self._stack.append([])
 
   def _op_LIST(self):
     items = self._pop_mark()
@@ -755,7 +764,10 @@ class Unpickler:
     self._list_target().extend(items)
 
   def _op_EMPTY_DICT(self):
-    self._new({})
+    self._objects += 1
+    if self._objects > self._limits.max_objects:
+      self._new(None)  # raises
+    self._stack.append({})
 
   def _op_DICT(self):
     items = self._pop_mark()

@@ -44,13 +44,18 @@ import os
 import re
 import struct
 import zipfile
+import zlib
 from collections.abc import Sequence
 from typing import Any, Callable
 
 import numpy as np
 
 from converters import safe_pickle as sp
+from converters.errors import CheckpointError, UnsafePickleError
 from converters.formats import ZipBudget
+
+__all__ = ['CheckpointError', 'UnsafePickleError', 'load', 'load_weights', 'module_state_dict',
+           'CONTAINER_KEYS', 'MODULE_PREFIXES']
 
 LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 
@@ -66,16 +71,8 @@ CONTAINER_KEYS = ('state_dict', 'model_state_dict', 'model', 'net', 'params')
 
 # Module-class names read as inert nn.Module stubs: (module prefix, class-name pattern).
 MODULE_PREFIXES = ('torch.nn.modules.', 'torchvision.models.', 'torchvision.ops.')
-_CLASS_NAME = re.compile(r'^[A-Z][A-Za-z0-9_]*$')
+_CLASS_NAME = re.compile(r'^_*[A-Z][A-Za-z0-9_]*$')
 _DOTTED = re.compile(r'^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$')
-
-
-class CheckpointError(ValueError):
-  """A file that is not a readable PyTorch checkpoint, or that does not fit an architecture."""
-
-
-class UnsafePickleError(CheckpointError):
-  """The pickle references a global, a call or a state change outside the allow-list."""
 
 
 _STORAGE_DTYPES = {
@@ -115,6 +112,10 @@ class _StorageType:
   def __repr__(self) -> str:
     return f'<torch.{self.name}>'
 
+  @property
+  def describe_as(self) -> str:
+    return f'torch.{self.name}'
+
 
 class _TorchDtype:
   """Stands in for ``torch.float32`` etc."""
@@ -126,6 +127,10 @@ class _TorchDtype:
 
   def __repr__(self) -> str:
     return f'<torch.{self.name}>'
+
+  @property
+  def describe_as(self) -> str:
+    return f'torch.{self.name}'
 
 
 class _Storage:
@@ -567,9 +572,9 @@ def _with_errors(path: str, fn: Callable[[_Reader], Any], module_prefixes: Seque
     if path in str(e):
       raise
     raise type(e)(f'{path}: {e}') from None  # name the file in every error
-  except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, struct.error, ValueError,
-          IndexError, KeyError, TypeError, AttributeError, MemoryError, OverflowError,
-          RecursionError, NotImplementedError, RuntimeError, OSError) as e:
+  except (zipfile.BadZipFile, zipfile.LargeZipFile, zlib.error, EOFError, struct.error,
+          ValueError, IndexError, KeyError, TypeError, AttributeError, OverflowError,
+          NotImplementedError, RuntimeError, OSError) as e:
     if isinstance(e, (FileNotFoundError, IsADirectoryError, PermissionError)):
       raise
     raise CheckpointError(
