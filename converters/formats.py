@@ -111,7 +111,8 @@ class ZipBudget:
       got = f.readinto(buf)
       extra = f.read(1)
     if got != info.file_size or extra:
-      raise self.error(f'member {info.filename!r} does not hold its declared {info.file_size} bytes')
+      raise self.error(
+          f'member {info.filename!r} does not hold its declared {info.file_size} bytes')
     return buf
 
 
@@ -126,8 +127,8 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
   Raises:
     CheckpointError (a ValueError): the file is not safetensors, is truncated, or its header is
-      inconsistent (unknown dtype, offsets outside the data, a byte count that does not match the shape,
-      overlapping tensors); the message names the file and the offending tensor.
+      inconsistent (unknown dtype, offsets outside the data, a byte count that does not match the
+      shape, overlapping tensors); the message names the file and the offending tensor.
   """
   path = os.fspath(path)
   size = os.path.getsize(path)
@@ -232,21 +233,24 @@ def read_npz(path: str | os.PathLike,
 
   Raises:
     CheckpointError (a ValueError): the file is not a readable npz archive (a ``.npy`` file, a
-      truncated or corrupt zip, an object or structured array, a header that disagrees with the member's size, a
-      member that would inflate too far, a missing name); the message names the file and array.
+      truncated or corrupt zip, an object or structured array, a header that disagrees with the
+      member's size, a member that would inflate too far, a missing name); the message names the
+      file and array.
   """
   path = os.fspath(path)
   size = os.path.getsize(path)
   with open(path, 'rb') as f:
     head = f.read(6)
   if head == b'\x93NUMPY':
-    raise CheckpointError(f'{path}: expected an .npz archive of named arrays, found a single .npy array')
+    raise CheckpointError(
+        f'{path}: expected an .npz archive of named arrays, found a single .npy array')
   try:
     zf = zipfile.ZipFile(path)
   except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, OSError, ValueError) as e:
     if isinstance(e, (FileNotFoundError, IsADirectoryError, PermissionError)):
       raise
-    raise CheckpointError(f'{path}: not a readable .npz archive ({type(e).__name__}: {e})') from None
+    raise CheckpointError(
+        f'{path}: not a readable .npz archive ({type(e).__name__}: {e})') from None
   out: dict[str, np.ndarray] = {}
   with zf:
     members: dict[str, zipfile.ZipInfo] = {}
@@ -266,7 +270,8 @@ def read_npz(path: str | os.PathLike,
               NotImplementedError, OverflowError) as e:
         if isinstance(e, (FileNotFoundError, PermissionError)):
           raise
-        raise CheckpointError(f'{path}: cannot read array {name!r} ({type(e).__name__}: {e})') from None
+        raise CheckpointError(
+            f'{path}: cannot read array {name!r} ({type(e).__name__}: {e})') from None
   return out
 
 

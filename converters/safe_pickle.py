@@ -197,8 +197,8 @@ def check_key(key: Any) -> Any:
   )
 
 
-class _RecordedOrderedDict(collections.OrderedDict):
-  """An OrderedDict whose BUILD (a state dict's ``_metadata``) is recorded, not set as attributes."""
+class RecordedOrderedDict(collections.OrderedDict):
+  """An OrderedDict whose BUILD (a state dict's ``_metadata``) is recorded, not set on it."""
 
   pickle_state: Any = None
 
@@ -212,11 +212,11 @@ class _RecordedOrderedDict(collections.OrderedDict):
     self.pickle_state = state
 
 
-def _ordered_dict(ctx: Context, *args) -> _RecordedOrderedDict:
+def _ordered_dict(ctx: Context, *args) -> RecordedOrderedDict:
   del ctx
   if args:
     raise PickleRefusedError('collections.OrderedDict is only read with no arguments (protocol 2)')
-  return _RecordedOrderedDict()
+  return RecordedOrderedDict()
 
 
 def _make_set(factory):
@@ -235,11 +235,35 @@ def _codecs_encode(ctx: Context, obj=None, encoding='utf-8', *rest):
   return obj.encode('latin1')
 
 
-# Globals that any reader may allow: containers and the Python 2 / 3 spelling of bytes.
+def _bytes(ctx: Context, *args):
+  del ctx
+  if args:
+    raise PickleRefusedError('builtins.bytes is only read with no arguments (protocol < 3 b"")')
+  return b''
+
+
+def _bytearray(ctx: Context, data=b'', *rest):
+  if rest or type(data) is not bytes:
+    raise PickleRefusedError(f'builtins.bytearray({describe(data)})')
+  ctx.charge(len(data), 'builtins.bytearray')
+  return bytearray(data)
+
+
+def _complex(ctx: Context, real=0.0, imag=0.0, *rest):
+  del ctx
+  if rest or type(real) not in (int, float) or type(imag) not in (int, float):
+    raise PickleRefusedError('builtins.complex of non-numbers')
+  return complex(real, imag)
+
+
+# Globals that any reader may allow: containers and the Python 2 / 3 spellings of bytes.
 BASIC_GLOBALS: dict[tuple[str, str], Any] = {
     ('collections', 'OrderedDict'): Function('collections.OrderedDict', _ordered_dict),
     ('builtins', 'set'): Function('builtins.set', _make_set(set)),
     ('builtins', 'frozenset'): Function('builtins.frozenset', _make_set(frozenset)),
+    ('builtins', 'bytes'): Function('builtins.bytes', _bytes),
+    ('builtins', 'bytearray'): Function('builtins.bytearray', _bytearray),
+    ('builtins', 'complex'): Function('builtins.complex', _complex),
     ('_codecs', 'encode'): Function('_codecs.encode', _codecs_encode),
 }
 
@@ -323,11 +347,13 @@ def _raw_bytes(ctx: Context, raw: Any) -> bytes | bytearray:
     ctx.charge(len(raw), 'array data')
     return raw.encode('latin1')
   if type(raw) not in (bytes, bytearray):
-    raise PickleRefusedError(f'array data is {describe(raw)}, not bytes (object arrays are not read)')
+    raise PickleRefusedError(
+        f'array data is {describe(raw)}, not bytes (object arrays are not read)')
   return raw
 
 
-def _array_from(ctx: Context, raw: Any, dt: np.dtype, shape: tuple[int, ...], order: str) -> np.ndarray:
+def _array_from(ctx: Context, raw: Any, dt: np.dtype, shape: tuple[int, ...],
+                order: str) -> np.ndarray:
   raw = _raw_bytes(ctx, raw)
   need = math.prod(shape) * dt.itemsize
   if len(raw) != need:
@@ -658,7 +684,8 @@ class Unpickler:
 
   def _long(self, n: int):
     if n < 0 or n > self._limits.max_int_bytes:
-      raise PickleFormatError(f'pickled integer of {n} bytes (at most {self._limits.max_int_bytes})')
+      raise PickleFormatError(
+          f'pickled integer of {n} bytes (at most {self._limits.max_int_bytes})')
     self._new(int.from_bytes(self._read(n), 'little', signed=True))
 
   def _op_LONG1(self):
@@ -778,7 +805,7 @@ class Unpickler:
 
   def _dict_target(self) -> dict:
     target = self._top()
-    if type(target) not in (dict, _RecordedOrderedDict):
+    if type(target) not in (dict, RecordedOrderedDict):
       raise PickleRefusedError(f'SETITEM on {describe(target)}: only dicts are filled')
     return target
 
@@ -819,7 +846,8 @@ class Unpickler:
     if idx < 0:
       raise PickleFormatError(f'negative memo index {idx}')
     if idx not in self._memo and len(self._memo) >= self._limits.max_memo:
-      raise PickleFormatError(f'pickle memo exceeds {self._limits.max_memo} entries (a resource bound)')
+      raise PickleFormatError(
+          f'pickle memo exceeds {self._limits.max_memo} entries (a resource bound)')
     self._memo[idx] = self._top()
 
   def _get(self, idx: int):
@@ -827,7 +855,8 @@ class Unpickler:
     try:
       self._stack.append(self._memo[idx])
     except KeyError:
-      raise PickleFormatError(f'pickle refers to memo entry {idx}, which was never stored') from None
+      raise PickleFormatError(
+          f'pickle refers to memo entry {idx}, which was never stored') from None
 
   def _op_PUT(self):
     self._put(int(self._readline()))
@@ -885,7 +914,8 @@ class Unpickler:
 
   def _newobj(self, cls: Any, args: Any, kwargs: Any):
     if not (isinstance(cls, type) and issubclass(cls, Stub)):
-      raise PickleRefusedError(f'pickle instantiates {describe(cls)}, which is not an allowed class')
+      raise PickleRefusedError(
+          f'pickle instantiates {describe(cls)}, which is not an allowed class')
     if type(args) is not tuple or type(kwargs) is not dict:
       raise PickleFormatError('NEWOBJ arguments must be a tuple (and a dict)')
     self._new(cls.pickle_new(self.ctx, args, kwargs))
@@ -904,7 +934,7 @@ class Unpickler:
   def _op_BUILD(self):
     state = self._pop()
     inst = self._top()
-    if isinstance(inst, type) or not isinstance(inst, (Stub, _RecordedOrderedDict)):
+    if isinstance(inst, type) or not isinstance(inst, (Stub, RecordedOrderedDict)):
       raise PickleRefusedError(
           f'pickle sets the state of {describe(inst)} (BUILD), which is not allowed')
     inst.pickle_build(self.ctx, state)
@@ -942,7 +972,7 @@ def rebuild(obj: Any, leaf: Callable[[Any], Any], *, max_depth: int = 200,
   def go(x: Any, depth: int) -> Any:
     nonlocal nodes
     t = type(x)
-    if t not in (list, tuple, dict, _RecordedOrderedDict, set, frozenset):
+    if t not in (list, tuple, dict, RecordedOrderedDict, set, frozenset):
       return leaf(x)
     key = id(x)
     if key in done:
@@ -962,7 +992,7 @@ def rebuild(obj: Any, leaf: Callable[[Any], Any], *, max_depth: int = 200,
     elif t in (set, frozenset):
       out = t(x)  # elements are checked scalars
     else:
-      out = collections.OrderedDict() if t is _RecordedOrderedDict else {}
+      out = collections.OrderedDict() if t is RecordedOrderedDict else {}
       for k, v in x.items():
         out[k] = go(v, depth + 1)
     active.discard(key)

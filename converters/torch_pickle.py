@@ -1,4 +1,4 @@
-"""Reads PyTorch checkpoints without torch, without ever running code from the file, in bounded memory.
+"""Reads PyTorch checkpoints without torch, never running code from the file, in bounded memory.
 
 Two serializations exist:
 
@@ -38,7 +38,6 @@ Resource bounds (a small file never makes the reader allocate far beyond its siz
 from __future__ import annotations
 
 import collections
-import io
 import math
 import os
 import re
@@ -134,7 +133,7 @@ class _TorchDtype:
 
 
 class _Storage:
-  """A storage of ``numel`` elements whose bytes are read on demand (zip) or after the pickle (legacy)."""
+  """``numel`` elements whose bytes are read on demand (zip) or after the pickle (legacy)."""
 
   def __init__(self, stype: _StorageType, key: str, numel: int,
                reader: Callable[[_Storage], np.ndarray] | None = None):
@@ -264,7 +263,8 @@ class _Namespace(sp.Stub):
 _ALLOWED: dict[tuple[str, str], Any] = {
     **sp.BASIC_GLOBALS,
     **sp.numpy_globals(),
-    ('torch._utils', '_rebuild_tensor'): sp.Function('torch._utils._rebuild_tensor', _rebuild_tensor),
+    ('torch._utils', '_rebuild_tensor'): sp.Function('torch._utils._rebuild_tensor',
+                                                     _rebuild_tensor),
     ('torch._utils', '_rebuild_tensor_v2'): sp.Function('torch._utils._rebuild_tensor_v2',
                                                         _rebuild_tensor_v2),
     ('torch._utils', '_rebuild_parameter'): sp.Function('torch._utils._rebuild_parameter',
@@ -457,16 +457,19 @@ def module_state_dict(module: ModuleStub, *, max_entries: int = 200_000,
   return out
 
 
+_DICTS = (dict, collections.OrderedDict, sp.RecordedOrderedDict)
+
+
 def _select_weights(obj: Any) -> Any:
   """The state dict inside the usual wrappers (``{'state_dict': ...}``, a whole module, ...)."""
   for _ in range(5):
     if isinstance(obj, ModuleStub):
       return module_state_dict(obj)
-    if type(obj) not in (dict, sp._RecordedOrderedDict):  # pylint: disable=protected-access
+    if type(obj) not in _DICTS:
       return obj
     inner = next((obj[k] for k in CONTAINER_KEYS
-                  if k in obj and (type(obj[k]) in (dict, sp._RecordedOrderedDict)  # pylint: disable=protected-access
-                                   or isinstance(obj[k], ModuleStub))), None)
+                  if k in obj and (type(obj[k]) in _DICTS or isinstance(obj[k], ModuleStub))),
+                 None)
     if inner is None:
       return obj
     obj = inner
@@ -626,7 +629,7 @@ def load_weights(path: str | os.PathLike, *, module_prefixes: Sequence[str] = ()
     memo: dict[int, Any] = {}
     if isinstance(obj, _TensorRef):
       return reader.tensor(obj, memo)
-    if type(obj) not in (dict, collections.OrderedDict, sp._RecordedOrderedDict):  # pylint: disable=protected-access
+    if type(obj) not in _DICTS:
       return obj
     out = collections.OrderedDict()
     for key, value in obj.items():

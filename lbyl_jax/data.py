@@ -311,7 +311,8 @@ def _pickle_allow_list() -> dict:
   from converters import safe_pickle  # pylint: disable=import-outside-toplevel
 
   table = dict(safe_pickle.numpy_globals())
-  table[('_codecs', 'encode')] = safe_pickle.BASIC_GLOBALS[('_codecs', 'encode')]
+  for name in (('_codecs', 'encode'), ('builtins', 'bytes'), ('builtins', 'bytearray')):
+    table[name] = safe_pickle.BASIC_GLOBALS[name]
   return table
 
 

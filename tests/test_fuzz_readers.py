@@ -78,14 +78,16 @@ def _torch_seeds(tmp: pathlib.Path) -> dict[str, bytes]:
 def _safetensors_seed() -> bytes:
   rng = np.random.default_rng(1)
   tensors = {'conv.weight': rng.standard_normal((4, 3, 3, 3)).astype(np.float32),
-             'bn.running_var': rng.random(4).astype(np.float64), 'idx': np.arange(5, dtype=np.int64),
-             'h': rng.standard_normal(6).astype(np.float16), 'flag': np.array([True, False])}
+             'bn.running_var': rng.random(4).astype(np.float64),
+             'idx': np.arange(5, dtype=np.int64), 'h': rng.standard_normal(6).astype(np.float16),
+             'flag': np.array([True, False])}
   header, chunks, offset = {'__metadata__': {'format': 'np'}}, [], 0
   for name, arr in tensors.items():
     raw = arr.tobytes()
     code = {'float32': 'F32', 'float64': 'F64', 'int64': 'I64', 'float16': 'F16',
             'bool': 'BOOL'}[arr.dtype.name]
-    header[name] = {'dtype': code, 'shape': list(arr.shape), 'data_offsets': [offset, offset + len(raw)]}
+    header[name] = {'dtype': code, 'shape': list(arr.shape),
+                    'data_offsets': [offset, offset + len(raw)]}
     chunks.append(raw)
     offset += len(raw)
   h = json.dumps(header).encode()
@@ -323,7 +325,8 @@ def _cases(tmp: pathlib.Path) -> dict[str, list[tuple[str, str, bytes]]]:
       fam['data'].append(('cifar_batch', f'cifar {name} {ops}', mutate(seed, ops)))
   tar = _tar(_cifar_seeds()['py2'])
   fam['data'].append(('cifar_tar', 'tar.gz seed', gzip.compress(tar)))
-  header_offsets = [k for base in range(0, len(tar), 512) for k in (base + 124, base + 148, base + 156)]
+  header_offsets = [k for base in range(0, len(tar), 512)
+                    for k in (base + 124, base + 148, base + 156)]  # size, checksum, type
   for ops in _draw(_mutations(header_offsets), N_MUTATIONS):
     fam['data'].append(('cifar_tar', f'tar {ops}', gzip.compress(mutate(tar, ops))))
   for ops in _draw(_mutations(list(range(0, 20))), N_MUTATIONS // 2):
