@@ -270,8 +270,8 @@ def read_npz(path: str | os.PathLike,
               NotImplementedError, OverflowError) as e:
         if isinstance(e, (FileNotFoundError, PermissionError)):
           raise
-        raise CheckpointError(
-            f'{path}: cannot read array {name!r} ({type(e).__name__}: {e})') from None
+        detail = str(e) if isinstance(e, CheckpointError) else f'{type(e).__name__}: {e}'
+        raise CheckpointError(f'{path}: cannot read array {name!r}: {detail}') from None
   return out
 
 

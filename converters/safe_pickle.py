@@ -46,7 +46,7 @@ import numpy as np
 
 __all__ = [
     'PickleFormatError', 'PickleRefusedError', 'Limits', 'Function', 'Stub', 'Context',
-    'Unpickler', 'loads', 'describe', 'NDARRAY', 'DtypeStub', 'ArrayStub', 'numpy_globals',
+    'Unpickler', 'loads', 'describe', 'Marker', 'NDARRAY', 'DtypeStub', 'ArrayStub', 'numpy_globals',
     'resolve_numpy', 'check_key',
 ]
 
@@ -70,7 +70,8 @@ class Limits:
     max_depth: MARK nesting (the stack of partially built containers).
     max_int_bytes: bytes of one LONG1 / LONG4 integer.
     work_factor, work_allowance: called functions may spend ``work_factor * len(pickle) +
-      work_allowance`` work units (bytes copied, elements iterated) in total.
+      work_allowance`` work units in total: bytes they allocate (copied bytes, array data, set
+      tables), so shared references cannot multiply a small pickle's memory.
   """
 
   max_objects: int = 1_000_000
@@ -96,12 +97,12 @@ class Context:
     self.encoding = encoding
 
   def charge(self, units: int, what: str) -> None:
-    """Spends ``units`` of work (bytes copied, elements iterated); raises past the budget."""
+    """Spends ``units`` of work (bytes allocated or copied); raises past the budget."""
     self.work += max(int(units), 0)
     if self.work > self.max_work:
       raise PickleFormatError(
-          f'{what} would copy or iterate {self.work} units in total, more than the {self.max_work}'
-          ' this pickle\'s size allows (amplification through shared references?)'
+          f'{what} would allocate or copy {self.work} bytes in total, more than the'
+          f' {self.max_work} this pickle\'s size allows (amplification through shared references?)'
       )
 
 
@@ -147,7 +148,7 @@ class Stub:
     self.pickle_built = True
 
 
-class _Marker:
+class Marker:
   """An inert named value (e.g. ``numpy.ndarray`` as the argument of ``_reconstruct``)."""
 
   __slots__ = ('name',)
@@ -159,7 +160,7 @@ class _Marker:
     return f'<{self.name}>'
 
 
-NDARRAY = _Marker('numpy.ndarray')
+NDARRAY = Marker('numpy.ndarray')
 
 _repr = reprlib.Repr()
 _repr.maxlevel = 3
@@ -175,7 +176,7 @@ def describe(obj: Any) -> str:
     return obj.pickle_name
   if isinstance(obj, Stub):
     return f'a {obj.pickle_name} object'
-  if isinstance(obj, _Marker):
+  if isinstance(obj, Marker):
     return obj.name
   if isinstance(getattr(type(obj), 'describe_as', None), property):  # readers' own markers
     return obj.describe_as
@@ -219,11 +220,14 @@ def _ordered_dict(ctx: Context, *args) -> RecordedOrderedDict:
   return RecordedOrderedDict()
 
 
+_SET_ENTRY_BYTES = 32  # a hash-table slot (hash + reference) at the usual fill factor
+
+
 def _make_set(factory):
   def make(ctx: Context, items=()):
     if type(items) not in (list, tuple, set, frozenset):
       raise PickleRefusedError(f'{factory.__name__}() of {describe(items)}')
-    ctx.charge(len(items), f'{factory.__name__}()')
+    ctx.charge(_SET_ENTRY_BYTES * len(items), f'{factory.__name__}()')
     return factory(check_key(x) for x in items)
   return make
 

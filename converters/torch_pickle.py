@@ -249,6 +249,19 @@ class ModuleStub(sp.Stub):
     super().pickle_build(ctx, state)
 
 
+_OBJECT = sp.Marker('builtins.object')
+
+
+def _reconstructor(ctx, cls=None, base=None, state=None, *rest):
+  """``copyreg._reconstructor(cls, object, None)``: how pickle protocols 0 and 1 create a module."""
+  if rest or not (isinstance(cls, type) and issubclass(cls, ModuleStub)) or base is not _OBJECT or (
+      state is not None):
+    raise sp.PickleRefusedError(
+        f'copyreg._reconstructor({sp.describe(cls)}, {sp.describe(base)}, ...): only allowed'
+        ' module classes are created')
+  return cls.pickle_new(ctx, (), {})
+
+
 class _Namespace(sp.Stub):
   """``argparse.Namespace`` stored in some checkpoints: its attributes are kept as a dict."""
 
@@ -272,6 +285,8 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     ('torch.nn.parameter', 'Parameter'): sp.Function('torch.nn.parameter.Parameter',
                                                      _rebuild_parameter),
     ('argparse', 'Namespace'): _Namespace,
+    ('copyreg', '_reconstructor'): sp.Function('copyreg._reconstructor', _reconstructor),
+    ('builtins', 'object'): _OBJECT,
 }
 for _name in _STORAGE_DTYPES:
   _ALLOWED[('torch', _name)] = _StorageType(_name)

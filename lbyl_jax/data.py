@@ -286,10 +286,10 @@ def load_npz(path: str | os.PathLike, *, name: str | None = None) -> ArrayDatase
   except (FileNotFoundError, IsADirectoryError, PermissionError):
     raise
   except (ValueError, OSError) as e:
-    msg = str(e)
+    msg = str(e).removeprefix(f'{path}: ')
     if 'lacks' not in msg and 'not a readable' not in msg:
-      msg = f'{path}: not a readable .npz file: {msg}'
-    raise DataFormatError(msg) from None
+      msg = f'not a readable .npz file: {msg}'
+    raise DataFormatError(f'{path}: {msg}') from None
   return _dataset(arrays['images'], arrays['labels'], name=name or path.name, source=str(path))
 
 
@@ -367,7 +367,7 @@ def parse_cifar_batch(raw: bytes, *, what: str) -> tuple[np.ndarray, np.ndarray]
   if labels is None:
     labels = _get(d, 'fine_labels')  # CIFAR-100
   if not isinstance(data, np.ndarray) or labels is None:
-    keys = sorted(map(repr, list(d)[:20]))
+    keys = ', '.join(sorted(map(repr, list(d)[:20])))
     raise DataFormatError(f'{what}: not a CIFAR batch (keys: {keys})')
   if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
     raise DataFormatError(

@@ -131,7 +131,7 @@ def _crafted(tmp: pathlib.Path) -> dict[str, tuple[str, pathlib.Path, type, str]
   ints = L(*[I(1000 + i) for i in range(20000)]) + PUT(7)
   sets = [(f's{i}', R(G('__builtin__', 'set'), T(GET(7)))) for i in range(1, 2000)]
   torch_case('set_of_a_shared_list', _sd(('s0', R(G('__builtin__', 'set'), T(ints))), *sets), {},
-             r'would copy or iterate')
+             r'set\(\) would allocate or copy \d+ bytes in total')
   # -- nesting
   torch_case('mark_nesting_2000', b'(' * 2000, {}, r'nests containers more than 200 levels')
   chain = L() + PUT(0) + b''.join(b'0' + L() + GET(i - 1) + b'a' + PUT(i) for i in range(1, 2001))
@@ -368,7 +368,7 @@ def test_crafted_files_in_a_memory_limited_child(crafted, tmp_path):
   names = sorted(cases)
   report = rh.run_readers([(cases[n][0], cases[n][1]) for n in names], mem_bytes=512 << 20,
                           timeout=240, workdir=tmp_path)
-  rh.assert_bounded(report, max_seconds=MAX_SECONDS, max_rss_growth=256 << 20, labels=names,
+  rh.assert_bounded(report, max_seconds=MAX_SECONDS, max_rss_growth=128 << 20, labels=names,
                     expect='error')
 
 
@@ -677,3 +677,12 @@ def test_safe_pickle_matches_pickle_loads(value, protocol):
   got = safe_pickle.rebuild(safe_pickle.loads(raw, find_global=_find(_TABLE)),
                             safe_pickle.resolve_numpy)
   assert _equal(got, pickle.loads(raw)), (got, value)
+
+
+@pytest.mark.parametrize('protocol', [1, 4])  # protocol 0 files cannot be loaded by torch either
+def test_whole_module_with_other_pickle_protocols(tmp_path, protocol):
+  """torch.save(model, pickle_protocol=1) creates modules through copyreg._reconstructor."""
+  model = _random_model(4)
+  path = tmp_path / 'm.pth'
+  torch.save(model, path, pickle_protocol=protocol)
+  _assert_same(torch_pickle.load_weights(path), model.state_dict())
