@@ -180,6 +180,8 @@ def describe(obj: Any) -> str:
     return obj.name
   if isinstance(getattr(type(obj), 'describe_as', None), property):  # readers' own markers
     return obj.describe_as
+  if type(obj) is int and obj.bit_length() > 64:  # no decimal conversion of huge ints
+    return f'an int of {obj.bit_length()} bits'
   if isinstance(obj, (str, bytes, int, float, bool, type(None))):
     return f'{type(obj).__name__} {_repr.repr(obj)}'
   return f'a {type(obj).__name__}'
@@ -961,13 +963,15 @@ def loads(data: bytes, *, find_global: Callable[[str, str], Any], **kwargs) -> A
   return Unpickler(data, find_global=find_global, **kwargs).load()
 
 
-def rebuild(obj: Any, leaf: Callable[[Any], Any], *, max_depth: int = 200,
-            max_nodes: int = 10_000_000) -> Any:
+def rebuild(obj: Any, leaf: Callable[..., Any], *, max_depth: int = 200,
+            max_nodes: int = 10_000_000, start_depth: int = 0, leaf_depth: bool = False) -> Any:
   """A copy of ``obj`` with plain containers (list, tuple, dict, set) and ``leaf(x)`` elsewhere.
 
   Shared sub-objects are converted once and shared in the result (linear in the number of
   distinct objects, not in the number of paths); cycles and nesting deeper than ``max_depth``
-  raise :class:`PickleFormatError`. ``leaf`` may raise to refuse a value.
+  raise :class:`PickleFormatError`. ``leaf`` may raise to refuse a value; with ``leaf_depth`` it
+  is called as ``leaf(x, depth)``, so a leaf that rebuilds its own contents can continue the count
+  from ``depth`` (``start_depth``) and the total nesting stays bounded.
   """
   done: dict[int, Any] = {}
   active: set[int] = set()
@@ -977,7 +981,7 @@ def rebuild(obj: Any, leaf: Callable[[Any], Any], *, max_depth: int = 200,
     nonlocal nodes
     t = type(x)
     if t not in (list, tuple, dict, RecordedOrderedDict, set, frozenset):
-      return leaf(x)
+      return leaf(x, depth) if leaf_depth else leaf(x)
     key = id(x)
     if key in done:
       return done[key]
@@ -1003,4 +1007,4 @@ def rebuild(obj: Any, leaf: Callable[[Any], Any], *, max_depth: int = 200,
     done[key] = out
     return out
 
-  return go(obj, 0)
+  return go(obj, start_depth)

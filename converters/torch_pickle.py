@@ -390,7 +390,7 @@ class _Reader:
     memo[key] = out
     return out
 
-  def value(self, obj: Any, memo: dict[int, Any]) -> Any:
+  def value(self, obj: Any, memo: dict[int, Any], depth: int = 0) -> Any:
     """A leaf as the data it stands for; containers are left to ``sp.rebuild``."""
     if isinstance(obj, _TensorRef):
       return self.tensor(obj, memo)
@@ -406,16 +406,17 @@ class _Reader:
           memo[key] = collections.OrderedDict(
               (k, self.value(v, memo)) for k, v in module_state_dict(obj).items())
         else:
-          memo[key] = self.materialize(obj.pickle_state or {}, memo)
+          memo[key] = self.materialize(obj.pickle_state or {}, memo, depth + 1)
         self.nesting -= 1
       return memo[key]
     if isinstance(obj, _Storage):
       raise CheckpointError(f'a bare storage {obj.key!r} outside any tensor is not read')
     return obj
 
-  def materialize(self, obj: Any, memo: dict[int, Any] | None = None) -> Any:
+  def materialize(self, obj: Any, memo: dict[int, Any] | None = None, depth: int = 0) -> Any:
     memo = {} if memo is None else memo
-    return sp.rebuild(obj, lambda x: self.value(x, memo))
+    return sp.rebuild(obj, lambda x, d: self.value(x, memo, d), start_depth=depth,
+                      leaf_depth=True)
 
 
 def module_state_dict(module: ModuleStub, *, max_entries: int = 200_000,

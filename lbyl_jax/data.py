@@ -51,6 +51,8 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 from PIL import Image
 
+from converters import formats
+from converters import safe_pickle
 from lbyl_jax import archs
 from lbyl_jax import download as download_lib
 from lbyl_jax import weights as weights_lib
@@ -237,7 +239,7 @@ class LazyDataset(Dataset):
 
 
 # --------------------------------------------------------------------------------------------
-# .npz
+# File readers: their error type and bounds.
 
 
 class DataFormatError(ValueError):
@@ -268,6 +270,10 @@ def _dataset(images, labels, **kwargs) -> ArrayDataset:
     raise DataFormatError(str(e)) from None
 
 
+# --------------------------------------------------------------------------------------------
+# .npz
+
+
 def load_npz(path: str | os.PathLike, *, name: str | None = None) -> ArrayDataset:
   """A ``.npz`` with ``images`` (NHWC or NHW uint8) and ``labels``; never unpickles objects.
 
@@ -278,8 +284,6 @@ def load_npz(path: str | os.PathLike, *, name: str | None = None) -> ArrayDatase
     DataFormatError: not a readable npz, missing arrays, object arrays, a header that disagrees
       with its member, a member inflating beyond the bound, wrong dtypes or shapes.
   """
-  from converters import formats  # pylint: disable=import-outside-toplevel
-
   path = pathlib.Path(path)
   try:
     arrays = formats.read_npz(path, names=('images', 'labels'))
@@ -297,28 +301,22 @@ def load_npz(path: str | os.PathLike, *, name: str | None = None) -> ArrayDatase
 # CIFAR-10 python batches.
 
 
+# Everything a pickled dict of NumPy arrays / lists / bytes may reference: inert stand-ins that
+# rebuild plain arrays from validated bytes (numpy's own reducers never run), and the Python 2 / 3
+# spellings of bytes.
+_PICKLE_ALLOWED: dict = {
+    **safe_pickle.numpy_globals(),
+    **{name: safe_pickle.BASIC_GLOBALS[name]
+       for name in (('_codecs', 'encode'), ('builtins', 'bytes'), ('builtins', 'bytearray'))},
+}
+
+
 def _pickle_global(module: str, name: str):
   entry = _PICKLE_ALLOWED.get((module, name))
   if entry is None:
-    from converters import safe_pickle  # pylint: disable=import-outside-toplevel
-
     raise safe_pickle.PickleRefusedError(
         f'refusing to load {module}.{name}: only NumPy array reconstruction is allowed')
   return entry
-
-
-def _pickle_allow_list() -> dict:
-  from converters import safe_pickle  # pylint: disable=import-outside-toplevel
-
-  table = dict(safe_pickle.numpy_globals())
-  for name in (('_codecs', 'encode'), ('builtins', 'bytes'), ('builtins', 'bytearray')):
-    table[name] = safe_pickle.BASIC_GLOBALS[name]
-  return table
-
-
-# Everything a pickled dict of NumPy arrays / lists / bytes may reference: inert stand-ins that
-# rebuild plain arrays from validated bytes (numpy's own reducers never run).
-_PICKLE_ALLOWED: dict = {}
 
 
 def safe_unpickle(raw: bytes, *, what: str) -> object:
@@ -334,10 +332,6 @@ def safe_unpickle(raw: bytes, *, what: str) -> object:
     DataFormatError: naming ``what``, for a reference to anything else (e.g. ``os.system``), a
       corrupt or truncated pickle, or one over a resource bound.
   """
-  from converters import safe_pickle  # pylint: disable=import-outside-toplevel
-
-  if not _PICKLE_ALLOWED:
-    _PICKLE_ALLOWED.update(_pickle_allow_list())
   try:
     obj = safe_pickle.loads(raw, find_global=_pickle_global, encoding='bytes')
     return safe_pickle.rebuild(obj, safe_pickle.resolve_numpy)

@@ -686,3 +686,15 @@ def test_whole_module_with_other_pickle_protocols(tmp_path, protocol):
   path = tmp_path / 'm.pth'
   torch.save(model, path, pickle_protocol=protocol)
   _assert_same(torch_pickle.load_weights(path), model.state_dict())
+
+
+def test_nesting_through_namespaces_is_bounded_in_total(tmp_path):
+  """Namespaces inside deep lists inside namespaces...: the depth bound counts across them."""
+  body = b''
+  for _ in range(30):  # 30 x (a Namespace holding a 40-deep list) = 1,200 levels in all
+    inner = body or NONE
+    lists = b']' * 40 + inner + b'a' * 40  # [[[...[inner]...]]]
+    body = (G('argparse', 'Namespace') + rh.EMPTY_TUPLE + b'\x81' + D((S('x'), lists)) + b'b')
+  path = _torch_file(tmp_path, 'ns.pth', D((S('args'), body)), {}, legacy=True)
+  with pytest.raises(converters.CheckpointError, match=r'deeper than 200|more than 50 levels'):
+    torch_pickle.load(path)
