@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import os
 import pathlib
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 from converters import formats, torch_pickle
+from converters.errors import CheckpointError, UnsafePickleError
 from converters.mapping import normalize_state_dict, to_variables
-from converters.torch_pickle import CheckpointError, UnsafePickleError
 
 __all__ = ['CheckpointError', 'UnsafePickleError', 'read_state_dict', 'load_variables',
            'detect_format']
@@ -41,17 +42,26 @@ def detect_format(path: str | os.PathLike) -> str:
   )
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
-  """Reads a checkpoint into a flat name -> array dict (containers unwrapped, 'module.' stripped)."""
+def read_state_dict(path: str | os.PathLike, *,
+                    module_prefixes: Sequence[str] = ()) -> dict[str, np.ndarray]:
+  """Reads a checkpoint into a flat name -> array dict (containers unwrapped, 'module.' stripped).
+
+  A whole pickled ``nn.Module`` (torch.nn layers, torchvision models) gives its ``state_dict()``,
+  read without importing or running any of its classes; ``module_prefixes`` names further
+  modules whose classes may be read that way (see :func:`converters.torch_pickle.load_weights`).
+  Only the weights are materialized, within the resource bounds of the readers.
+  """
   fmt = detect_format(path)
   if fmt in ('torch-zip', 'torch-legacy'):
-    obj: Any = torch_pickle.load(str(path))
+    obj: Any = torch_pickle.load_weights(str(path), module_prefixes=module_prefixes)
   else:
     try:
       obj = formats.read_safetensors(path) if fmt == 'safetensors' else formats.read_npz(path)
     except CheckpointError:
       raise
     except (ValueError, OSError, KeyError) as e:
+      if isinstance(e, (FileNotFoundError, IsADirectoryError, PermissionError)):
+        raise
       raise CheckpointError(f'{path}: unreadable {fmt} file: {e}') from e
   return normalize_state_dict(obj)
 

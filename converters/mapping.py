@@ -13,10 +13,9 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-import jax
 import numpy as np
 
-from converters.torch_pickle import CheckpointError
+from converters.errors import CheckpointError
 
 _CONTAINER_KEYS = ('state_dict', 'model_state_dict', 'model', 'net', 'params')
 
@@ -178,7 +177,7 @@ def to_variables(state_dict: Mapping[str, np.ndarray], spec) -> dict[str, Any]:
   """Maps a normalized state dict onto ``spec``'s variables; widths are read from the file.
 
   A checkpoint of a pruned network (smaller unit widths) loads into ``spec.build(widths)``; the
-  widths can be recovered with ``lbyl_jax.pruning.units.widths_of``.
+  widths can be recovered with ``lbyl_jax.core.units.widths_of``.
 
   Raises:
     CheckpointError: listing missing, unexpected and mis-shaped entries (torch and Flax names).
@@ -209,8 +208,7 @@ def to_variables(state_dict: Mapping[str, np.ndarray], spec) -> dict[str, Any]:
     widths.append(int(kernel.shape[-1]) if kernel is not None and kernel.ndim >= 2 else default)
   widths = tuple(widths)
   try:
-    expected = _flat(jax.tree_util.tree_map(lambda x: x.shape, spec.abstract_variables(widths),
-                                            is_leaf=lambda x: hasattr(x, 'shape')))
+    expected = {k: tuple(v.shape) for k, v in _flat(spec.abstract_variables(widths)).items()}
   except Exception as e:  # inconsistent widths make the model itself fail to build
     raise CheckpointError(f'checkpoint widths {widths} do not fit {spec.name}: {e}') from e
 

@@ -262,11 +262,11 @@ def test_local_files_are_verified(clean_env, tmp_path, dead_url):
   with pytest.raises(download.ChecksumError, match=PAYLOAD_SHA):
     weights.resolve_weights(spec)
   bad.unlink()
-  # A torch-hub style name carries its own sha256 prefix, even for an explicit path.
-  good = _put(tmp_path / f'model-{PAYLOAD_SHA[:8]}.pth')
-  assert weights.resolve_weights(spec, good) == good
-  with pytest.raises(download.ChecksumError, match='deadbeef'):
-    weights.resolve_weights(spec, _put(tmp_path / 'model-deadbeef.pth'))
+  # A directory given as --weights is searched by the registry name and verified like a cache.
+  (tmp_path / 'wdir').mkdir()
+  _put(tmp_path / 'wdir' / spec.weights.filename, b'corrupt')
+  with pytest.raises(download.ChecksumError, match=PAYLOAD_SHA):
+    weights.resolve_weights(spec, tmp_path / 'wdir')
   # A file torchvision left in the hub cache is verified against resnet18's prefix.
   _put(weights.torch_hub_dir() / 'resnet18-f37072fd.pth', b'not the real file')
   with pytest.raises(download.ChecksumError, match='f37072fd'):
@@ -299,3 +299,185 @@ def test_real_weights_resolve_and_verify(shared, clean_env, monkeypatch):
     digest = download.sha256_file(shared / 'weights' / spec.weights.filename)
     assert digest.startswith(spec.weights.sha256)
   assert os.environ['HOME'] == str(clean_env)
+
+
+def test_explicit_weights_file_is_never_rejected_by_its_name(clean_env, tmp_path, dead_url):
+  """issue 13: a user's fine-tuned file named like the torchvision file it started from (or any
+  torch-hub-looking name) is the user's choice; only registry / cache lookups are verified."""
+  fine_tuned = _put(tmp_path / 'resnet50-0676ba61.pth', b'fine-tuned weights, not the hub file')
+  assert weights.resolve_weights('resnet50', fine_tuned, download=False) == fine_tuned
+  other = _put(tmp_path / 'model-deadbeef.pth', b'anything')
+  assert weights.resolve_weights(_spec(dead_url), other) == other
+  # The registry's own file name given explicitly is the user's file too.
+  spec = _spec(dead_url)
+  mine = _put(tmp_path / 'mine' / spec.weights.filename, b'my own training run')
+  assert weights.resolve_weights(spec, mine) == mine
+  # The same bytes found in a cache by the registry name are verified and refused.
+  _put(weights.torch_hub_dir() / 'resnet50-0676ba61.pth', b'fine-tuned weights, not the hub file')
+  with pytest.raises(download.ChecksumError, match='0676ba61'):
+    weights.resolve_weights('resnet50', download=False)
+  assert weights.expected_sha256(None, fine_tuned) is None
+
+
+# --------------------------------------------------------------------------------------------
+# Bounded downloads: overall deadline and size cap (issue 13 item 6).
+
+
+class _HostileHandler(http.server.BaseHTTPRequestHandler):
+  """Peers that trickle, send too much, or lie about Content-Length."""
+
+  sent: dict[str, int] = {}
+  protocol_version = 'HTTP/1.1'
+
+  def log_message(self, *args):
+    pass
+
+  def _trickle(self, data: bytes, pause: float) -> None:
+    for i in range(len(data)):
+      self.wfile.write(data[i:i + 1])
+      self.wfile.flush()
+      type(self).sent[self.path] = i + 1
+      time.sleep(pause)
+
+  def do_GET(self):  # noqa: N802
+    try:
+      if self.path == '/trickle-body':  # a valid header, then one byte every 0.2 s
+        self.send_response(200)
+        self.send_header('Content-Length', '1000')
+        self.end_headers()
+        self._trickle(PAYLOAD[:1000], 0.2)
+      elif self.path == '/trickle-headers':  # the status line itself arrives byte by byte
+        self._trickle(b'HTTP/1.1 200 OK\r\nX-Slow: ' + b'a' * 1000, 0.2)
+      elif self.path == '/too-long':  # declares more than the cap
+        self.send_response(200)
+        self.send_header('Content-Length', str(10 << 30))
+        self.end_headers()
+        self.wfile.write(PAYLOAD[:1 << 16])
+      elif self.path == '/endless':  # no Content-Length, streams far past the cap
+        self.send_response(200)
+        self.send_header('Connection', 'close')
+        self.end_headers()
+        for _ in range(64):
+          self.wfile.write(PAYLOAD[:1 << 20])
+          type(self).sent[self.path] = type(self).sent.get(self.path, 0) + (1 << 20)
+      elif self.path == '/lies-short':  # says 1000 bytes, sends the whole payload
+        self.send_response(200)
+        self.send_header('Content-Length', '1000')
+        self.end_headers()
+        self.wfile.write(PAYLOAD)
+      elif self.path == '/exact':
+        self.send_response(200)
+        self.send_header('Content-Length', str(len(PAYLOAD)))
+        self.end_headers()
+        self.wfile.write(PAYLOAD)
+      else:
+        self.send_error(404)
+    except (BrokenPipeError, ConnectionResetError, OSError):  # the client gave up
+      pass
+
+
+@pytest.fixture(scope='module')
+def hostile():
+  httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), _HostileHandler)
+  httpd.daemon_threads = True
+  thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+  thread.start()
+  yield f'http://127.0.0.1:{httpd.server_address[1]}'
+  httpd.shutdown()
+  httpd.server_close()
+
+
+@pytest.mark.parametrize('path', ['/trickle-body', '/trickle-headers'])
+def test_fetch_deadline_stops_a_trickling_peer(hostile, tmp_path, path):
+  """Each read arrives well within the 5 s read timeout, but the whole exceeds the deadline."""
+  t0 = time.perf_counter()
+  with pytest.raises(download.DownloadError, match=r'not complete within the 1 s deadline'):
+    download.fetch(f'{hostile}{path}', tmp_path / 'f.bin', sha256=PAYLOAD_SHA, timeout=5,
+                   deadline=1.0, progress=False)
+  elapsed = time.perf_counter() - t0
+  assert 0.9 < elapsed < 3.0, elapsed
+  assert _listing(tmp_path) == []  # the partial file is gone
+
+
+def test_fetch_deadline_from_environment(hostile, tmp_path, monkeypatch):
+  monkeypatch.setenv(download.DEADLINE_ENV, '0.5')
+  t0 = time.perf_counter()
+  with pytest.raises(download.DownloadError, match='LBYL_JAX_DOWNLOAD_DEADLINE'):
+    download.fetch(f'{hostile}/trickle-body', tmp_path / 'f.bin', sha256=PAYLOAD_SHA,
+                   progress=False)
+  assert time.perf_counter() - t0 < 2.5
+  monkeypatch.setenv(download.DEADLINE_ENV, 'soon')
+  with pytest.raises(ValueError, match='LBYL_JAX_DOWNLOAD_DEADLINE'):
+    download.fetch(f'{hostile}/exact', tmp_path / 'f.bin', sha256=PAYLOAD_SHA, progress=False)
+  assert _listing(tmp_path) == []
+
+
+def test_fetch_refuses_a_content_length_above_the_cap(hostile, tmp_path, monkeypatch):
+  written = _count_writes(monkeypatch)
+  with pytest.raises(download.DownloadError, match=r'10737418240 bytes, more than the 1048576'):
+    download.fetch(f'{hostile}/too-long', tmp_path / 'f.bin', sha256=PAYLOAD_SHA,
+                   max_bytes=1 << 20, progress=False)
+  assert sum(written) == 0  # refused from the header alone
+  assert _listing(tmp_path) == []
+
+
+def _count_writes(monkeypatch) -> list[int]:
+  """Records the size of every write to the download's temporary file."""
+  sizes: list[int] = []
+  real_fdopen = os.fdopen
+
+  class Spy:
+
+    def __init__(self, f):
+      self.f = f
+
+    def write(self, b):
+      sizes.append(len(b))
+      return self.f.write(b)
+
+    def __enter__(self):
+      self.f.__enter__()
+      return self
+
+    def __exit__(self, *exc):
+      return self.f.__exit__(*exc)
+
+  monkeypatch.setattr(download.os, 'fdopen', lambda *a, **k: Spy(real_fdopen(*a, **k)))
+  return sizes
+
+
+@pytest.mark.parametrize('cap', [1 << 20, 3 << 20])
+def test_fetch_stops_a_body_larger_than_the_cap(hostile, tmp_path, monkeypatch, cap):
+  written = _count_writes(monkeypatch)
+  with pytest.raises(download.DownloadError, match=f'exceeds the {cap}-byte cap'):
+    download.fetch(f'{hostile}/endless', tmp_path / 'f.bin', sha256=PAYLOAD_SHA, max_bytes=cap,
+                   progress=False)
+  assert 0 < sum(written) <= cap  # never more than the cap on disk
+  assert _listing(tmp_path) == []
+
+
+def test_fetch_reads_only_the_declared_length_of_a_lying_peer(hostile, tmp_path, monkeypatch):
+  """Content-Length 1000 followed by 3 MB: only 1000 bytes are read, and they fail the hash."""
+  written = _count_writes(monkeypatch)
+  with pytest.raises(download.ChecksumError):
+    download.fetch(f'{hostile}/lies-short', tmp_path / 'f.bin', sha256=PAYLOAD_SHA,
+                   max_bytes=2000, progress=False)
+  assert sum(written) == 1000
+  assert _listing(tmp_path) == []
+
+
+def test_fetch_within_bounds_succeeds_and_cap_is_inclusive(hostile, tmp_path, monkeypatch):
+  dest = tmp_path / 'ok.bin'
+  monkeypatch.setenv(download.MAX_BYTES_ENV, str(len(PAYLOAD)))
+  assert download.fetch(f'{hostile}/exact', dest, sha256=PAYLOAD_SHA, deadline=30,
+                        progress=False) == dest.absolute()
+  assert dest.read_bytes() == PAYLOAD
+  monkeypatch.setenv(download.MAX_BYTES_ENV, str(len(PAYLOAD) - 1))
+  with pytest.raises(download.DownloadError, match='cap'):
+    download.fetch(f'{hostile}/exact', tmp_path / 'no.bin', sha256=PAYLOAD_SHA, progress=False)
+  for bad in ({'deadline': 0}, {'deadline': -1}, {'max_bytes': 0}, {'max_bytes': 1.5},
+              {'timeout': 0}):
+    with pytest.raises(ValueError):
+      download.fetch(f'{hostile}/exact', tmp_path / 'no.bin', sha256=PAYLOAD_SHA, progress=False,
+                     **bad)
+  assert _listing(tmp_path) == ['ok.bin']

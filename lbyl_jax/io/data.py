@@ -9,8 +9,8 @@ Accepted forms of ``spec_str`` (:func:`load_dataset`):
 * a ``.npz`` with ``images`` (NHWC uint8, or NHW for grayscale) and ``labels``;
 * CIFAR-10 python batches: the ``cifar-10-batches-py`` directory (its ``test_batch``), a batch file,
   or ``cifar-10-python.tar.gz`` (``test_batch`` is read from the archive without extracting). The
-  batches are pickles; they are read with an allow-list unpickler that can rebuild NumPy arrays
-  and nothing else, so a crafted file cannot run code;
+  batches are pickles; they are read by a restricted pickle machine (``converters.safe_pickle``)
+  that can rebuild NumPy arrays and nothing else, so a crafted file cannot run code;
 * MNIST / FashionMNIST IDX files: a directory with ``t10k-images-idx3-ubyte[.gz]`` and
   ``t10k-labels-idx1-ubyte[.gz]``, or the images file itself;
 * an ImageNet-style validation folder, decoded lazily batch by batch in a thread pool, with the
@@ -23,6 +23,12 @@ Accepted forms of ``spec_str`` (:func:`load_dataset`):
 * ``tfds:NAME[:SPLIT]`` through ``tensorflow_datasets.data_source`` (optional ``tfds`` extra).
 
 Everything is local-first: the network is only used for a named dataset without a local copy.
+
+The file readers (npz, CIFAR batches and archives, IDX) are bounded by the file they read: sizes
+declared in headers are checked against the file before anything is allocated, decompression is
+capped at a fixed ratio of the file size, pickles are bounded in objects, depth and copied bytes.
+Every malformed, unsafe or over-bound file raises :class:`DataFormatError` (a ``ValueError``)
+naming the file.
 """
 
 from __future__ import annotations
@@ -32,23 +38,24 @@ import concurrent.futures
 import csv
 import dataclasses
 import gzip
-import importlib
-import io
+import lzma
 import os
 import pathlib
-import pickle
 import re
 import struct
 import tarfile
 import warnings
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
 
-from lbyl_jax.models import archs
+from converters import formats
+from converters import safe_pickle
 from lbyl_jax.io import download as download_lib
 from lbyl_jax.io import weights as weights_lib
+from lbyl_jax.models import archs
 
 IMAGE_EXTENSIONS = frozenset({'.jpeg', '.jpg', '.png', '.bmp', '.webp', '.ppm', '.tif', '.tiff'})
 
@@ -266,88 +273,106 @@ class LazyDataset(Dataset):
 
 
 # --------------------------------------------------------------------------------------------
+# File readers: their error type and bounds.
+
+
+class DataFormatError(ValueError):
+  """A data file that is corrupt, malformed, over a resource bound, or unsafe to read.
+
+  Raised by every file reader of this module (npz, CIFAR batches and archives, IDX) with a
+  message naming the file; a ``ValueError``, so existing handlers keep working.
+  """
+
+
+# Decompressed bytes a data file may expand to: _INFLATE_RATIO x its size plus an allowance
+# (the real datasets compress 1.1-5x; gzip / deflate reach ~1000x on constant data).
+_INFLATE_RATIO = 64
+_INFLATE_ALLOWANCE = 16 << 20
+
+
+def _inflate_limit(path: pathlib.Path) -> int:
+  return _INFLATE_RATIO * path.stat().st_size + _INFLATE_ALLOWANCE
+
+
+def _dataset(images, labels, **kwargs) -> ArrayDataset:
+  """An :class:`ArrayDataset` whose validation errors are :class:`DataFormatError`."""
+  try:
+    return ArrayDataset(images, labels, **kwargs)
+  except DataFormatError:
+    raise
+  except ValueError as e:
+    raise DataFormatError(str(e)) from None
+
+
+# --------------------------------------------------------------------------------------------
 # .npz
 
 
 def load_npz(path: str | os.PathLike, *, name: str | None = None) -> ArrayDataset:
-  """A ``.npz`` with ``images`` (NHWC or NHW uint8) and ``labels``; never unpickles objects."""
+  """A ``.npz`` with ``images`` (NHWC or NHW uint8) and ``labels``; never unpickles objects.
+
+  Only those two arrays are read, each after its ``.npy`` header has been checked against the
+  archive member's declared size (``converters.formats.read_npz``).
+
+  Raises:
+    DataFormatError: not a readable npz, missing arrays, object arrays, a header that disagrees
+      with its member, a member inflating beyond the bound, wrong dtypes or shapes.
+  """
   path = pathlib.Path(path)
   try:
-    z = np.load(path, allow_pickle=False)
-  except Exception as e:  # BadZipFile, pickled content refused, truncated file, ...
-    raise ValueError(f'{path}: not a readable .npz file ({type(e).__name__}: {e})') from e
-  if not isinstance(z, np.lib.npyio.NpzFile):
-    raise ValueError(f'{path}: a single array, not an .npz archive with images and labels')
-  with z:
-    missing = {'images', 'labels'} - set(z.files)
-    if missing:
-      raise ValueError(f'{path}: .npz lacks {sorted(missing)} (has {sorted(z.files)})')
-    try:
-      images, labels = z['images'], z['labels']
-    except Exception as e:  # object arrays would need pickle
-      raise ValueError(f'{path}: unreadable images/labels ({type(e).__name__}: {e})') from e
-  return ArrayDataset(images, labels, name=name or path.name, source=str(path))
+    arrays = formats.read_npz(path, names=('images', 'labels'))
+  except (FileNotFoundError, IsADirectoryError, PermissionError):
+    raise
+  except (ValueError, OSError) as e:
+    msg = str(e).removeprefix(f'{path}: ')
+    if 'lacks' not in msg and 'not a readable' not in msg:
+      msg = f'not a readable .npz file: {msg}'
+    raise DataFormatError(f'{path}: {msg}') from None
+  return _dataset(arrays['images'], arrays['labels'], name=name or path.name, source=str(path))
 
 
 # --------------------------------------------------------------------------------------------
 # CIFAR-10 python batches.
 
 
-def _numpy_global(module: str, name: str):
-  """The NumPy function a pickle names, from numpy._core (NumPy 2) or numpy.core (NumPy 1)."""
-  sub = module.split('.', 2)[-1]  # 'multiarray' or 'numeric'
-  for base in ('numpy._core', 'numpy.core'):
-    try:
-      return getattr(importlib.import_module(f'{base}.{sub}'), name)
-    except (ImportError, AttributeError):
-      continue
-  raise pickle.UnpicklingError(f'numpy has no {module}.{name}')
-
-
-# Everything a pickled dict of NumPy arrays / lists / bytes may reference. Array rebuilding only;
-# no function here can execute code or touch the file system.
-_PICKLE_ALLOWED: dict[tuple[str, str], Callable[[], object]] = {
-    ('numpy', 'ndarray'): lambda: np.ndarray,
-    ('numpy', 'dtype'): lambda: np.dtype,
-    ('numpy.core.multiarray', '_reconstruct'):
-        lambda: _numpy_global('numpy.core.multiarray', '_reconstruct'),
-    ('numpy._core.multiarray', '_reconstruct'):
-        lambda: _numpy_global('numpy._core.multiarray', '_reconstruct'),
-    ('numpy.core.multiarray', 'scalar'): lambda: _numpy_global('numpy.core.multiarray', 'scalar'),
-    ('numpy._core.multiarray', 'scalar'): lambda: _numpy_global('numpy._core.multiarray', 'scalar'),
-    ('numpy.core.numeric', '_frombuffer'):
-        lambda: _numpy_global('numpy.core.numeric', '_frombuffer'),
-    ('numpy._core.numeric', '_frombuffer'):
-        lambda: _numpy_global('numpy._core.numeric', '_frombuffer'),
-    # Python 3 protocol-2 pickles encode bytes as _codecs.encode(str, 'latin1').
-    ('_codecs', 'encode'): lambda: __import__('codecs').encode,
+# Everything a pickled dict of NumPy arrays / lists / bytes may reference: inert stand-ins that
+# rebuild plain arrays from validated bytes (numpy's own reducers never run), and the Python 2 / 3
+# spellings of bytes.
+_PICKLE_ALLOWED: dict = {
+    **safe_pickle.numpy_globals(),
+    **{name: safe_pickle.BASIC_GLOBALS[name]
+       for name in (('_codecs', 'encode'), ('builtins', 'bytes'), ('builtins', 'bytearray'))},
 }
 
 
-class _ArrayOnlyUnpickler(pickle.Unpickler):
-
-  def find_class(self, module: str, name: str):
-    factory = _PICKLE_ALLOWED.get((module, name))
-    if factory is None:
-      raise pickle.UnpicklingError(
-          f'refusing to load {module}.{name}: only NumPy array reconstruction is allowed'
-      )
-    return factory()
+def _pickle_global(module: str, name: str):
+  entry = _PICKLE_ALLOWED.get((module, name))
+  if entry is None:
+    raise safe_pickle.PickleRefusedError(
+        f'refusing to load {module}.{name}: only NumPy array reconstruction is allowed')
+  return entry
 
 
 def safe_unpickle(raw: bytes, *, what: str) -> object:
   """Unpickles data that may only contain builtin containers and NumPy arrays.
 
-  Python 2 pickles (the CIFAR batches) are read with ``encoding='bytes'``, so their dict keys are
-  bytes. Raises ValueError naming ``what`` for anything else (e.g. a reference to ``os.system``).
+  The pickle is interpreted by ``converters.safe_pickle`` (a restricted, bounded pickle machine):
+  no global outside NumPy array reconstruction resolves, no code from the data runs, no state is
+  set on a real object, and object counts, nesting depth and copied bytes are bounded by the
+  data's size. Python 2 pickles (the CIFAR batches) are read with ``encoding='bytes'``, so their
+  dict keys are bytes.
+
+  Raises:
+    DataFormatError: naming ``what``, for a reference to anything else (e.g. ``os.system``), a
+      corrupt or truncated pickle, or one over a resource bound.
   """
   try:
-    obj = _ArrayOnlyUnpickler(io.BytesIO(raw), encoding='bytes').load()
-  except pickle.UnpicklingError as e:
-    raise ValueError(f'{what}: unsafe or corrupt pickle: {e}') from e
-  except (EOFError, TypeError, AttributeError, IndexError, KeyError, struct.error) as e:
-    raise ValueError(f'{what}: corrupt pickle ({type(e).__name__}: {e})') from e
-  return obj
+    obj = safe_pickle.loads(raw, find_global=_pickle_global, encoding='bytes')
+    return safe_pickle.rebuild(obj, safe_pickle.resolve_numpy)
+  except safe_pickle.PickleRefusedError as e:
+    raise DataFormatError(f'{what}: unsafe or corrupt pickle: {e}') from None
+  except safe_pickle.PickleFormatError as e:
+    raise DataFormatError(f'{what}: corrupt pickle ({e})') from None
 
 
 def _get(d: dict, key: str):
@@ -357,48 +382,188 @@ def _get(d: dict, key: str):
 
 
 def parse_cifar_batch(raw: bytes, *, what: str) -> tuple[np.ndarray, np.ndarray]:
-  """A CIFAR-10/100 python batch -> (uint8 [N, 32, 32, 3] images, int32 [N] labels)."""
+  """A CIFAR-10/100 python batch -> (uint8 [N, 32, 32, 3] images, int32 [N] labels).
+
+  Raises:
+    DataFormatError: naming ``what``, for an unsafe, corrupt or malformed batch.
+  """
   d = safe_unpickle(raw, what=what)
   if not isinstance(d, dict):
-    raise ValueError(f'{what}: expected a pickled dict, got {type(d).__name__}')
+    raise DataFormatError(f'{what}: expected a pickled dict, got {type(d).__name__}')
   data = _get(d, 'data')
   labels = _get(d, 'labels')
   if labels is None:
     labels = _get(d, 'fine_labels')  # CIFAR-100
   if not isinstance(data, np.ndarray) or labels is None:
-    raise ValueError(f'{what}: not a CIFAR batch (keys: {sorted(map(repr, d))})')
+    keys = ', '.join(sorted(map(repr, list(d)[:20])))
+    raise DataFormatError(f'{what}: not a CIFAR batch (keys: {keys})')
   if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-    raise ValueError(f'{what}: CIFAR data must be uint8 [N, 3072], got {data.dtype} {data.shape}')
-  labels = np.asarray(labels)
-  if labels.ndim != 1 or len(labels) != len(data) or not np.issubdtype(labels.dtype, np.integer):
-    raise ValueError(f'{what}: {len(data)} images but labels of shape {labels.shape}')
+    raise DataFormatError(
+        f'{what}: CIFAR data must be uint8 [N, 3072], got {data.dtype} {data.shape}')
+  if isinstance(labels, list) and all(type(v) is int for v in labels):
+    labels = np.asarray(labels, np.int64) if labels else np.zeros(0, np.int64)
+  if (not isinstance(labels, np.ndarray) or labels.ndim != 1 or len(labels) != len(data)
+      or not np.issubdtype(labels.dtype, np.integer)):
+    shape = labels.shape if isinstance(labels, np.ndarray) else f'{type(labels).__name__}'
+    raise DataFormatError(f'{what}: {len(data)} images but labels of shape {shape}')
+  if len(labels) and (labels.min() < 0 or labels.max() > np.iinfo(np.int32).max):
+    raise DataFormatError(f'{what}: label {labels.min()} or {labels.max()} out of range')
   # Rows are channel-major planes (1024 R, 1024 G, 1024 B), each 32x32 row-major.
   images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
   return np.ascontiguousarray(images), labels.astype(np.int32)
 
 
 def load_cifar_batch_file(path: str | os.PathLike, *, name: str = 'cifar10') -> ArrayDataset:
+  """One CIFAR python batch file (e.g. ``cifar-10-batches-py/test_batch``).
+
+  Raises:
+    DataFormatError: unsafe, corrupt or malformed batch.
+  """
   path = pathlib.Path(path)
   images, labels = parse_cifar_batch(path.read_bytes(), what=str(path))
-  return ArrayDataset(images, labels, name=name, source=str(path))
+  return _dataset(images, labels, name=name, source=str(path))
+
+
+# What a corrupt gzip / bz2 / xz stream raises while it is read.
+_STREAM_ERRORS = (OSError, EOFError, ValueError, zlib.error, lzma.LZMAError)
+
+
+def _open_decompressed(path: pathlib.Path):
+  """``path`` as a readable stream, through gzip / bz2 / xz when its first bytes say so."""
+  with open(path, 'rb') as f:
+    head = f.read(6)
+  if head[:2] == b'\x1f\x8b':
+    return gzip.open(path, 'rb')
+  if head[:3] == b'BZh':
+    import bz2  # pylint: disable=import-outside-toplevel
+
+    return bz2.open(path, 'rb')
+  if head == b'\xfd7zXZ\x00':
+    return lzma.open(path, 'rb')
+  return open(path, 'rb')
+
+
+class _BoundedStream:
+  """Reads from a (decompressing) stream, refusing to go past ``limit`` bytes in total."""
+
+  def __init__(self, f, limit: int, path: pathlib.Path):
+    self.f = f
+    self.limit = limit
+    self.total = 0
+    self.path = path
+
+  def read(self, n: int, what: str) -> bytes:
+    if n > self.limit - self.total:
+      raise DataFormatError(
+          f'{self.path}: {what} would expand the archive beyond {self.limit} bytes (a'
+          ' decompression bomb?)')
+    out = self.f.read(n)
+    self.total += len(out)
+    return out
+
+  def skip(self, n: int, what: str) -> None:
+    if n > self.limit - self.total:
+      raise DataFormatError(
+          f'{self.path}: skipping {what} ({n} bytes) would expand the archive beyond'
+          f' {self.limit} bytes (a decompression bomb?)')
+    while n > 0:
+      chunk = self.read(min(n, 1 << 20), what)
+      if not chunk:
+        raise DataFormatError(f'{self.path}: truncated tar archive ({what})')
+      n -= len(chunk)
+
+
+_TAR_MAX_MEMBERS = 10_000
+_TAR_MAX_HEADER_DATA = 1 << 20
+
+
+def _pax_records(buf: bytes) -> dict[str, str]:
+  """Parses POSIX pax records ``"<len> <key>=<value>\\n"``."""
+  out, pos = {}, 0
+  while pos < len(buf):
+    space = buf.find(b' ', pos)
+    if space < 0 or not buf[pos:space].isdigit():
+      raise ValueError('malformed pax header')
+    length = int(buf[pos:space])
+    record = buf[space + 1:pos + length]
+    if length <= space - pos or pos + length > len(buf) or not record.endswith(b'\n') or (
+        b'=' not in record):
+      raise ValueError('malformed pax header')
+    key, _, value = record[:-1].partition(b'=')
+    out[key.decode('utf-8', 'surrogateescape')] = value.decode('utf-8', 'surrogateescape')
+    pos += length
+  return out
+
+
+def _tar_member(path: pathlib.Path, member: str) -> tuple[str, bytes]:
+  """(name, content) of the first regular file whose base name is ``member``.
+
+  A bounded tar walk: header blocks are parsed with ``tarfile.TarInfo.frombuf``; GNU long names
+  and pax records are honoured (each at most 1 MiB); members before the wanted one are skipped
+  by reading through them. Decompressed bytes are capped at ``_INFLATE_RATIO`` x the archive
+  size (plus an allowance) and the member count at 10,000.
+  """
+  with _open_decompressed(path) as raw:
+    f = _BoundedStream(raw, _inflate_limit(path), path)
+    long_name: str | None = None
+    pax: dict[str, str] = {}
+    for _ in range(_TAR_MAX_MEMBERS):
+      block = f.read(tarfile.BLOCKSIZE, 'a tar header')
+      if len(block) < tarfile.BLOCKSIZE:
+        raise DataFormatError(f'{path}: truncated tar archive (no end-of-archive marker)')
+      if block == tarfile.NUL * tarfile.BLOCKSIZE:
+        raise DataFormatError(f'{path}: no {member} in the archive')
+      try:
+        info = tarfile.TarInfo.frombuf(block, 'utf-8', 'surrogateescape')
+      except tarfile.HeaderError as e:
+        raise DataFormatError(f'{path}: not a readable tar archive ({e})') from None
+      size = int(pax.get('size', info.size)) if pax.get('size', '0').isdigit() else -1
+      if size < 0:
+        raise DataFormatError(f'{path}: tar member with a negative or malformed size')
+      padded = -(-size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE
+      if info.type in (tarfile.GNUTYPE_LONGNAME, tarfile.XHDTYPE, tarfile.XGLTYPE):
+        if size > _TAR_MAX_HEADER_DATA:
+          raise DataFormatError(f'{path}: tar extended header of {size} bytes')
+        data = f.read(padded, 'a tar extended header')[:size]
+        if len(data) < size:
+          raise DataFormatError(f'{path}: truncated tar archive (extended header)')
+        if info.type == tarfile.GNUTYPE_LONGNAME:
+          long_name = data.rstrip(b'\0').decode('utf-8', 'surrogateescape')
+        elif info.type == tarfile.XHDTYPE:
+          try:
+            pax = _pax_records(data)
+          except ValueError as e:
+            raise DataFormatError(f'{path}: not a readable tar archive ({e})') from None
+        continue
+      name = pax.get('path') or long_name or info.name
+      long_name, pax = None, {}
+      if info.type in tarfile.REGULAR_TYPES and pathlib.PurePosixPath(name).name == member:
+        content = f.read(size, member)
+        if len(content) != size:
+          raise DataFormatError(f'{path}: truncated tar archive ({name} has {len(content)} of'
+                                f' {size} bytes)')
+        return name, content
+      f.skip(padded, name)
+    raise DataFormatError(f'{path}: more than {_TAR_MAX_MEMBERS} tar members without {member}')
 
 
 def load_cifar_tar(path: str | os.PathLike, *, member: str = 'test_batch',
                    name: str = 'cifar10') -> ArrayDataset:
-  """Reads ``member`` of ``cifar-10-python.tar.gz`` straight from the archive (no extraction)."""
+  """Reads ``member`` of ``cifar-10-python.tar.gz`` straight from the archive (no extraction).
+
+  Raises:
+    DataFormatError: not a readable (gzip / bz2 / xz) tar archive, no such member, a member or
+      archive that would decompress beyond the bound, or an unsafe / malformed batch.
+  """
   path = pathlib.Path(path)
   try:
-    with tarfile.open(path, 'r:*') as tar:
-      found = [m for m in tar.getmembers()
-               if m.isfile() and pathlib.PurePosixPath(m.name).name == member]
-      if not found:
-        raise ValueError(f'{path}: no {member} in the archive')
-      f = tar.extractfile(found[0])
-      raw = f.read()
-  except tarfile.TarError as e:
-    raise ValueError(f'{path}: not a readable tar archive ({e})') from e
-  images, labels = parse_cifar_batch(raw, what=f'{path}:{found[0].name}')
-  return ArrayDataset(images, labels, name=name, source=str(path))
+    found, raw = _tar_member(path, member)
+  except _STREAM_ERRORS as e:  # corrupt compressed streams
+    if isinstance(e, (DataFormatError, FileNotFoundError, IsADirectoryError, PermissionError)):
+      raise
+    raise DataFormatError(f'{path}: not a readable tar archive ({type(e).__name__}: {e})') from None
+  images, labels = parse_cifar_batch(raw, what=f'{path}:{found}')
+  return _dataset(images, labels, name=name, source=str(path))
 
 
 # --------------------------------------------------------------------------------------------
@@ -407,35 +572,47 @@ def load_cifar_tar(path: str | os.PathLike, *, member: str = 'test_batch',
 _IDX_DTYPES = {0x08: '>u1', 0x09: '>i1', 0x0B: '>i2', 0x0C: '>i4', 0x0D: '>f4', 0x0E: '>f8'}
 
 
-def _read_maybe_gzip(path: pathlib.Path) -> bytes:
-  raw = path.read_bytes()
-  if raw[:2] == b'\x1f\x8b':
-    try:
-      return gzip.decompress(raw)
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
-      raise ValueError(f'{path}: corrupt gzip stream ({e})') from e
-  return raw
-
-
 def read_idx(path: str | os.PathLike) -> np.ndarray:
-  """Parses an IDX file (optionally gzipped): magic 0x0000, dtype code, ndim, big-endian dims."""
+  """Parses an IDX file (optionally gzipped): magic 0x0000, dtype code, ndim, big-endian dims.
+
+  The header is read first; a gzipped file is decompressed only up to the size its dims declare,
+  which must stay below ``_INFLATE_RATIO`` x the file size (plus an allowance).
+
+  Raises:
+    DataFormatError: bad magic, truncated header, a data size that disagrees with the dims, a
+      corrupt gzip stream, or dims declaring more data than the file can hold.
+  """
   path = pathlib.Path(path)
-  raw = _read_maybe_gzip(path)
-  if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES or raw[3] == 0:
-    raise ValueError(f'{path}: not an IDX file (bad magic {raw[:4].hex() or "<empty>"})')
-  ndim = raw[3]
-  header = 4 + 4 * ndim
-  if len(raw) < header:
-    raise ValueError(f'{path}: IDX header truncated ({len(raw)} bytes for {ndim} dims)')
-  dims = struct.unpack(f'>{ndim}I', raw[4:header])
-  dtype = np.dtype(_IDX_DTYPES[raw[2]])
-  count = int(np.prod(dims, dtype=np.int64))
-  if len(raw) - header != count * dtype.itemsize:
-    raise ValueError(
-        f'{path}: IDX header says dims {dims} ({count * dtype.itemsize} data bytes) but the file '
-        f'has {len(raw) - header}'
-    )
-  array = np.frombuffer(raw, dtype, count, offset=header).reshape(dims)
+  try:
+    with _open_decompressed(path) as f:
+      head = f.read(4)
+      if len(head) < 4 or head[0] != 0 or head[1] != 0 or head[2] not in _IDX_DTYPES or (
+          head[3] == 0):
+        raise DataFormatError(f'{path}: not an IDX file (bad magic {head.hex() or "<empty>"})')
+      ndim = head[3]
+      dims_raw = f.read(4 * ndim)
+      if len(dims_raw) < 4 * ndim:
+        raise DataFormatError(
+            f'{path}: IDX header truncated ({4 + len(dims_raw)} bytes for {ndim} dims)')
+      dims = struct.unpack(f'>{ndim}I', dims_raw)
+      dtype = np.dtype(_IDX_DTYPES[head[2]])
+      count = int(np.prod(dims, dtype=object))
+      nbytes = count * dtype.itemsize
+      limit = _inflate_limit(path)
+      if nbytes > limit:
+        raise DataFormatError(
+            f'{path}: IDX header says dims {dims} ({nbytes} data bytes), more than a'
+            f' {path.stat().st_size}-byte file can hold (limit {limit})')
+      raw = f.read(nbytes + 1)
+  except _STREAM_ERRORS as e:
+    if isinstance(e, (DataFormatError, FileNotFoundError, IsADirectoryError, PermissionError)):
+      raise
+    raise DataFormatError(f'{path}: corrupt gzip stream ({type(e).__name__}: {e})') from None
+  if len(raw) != nbytes:
+    has = len(raw) if len(raw) < nbytes else f'more than {nbytes}'
+    raise DataFormatError(
+        f'{path}: IDX header says dims {dims} ({nbytes} data bytes) but the file has {has}')
+  array = np.frombuffer(raw, dtype, count).reshape(dims)
   return array.astype(dtype.newbyteorder('='))
 
 
@@ -472,22 +649,28 @@ def _labels_for_images(path: pathlib.Path) -> pathlib.Path:
 
 def load_idx(images_path: str | os.PathLike, labels_path: str | os.PathLike | None = None, *,
              name: str | None = None) -> ArrayDataset:
-  """An IDX images file ([N, H, W] uint8) and its labels file ([N] uint8)."""
+  """An IDX images file ([N, H, W] uint8) and its labels file ([N] uint8).
+
+  Raises:
+    DataFormatError: either file is malformed (see :func:`read_idx`), or they do not fit together.
+    ValueError: the labels file cannot be found or named.
+  """
   images_path = pathlib.Path(images_path)
   labels_path = pathlib.Path(labels_path) if labels_path else _labels_for_images(images_path)
   images = read_idx(images_path)
   labels = read_idx(labels_path)
   if images.dtype != np.uint8 or images.ndim != 3:
-    raise ValueError(
+    raise DataFormatError(
         f'{images_path}: expected uint8 [N, H, W] images, got {images.dtype} {images.shape}')
   if labels.dtype != np.uint8 or labels.ndim != 1:
-    raise ValueError(f'{labels_path}: expected uint8 [N] labels, got {labels.dtype} {labels.shape}')
+    raise DataFormatError(
+        f'{labels_path}: expected uint8 [N] labels, got {labels.dtype} {labels.shape}')
   if len(images) != len(labels):
-    raise ValueError(
+    raise DataFormatError(
         f'{images_path}: {len(images)} images but {labels_path} has {len(labels)} labels')
   if name is None:
     name = 'fashion_mnist' if 'fashion' in str(images_path).lower() else images_path.parent.name
-  return ArrayDataset(images, labels, name=name, source=str(images_path))
+  return _dataset(images, labels, name=name, source=str(images_path))
 
 
 def load_idx_dir(directory: str | os.PathLike, *, name: str | None = None) -> ArrayDataset:

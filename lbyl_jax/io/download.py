@@ -8,6 +8,17 @@ never mistakes a partial file for a good one.
 Checksums are either a full sha256 (64 hex digits), a torch-hub style sha256 prefix (at least 8 hex
 digits, compared with the start of the digest, as ``torch.hub`` does for ``name-<prefix>.pth``), or
 an md5 (32 hex digits) for datasets whose publishers only give md5 sums.
+
+Every download is bounded three ways, so a slow or hostile peer cannot hold it forever or fill
+the disk:
+
+* ``timeout`` (default 30 s): connecting and each socket read;
+* ``deadline`` (default :data:`DEFAULT_DEADLINE` = 1800 s, or ``$LBYL_JAX_DOWNLOAD_DEADLINE``):
+  the whole download, headers included; a watchdog shuts the connection down when it passes, so
+  a peer trickling one byte every few seconds fails with :class:`DownloadError`;
+* ``max_bytes`` (default :data:`DEFAULT_MAX_BYTES` = 2 GiB, or
+  ``$LBYL_JAX_DOWNLOAD_MAX_BYTES``): a ``Content-Length`` above it fails before the body is read,
+  and a body growing past it fails before more than ``max_bytes`` are written.
 """
 
 from __future__ import annotations
@@ -17,7 +28,10 @@ import http.client
 import os
 import pathlib
 import re
+import socket
 import tempfile
+import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -28,6 +42,11 @@ import tqdm
 _CHUNK = 1 << 20
 _HEX = re.compile(r'^[0-9a-f]+$')
 _USER_AGENT = 'lbyl_jax-download/1.0'
+
+DEFAULT_DEADLINE = 1800.0  # seconds for a whole download (the largest known weights: ~550 MB)
+DEFAULT_MAX_BYTES = 2 << 30  # 2 GiB; every known weights file and dataset is below 600 MB
+DEADLINE_ENV = 'LBYL_JAX_DOWNLOAD_DEADLINE'
+MAX_BYTES_ENV = 'LBYL_JAX_DOWNLOAD_MAX_BYTES'
 
 
 class DownloadError(RuntimeError):
@@ -104,6 +123,102 @@ def _offline_hint(dest: pathlib.Path) -> str:
   return f'offline? put the file at {dest} or pass --weights/--data'
 
 
+def _positive(value: Any, what: str, cast: Callable[[Any], Any]) -> Any:
+  try:
+    out = cast(value)
+  except (TypeError, ValueError):
+    out = None
+  if out is None or not out > 0 or out != out:  # also refuses NaN
+    raise ValueError(f'{what} must be a positive number, got {value!r}')
+  return out
+
+
+def _limit(value: Any, env: str, default: Any, what: str, cast: Callable[[Any], Any]) -> Any:
+  if value is not None:
+    return _positive(value, what, cast)
+  raw = os.environ.get(env, '').strip()
+  return _positive(raw, f'${env}', cast) if raw else default
+
+
+def _int_bytes(value: Any) -> int:
+  if isinstance(value, float):
+    if not value.is_integer():
+      raise ValueError(value)
+    return int(value)
+  return int(value)  # an int, or a string of digits
+
+
+class _Watchdog:
+  """Shuts down every connection of one download once its deadline passes."""
+
+  def __init__(self, seconds: float):
+    self.expired = False
+    self._lock = threading.Lock()
+    self._socks: list[socket.socket] = []
+    self._timer = threading.Timer(seconds, self._expire)
+    self._timer.daemon = True
+
+  def __enter__(self) -> _Watchdog:
+    self._timer.start()
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self._timer.cancel()
+
+  def add(self, sock: socket.socket) -> None:
+    with self._lock:
+      self._socks.append(sock)
+      if self.expired:
+        self._shutdown(sock)
+
+  @staticmethod
+  def _shutdown(sock: socket.socket) -> None:
+    try:
+      sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+      pass
+
+  def _expire(self) -> None:
+    with self._lock:
+      self.expired = True
+      for sock in self._socks:
+        self._shutdown(sock)
+
+
+def _opener(watch: _Watchdog) -> urllib.request.OpenerDirector:
+  """A urllib opener whose HTTP(S) connections register their sockets with ``watch``."""
+
+  class _Watched:
+
+    def do_open(self, http_class, req, **kwargs):
+
+      class Connection(http_class):
+
+        def __init__(self, *args, **kw):
+          super().__init__(*args, **kw)
+          create = getattr(self, '_create_connection', None)
+          if create is not None:  # the raw socket, before any TLS handshake
+            def created(*a, **k):
+              sock = create(*a, **k)
+              watch.add(sock)
+              return sock
+            self._create_connection = created
+
+        def connect(self):
+          super().connect()
+          watch.add(self.sock)
+
+      return super().do_open(Connection, req, **kwargs)
+
+  class _HTTP(_Watched, urllib.request.HTTPHandler):
+    pass
+
+  class _HTTPS(_Watched, urllib.request.HTTPSHandler):
+    pass
+
+  return urllib.request.build_opener(_HTTP(), _HTTPS())
+
+
 def fetch(
     url: str,
     dest_path: str | os.PathLike,
@@ -112,6 +227,8 @@ def fetch(
     md5: str | None = None,
     timeout: float = 30,
     progress: bool = True,
+    deadline: float | None = None,
+    max_bytes: int | None = None,
 ) -> pathlib.Path:
   """Downloads ``url`` to ``dest_path``, verified against ``sha256`` and/or ``md5``.
 
@@ -122,19 +239,27 @@ def fetch(
     md5: full hex md5 digest (for datasets only published with md5 sums).
     timeout: seconds for connecting and for each socket read.
     progress: show a tqdm bar on stderr.
+    deadline: seconds for the whole download; default ``$LBYL_JAX_DOWNLOAD_DEADLINE``, else
+      :data:`DEFAULT_DEADLINE` (1800).
+    max_bytes: largest accepted body; default ``$LBYL_JAX_DOWNLOAD_MAX_BYTES``, else
+      :data:`DEFAULT_MAX_BYTES` (2 GiB). At most this many bytes are ever written.
 
   Returns:
     ``dest_path`` as a Path, once complete and verified.
 
   Raises:
-    ValueError: no or malformed checksum.
-    DownloadError: network failure, HTTP error, timeout or truncated body (no file left behind).
+    ValueError: no or malformed checksum, or a non-positive deadline / size cap.
+    DownloadError: network failure, HTTP error, timeout, deadline passed, body over the size
+      cap, or truncated body (no file left behind).
     ChecksumError: the content does not match (no file left behind).
   """
   sha256 = normalize_sha256(sha256) if sha256 is not None else None
   md5 = normalize_md5(md5) if md5 is not None else None
   if sha256 is None and md5 is None:
     raise ValueError(f'refusing an unverified download of {url}: pass sha256= or md5=')
+  deadline = _limit(deadline, DEADLINE_ENV, DEFAULT_DEADLINE, 'deadline', float)
+  max_bytes = _limit(max_bytes, MAX_BYTES_ENV, DEFAULT_MAX_BYTES, 'max_bytes', _int_bytes)
+  timeout = _positive(timeout, 'timeout', float)
   dest = pathlib.Path(dest_path).expanduser().absolute()
   dest.parent.mkdir(parents=True, exist_ok=True)
 
@@ -143,16 +268,33 @@ def fetch(
   try:
     h_sha = hashlib.sha256() if sha256 is not None else None
     h_md5 = hashlib.md5() if md5 is not None else None
-    with os.fdopen(fd, 'wb') as out:
+    received = 0
+    late = (f'could not download {url}: not complete within the {deadline:g} s deadline'
+            f' (set deadline= or ${DEADLINE_ENV})')
+    started = time.monotonic()
+    with os.fdopen(fd, 'wb') as out, _Watchdog(deadline) as watch:
       try:
         request = urllib.request.Request(url, headers={'User-Agent': _USER_AGENT})
-        with urllib.request.urlopen(request, timeout=timeout) as response:
+        with _opener(watch).open(request, timeout=min(timeout, deadline)) as response:
           length = response.headers.get('Content-Length')
           total = int(length) if length and length.isdigit() else None
-          received = 0
+          if total is not None and total > max_bytes:
+            raise DownloadError(
+                f'could not download {url}: it is {total} bytes, more than the {max_bytes}-byte'
+                f' cap (set max_bytes= or ${MAX_BYTES_ENV})')
+          read = getattr(response, 'read1', None) or response.read
           with tqdm.tqdm(total=total, unit='B', unit_scale=True, unit_divisor=1024,
                          desc=dest.name, disable=not progress, leave=False) as bar:
-            while chunk := response.read(_CHUNK):
+            while True:
+              if watch.expired or time.monotonic() - started > deadline:
+                raise DownloadError(f'{late}; got {received} bytes')
+              chunk = read(min(_CHUNK, max_bytes - received + 1))
+              if not chunk:
+                break
+              if received + len(chunk) > max_bytes:
+                raise DownloadError(
+                    f'could not download {url}: the body exceeds the {max_bytes}-byte cap'
+                    f' (set max_bytes= or ${MAX_BYTES_ENV})')
               out.write(chunk)
               received += len(chunk)
               if h_sha is not None:
@@ -163,11 +305,15 @@ def fetch(
       except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as e:
         # URLError covers HTTPError and refused connections; OSError covers resets, timeouts
         # during reads; HTTPException a broken response; ValueError a malformed URL.
+        if watch.expired:
+          raise DownloadError(f'{late}; got {received} bytes') from e
         if isinstance(e, urllib.error.HTTPError):
           reason = f'HTTP {e.code} {e.reason}'
         else:
           reason = getattr(e, 'reason', None) or e
         raise DownloadError(f'could not download {url}: {reason} ({_offline_hint(dest)})') from e
+      if watch.expired:
+        raise DownloadError(f'{late}; got {received} bytes')
       if total is not None and received != total:
         raise DownloadError(
             f'could not download {url}: got {received} of {total} bytes ({_offline_hint(dest)})'

@@ -14,15 +14,16 @@ file exists):
 Presets whose weights are not publicly hosted have a documented file name
 (:data:`UNHOSTED_FILENAMES`) that steps 1-4 look for.
 
-Local files are verified too when their checksum is known: the preset's own file (its sha256 from
-the registry) and any file named like torch hub files (``name-<sha256 prefix>.ext``).
+Files found by name (steps 1 with a directory, 2-4) are verified against the registry's sha256
+when the preset has one, and downloads always are. An explicit weights *file* is the user's
+choice and is read as it is: its name is never taken as a checksum, so a fine-tuned
+``resnet50-0676ba61.pth`` (named like the torchvision file it started from) is accepted.
 """
 
 from __future__ import annotations
 
 import os
 import pathlib
-import re
 from typing import Any
 
 import converters
@@ -37,9 +38,6 @@ UNHOSTED_FILENAMES: dict[str, str] = {
     'resnet56_b': 'nm_resnet56.cifar10.pth.tar',  # Neuron Merging's ResNet-56 (shortcut B).
     'lenet_300_100': 'lbyl_lenet_300_100.fashionmnist.pth.tar',  # LBYL / NM FashionMNIST LeNet.
 }
-
-# torch.hub names downloaded files `<name>-<first hex digits of sha256>.<ext>`.
-_HUB_HASH = re.compile(r'-([0-9a-f]{8,64})(?:\.[A-Za-z0-9]+)+$')
 
 # (resolved path, size, mtime_ns, expected) of files already verified in this process.
 _VERIFIED: set[tuple[str, int, int, str]] = set()
@@ -82,12 +80,15 @@ def weights_filename(spec: archs.ArchSpec) -> str | None:
 
 
 def expected_sha256(spec: archs.ArchSpec | None, path: str | os.PathLike) -> str | None:
-  """The sha256 (or prefix) a local file must have, if known from the registry or its name."""
+  """The registry's sha256 (or prefix) for a file found under the preset's file name, else None.
+
+  Only the registry is trusted: a file name that merely looks like a torch-hub name
+  (``name-<hex>.pth``) carries no checksum (users name fine-tuned files that way).
+  """
   name = pathlib.Path(path).name
   if spec is not None and spec.weights is not None and name == spec.weights.filename:
     return spec.weights.sha256
-  m = _HUB_HASH.search(name)
-  return m.group(1) if m else None
+  return None
 
 
 def verify_local(path: pathlib.Path, sha256: str) -> None:
@@ -129,7 +130,8 @@ def resolve_weights(
 
   Args:
     spec: the preset (or its registry name).
-    weights: explicit file, or a directory containing the preset's file name.
+    weights: explicit file (returned as it is, never checksum-verified), or a directory
+      containing the preset's file name (verified like the caches).
     download: allow step 5 (a verified download into the user cache).
     progress: show a progress bar while downloading.
 
@@ -151,9 +153,10 @@ def resolve_weights(
             f'{filename or "a known weights file name"}'
         )
       path = path / filename
-    elif not path.is_file():
+      return _checked(spec, path)  # found by the registry's file name: verified
+    if not path.is_file():
       raise WeightsNotFoundError(f'{spec.name}: weights file {path} does not exist')
-    return _checked(spec, path)
+    return path  # an explicit file is the user's choice: never rejected by its name
 
   searched = []
   if filename is not None:
