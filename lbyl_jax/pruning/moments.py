@@ -471,7 +471,8 @@ def propagate(spec, variables: Mapping[str, Any], *, input_mean: float = 0.0,
       mom = InputMoments(*relu_mean_var(beta, gamma ** 2, 4 if u.pool == 'max' else 1))
     return out
   if fam not in ('cifar_resnet', 'resnet'):
-    raise ValueError(f'{spec.name}: moment propagation does not know family {fam!r}')
+    raise ValueError(f'{spec.name}: the network-level BN-moment model exists for the preset families'
+                     f' only (not {fam!r}); use options that need no moment propagation')
   beta, gamma = _bn(variables, 'bn1')
   x = relu_mean_var(beta, gamma ** 2, 9 if fam == 'resnet' else 1)  # torchvision: 3x3 stem max-pool
   names = {u.producer for u in spec.units}
