@@ -6,11 +6,11 @@
 
 from lbyl_jax.core.version import __version__
 
-__all__ = ['__version__', 'compress', 'discover', 'load', 'preprocess']
+__all__ = ['__version__', 'compress', 'discover', 'load', 'load_factory', 'preprocess']
 
 
 def __getattr__(name):
-  if name in ('compress', 'discover', 'load', 'preprocess'):
+  if name in ('compress', 'discover', 'load', 'load_factory', 'preprocess'):
     from lbyl_jax import api  # pylint: disable=import-outside-toplevel  (keeps the import light)
 
     return getattr(api, name)

@@ -80,10 +80,13 @@ def discover(module: nn.Module, variables: Mapping[str, Any] | None = None,
   return custom.custom_spec(module, example_shape, **model_options).discovery
 
 
-def load(path) -> checkpoint.Loaded:
+load_factory = custom.load_factory
+
+
+def load(path, **kwargs) -> checkpoint.Loaded:
   """A saved run or converted checkpoint: ``.model``, ``.variables``, ``.meta``,
   ``.apply(uint8_images) -> logits``."""
-  return checkpoint.load(path)
+  return checkpoint.load(path, **kwargs)
 
 
 def preprocess(arch: str | archs.ArchSpec, images) -> np.ndarray:

@@ -45,6 +45,9 @@ class Compressed:
   qtree: dict[str, Any] | None = None
   qmeta: dict[str, Any] | None = None
   spec: Any = None
+  deliveries: dict[str, tuple[Any, Any, Any]] | None = None
+  """{unit: (kept channels K, S_P, constant or None)} as surgery folded them (None on the joint
+  UDFC path, which folds unit by unit)."""
 
   @property
   def model(self):
@@ -67,7 +70,8 @@ class Compressed:
       meta['quant'] = self.qmeta
       tree = self.qtree
     extra = {'report.json': json.dumps(jsonable(report), indent=2) + '\n', **dict(files or {})}
-    return checkpoint.save(out_dir, report['arch'], self.widths, tree, meta=jsonable(meta),
+    return checkpoint.save(out_dir, self.spec if self.spec is not None else report['arch'],
+                           self.widths, tree, meta=jsonable(meta),
                            overwrite=overwrite, files=extra)
 
 
@@ -105,7 +109,7 @@ def compress(spec, variables: Mapping[str, Any], plan: Plan | None = None, **opt
   keep8 = (trace.first_and_last_layers(spec)
            if plan.quantizer is not None and plan.quantizer.keep_8bit_ends else ())
   _check_units(spec, plan)
-  sols = None
+  sols = deliveries = None
   qres = None
   bias_skipped: list[dict[str, str]] = []
   if plan.joint:
@@ -116,15 +120,17 @@ def compress(spec, variables: Mapping[str, Any], plan: Plan | None = None, **opt
   else:
     sols = _timed(phases, 'delivery', _deliver, plan, spec, variables, problems, bc)
     if plan.corrections.guard != 'off':
-      sols = _timed(phases, 'guard', guard_lib.guard, spec, variables, problems, sols)
+      sols = _timed(phases, 'guard', guard_lib.guard, spec, variables, problems, sols,
+                    cov_model=plan.corrections.moment_cov)
       check_solutions(problems, sols, plan.method.name)
     if bc != 'off':
       rule = rules_lib.weights(bc) if bc in rules_lib.RULE_MODES else None
       consts = _timed(phases, 'bias_correction', bias_lib.constants, spec, variables, problems,
-                      sols, fold=plan.corrections.bias_fold, rule=rule, skipped=bias_skipped)
+                      sols, fold=plan.corrections.bias_fold, rule=rule, skipped=bias_skipped,
+                      cov_model=plan.corrections.moment_cov)
       sols = bias_lib.apply(problems, sols, consts)
-    widths, new = _timed(phases, 'surgery', surgery.apply, spec, variables,
-                         {p.unit.name: (p.keep, s.S_P, s.bias) for p, s in zip(problems, sols)})
+    deliveries = {p.unit.name: (p.keep, s.S_P, s.bias) for p, s in zip(problems, sols)}
+    widths, new = _timed(phases, 'surgery', surgery.apply, spec, variables, deliveries)
     if plan.quantizer is not None:
       qres = _timed(phases, 'quantization', plan.quantizer.quantize, spec, new, keep_8bit=keep8,
                     context=dict(selection=plan.selection, original=variables))
@@ -148,7 +154,9 @@ def compress(spec, variables: Mapping[str, Any], plan: Plan | None = None, **opt
   phases['compile'] = report['compile_seconds']
   report['phases'] = phases
   report['seconds'] = time.perf_counter() - t_start
-  return Compressed(tuple(widths), new, report, qtree, qmeta, spec)
+  if spec.builder is not None:
+    report['module_kind'] = spec.builder.kind(spec, tuple(widths))
+  return Compressed(tuple(widths), new, report, qtree, qmeta, spec, deliveries)
 
 
 def _deliver(plan: Plan, spec, variables, problems, bc: str) -> list:

@@ -17,6 +17,7 @@ import sys
 import textwrap
 from collections.abc import Callable, Sequence
 from functools import partial
+from types import SimpleNamespace
 from typing import Any
 
 import flax.linen as nn
@@ -26,11 +27,31 @@ import numpy as np
 import pytest
 
 import lbyl_jax
-from lbyl_jax import criteria
-from lbyl_jax import graph
-from lbyl_jax import user_models
+from lbyl_jax.core import units as units_lib
+from lbyl_jax.models import custom
+from lbyl_jax.models import discover as discover_lib
+from lbyl_jax.pruning import criteria
+from lbyl_jax.pruning import surgery
 
 ModuleDef = Any
+
+
+def per_consumer(unit, c):
+  """A unit's constant as {consumer path: constant or None} (one consumer: a plain array)."""
+  if c is None or isinstance(c, dict):
+    return c
+  return {unit.consumers[0].path: c}
+
+
+def ucompress(module, variables, example_shape, *, apply_kwargs=None,
+              policy=units_lib.DEFAULT_POLICY, width_fields=None, hparams=None, **options):
+  """lbyl_jax.compress of a user's module, with the result's parts under short names."""
+  model_options = dict(apply_kwargs=apply_kwargs, policy=policy, width_fields=width_fields)
+  if hparams is not None:
+    model_options['hparams'] = hparams
+  res = lbyl_jax.compress(module, variables, example_shape, model_options=model_options, **options)
+  return SimpleNamespace(module=res.model, variables=res.variables, report=res.report,
+                         discovery=res.spec.discovery, plan=res.deliveries, result=res)
 
 # --------------------------------------------------------------------------------------------
 # Models (the Flax examples' ResNet as published in flax/examples/imagenet/models.py).
@@ -186,11 +207,11 @@ def small_resnet(**kw):
 # name -> (module factory (dtype -> module), input shape, apply kwargs, discovery policy)
 CASES = {
     'resnet': (lambda dt: small_resnet(dtype=dt), (2, 32, 32, 3), {'train': False},
-               graph.DEFAULT_POLICY),
-    'densenet': (lambda dt: DenseNetBC(), (2, 16, 16, 3), {}, graph.DEFAULT_POLICY),
+               units_lib.DEFAULT_POLICY),
+    'densenet': (lambda dt: DenseNetBC(), (2, 16, 16, 3), {}, units_lib.DEFAULT_POLICY),
     'plain': (lambda dt: PlainCNN(), (2, 8, 8, 3), {}, ()),
-    'gelu': (lambda dt: GeluNet(), (2, 12, 12, 3), {}, graph.DEFAULT_POLICY),
-    'mobile': (lambda dt: MobileNetish(), (2, 16, 16, 3), {}, graph.DEFAULT_POLICY),
+    'gelu': (lambda dt: GeluNet(), (2, 12, 12, 3), {}, units_lib.DEFAULT_POLICY),
+    'mobile': (lambda dt: MobileNetish(), (2, 16, 16, 3), {}, units_lib.DEFAULT_POLICY),
 }
 
 
@@ -229,7 +250,7 @@ def built():
 
 @pytest.fixture(scope='module')
 def discovered(built):
-  return {name: graph.discover(built[name][0], built[name][1], CASES[name][1],
+  return {name: discover_lib.discover(built[name][0], built[name][1], CASES[name][1],
                                apply_kwargs=CASES[name][2], policy=CASES[name][3])
           for name in CASES}
 
@@ -238,7 +259,7 @@ def discovered(built):
 # Discovery: the expected units, field by field.
 
 
-def summary(d: graph.Discovery):
+def summary(d: units_lib.Discovery):
   """(name, bn, activation, compensation, ((path, kind, offset, flatten, order, row_stride, pool,
   consumer bn, ((through kind, path, offset), ...)), ...)) per unit."""
   return [(u.name, u.bn, u.activation, u.compensation,
@@ -274,13 +295,13 @@ def test_discover_full_size_resnet50_abstract():
   model = ResNet50(num_classes=1000)
   v = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3)),
                                         train=False))
-  d = graph.discover(model, v, (1, 224, 224, 3), apply_kwargs={'train': False})
+  d = discover_lib.discover(model, v, (1, 224, 224, 3), apply_kwargs={'train': False})
   assert len(d.units) == 32 and all(u.compensation == 'exact' for u in d.units)
   assert [u.name for u in d.units[:2]] == ['BottleneckResNetBlock_0/Conv_0',
                                            'BottleneckResNetBlock_0/Conv_1']
   assert [u.width for u in d.units[-2:]] == [512, 512]
   assert len(d.couplings) == 4 and [len(c.members) for c in d.couplings] == [4, 5, 7, 4]
-  full = graph.discover(model, v, (1, 224, 224, 3), apply_kwargs={'train': False}, policy=())
+  full = discover_lib.discover(model, v, (1, 224, 224, 3), apply_kwargs={'train': False}, policy=())
   assert full.units[0].name == 'conv_init' and len(full.units) == 33
   assert {c.path for c in full.units[0].consumers} == {'BottleneckResNetBlock_0/Conv_0',
                                                        'BottleneckResNetBlock_0/conv_proj'}
@@ -331,7 +352,7 @@ def test_discover_plain_cnn_nhwc_flatten(discovered):
        (('Dense_0', 'dense', 0, 16, 'nhwc', 8, None, None, ()),)),  # 4x4 positions, 8 channels
       ('Dense_0', None, 'relu', 'exact', (('Dense_1', 'dense', 0, 1, 'nchw', 0, None, None, ()),)),
   ]
-  default = graph.discover(PlainCNN(), jax.eval_shape(lambda: PlainCNN().init(
+  default = discover_lib.discover(PlainCNN(), jax.eval_shape(lambda: PlainCNN().init(
       jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))), (1, 8, 8, 3))
   assert [u.name for u in default.units] == ['Conv_0', 'Conv_1']
   assert [e.unit.name for e in default.excluded] == ['Dense_0']  # classifier head (A13)
@@ -374,7 +395,7 @@ def test_activation_classified_numerically(fn, name):
       return nn.Dense(3)(fn(nn.Dense(4)(x)))
 
   v = jax.eval_shape(lambda: Net().init(jax.random.PRNGKey(0), jnp.zeros((1, 5))))
-  d = graph.discover(Net(), v, (1, 5))
+  d = discover_lib.discover(Net(), v, (1, 5))
   if name == 'linear':
     assert d.units[0].activation == 'identity' and d.units[0].consumers[0].scale == 3.0
   else:
@@ -395,7 +416,7 @@ def test_discover_refusals_named():
 
   m = Gated()
   v = jax.eval_shape(lambda: m.init(jax.random.PRNGKey(0), jnp.zeros((1, 4, 4, 2))))
-  d = graph.discover(m, v, (1, 4, 4, 2), policy=())
+  d = discover_lib.discover(m, v, (1, 4, 4, 2), policy=())
   reasons = {b.producer: b.reason for b in d.blocked}
   assert 'combined with another tensor (mul)' in reasons['Conv_0']
   assert 'combined with another tensor (mul)' in reasons['Dense_0']
@@ -421,7 +442,7 @@ def test_discover_refusals_named():
 
   ws = WS()
   wv = jax.eval_shape(lambda: ws.init(jax.random.PRNGKey(0), jnp.zeros((1, 6, 6, 2))))
-  d = graph.discover(ws, wv, (1, 6, 6, 2))
+  d = discover_lib.discover(ws, wv, (1, 6, 6, 2))
   reasons = {b.producer: b.reason for b in d.blocked}
   assert not d.units  # Conv_0 feeds a standardized consumer, StdConv_* are standardized
   assert 'transformed inside the call' in reasons['StdConv_0']
@@ -430,11 +451,11 @@ def test_discover_refusals_named():
   with pytest.raises(ValueError, match='use_running_average=True'):
     model = small_resnet()
     rv = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3))))
-    graph.discover(model, rv, (1, 32, 32, 3))  # train=True by default: batch statistics
+    discover_lib.discover(model, rv, (1, 32, 32, 3))  # train=True by default: batch statistics
   with pytest.raises(ValueError, match='unknown policy rule'):
-    graph.discover(m, v, (1, 4, 4, 2), policy=('stems',))
+    discover_lib.discover(m, v, (1, 4, 4, 2), policy=('stems',))
   with pytest.raises(ValueError, match='example_shape'):
-    graph.discover(m, v, 'abc')
+    discover_lib.discover(m, v, 'abc')
 
 
 # --------------------------------------------------------------------------------------------
@@ -522,8 +543,7 @@ def reference(references, name, v, x, res):
 
 @pytest.fixture(scope='module')
 def compressed64(built, discovered, references):
-  """compress of every case and method on float64 variables (x64 enabled), with the reference.
-  (The float32 discovery is reused; test_compress_float32_jit runs compress's own.)"""
+  """compress of every case and method on float64 variables (x64 enabled), with the reference."""
   out = {}
   with jax.enable_x64(True):
     for name, (make, shape, kw, policy) in CASES.items():
@@ -531,8 +551,8 @@ def compressed64(built, discovered, references):
       module = make(jnp.float64)
       v64 = cast(v, np.float64)
       for method in METHODS:
-        res = user_models.compress(module, v64, shape, method=method, ratio=0.4, apply_kwargs=kw,
-                                   discovery=discovered[name])
+        res = ucompress(module, v64, shape, method=method, ratio=0.4, apply_kwargs=kw,
+                        policy=policy)
         got = np.asarray(jitted_apply(res.module, tuple(kw.items()))(
             res.variables, jnp.asarray(x, jnp.float64)))
         out[name, method] = (res, got, reference(references, name, v, x, res))
@@ -564,6 +584,7 @@ def test_compensation_is_delivered(compressed64):
   _, pruned, _ = compressed64['resnet', 'prune']
   for u in res.discovery.units:
     keep, S, c = res.plan[u.name]
+    c = per_consumer(u, c)
     assert np.any(S) and set(c) == {u.consumers[0].path} and np.all(np.isfinite(c[u.consumer]))
   assert np.max(np.abs(got - pruned)) > 1e-3 * np.max(np.abs(ref))
   res_nm = compressed64['resnet', 'nm'][0]
@@ -574,6 +595,7 @@ def test_compensation_is_delivered(compressed64):
   plain = compressed64['plain', 'lbyl'][0]
   assert {s['unit'] for s in plain.report['bias_skipped']} == {'Conv_1', 'Dense_0'}  # BN-free
   keep, S, c = plain.plan['Conv_0']  # BN unit, constant folded into Conv_1's bias
+  c = per_consumer(plain.discovery.unit('Conv_0'), c)
   assert c is not None and c['Conv_1'] is not None
 
 
@@ -583,7 +605,7 @@ def test_compress_float32_jit(built, references, name):
   init of the compressed module gives exactly the pruned shapes."""
   make, shape, kw, policy = CASES[name]
   module, v, x = built[name]
-  res = user_models.compress(module, v, shape, method='lbyl', ratio=0.4, apply_kwargs=kw,
+  res = ucompress(module, v, shape, method='lbyl', ratio=0.4, apply_kwargs=kw,
                              policy=policy)
   got = np.asarray(jitted_apply(res.module, tuple(kw.items()))(res.variables, x))
   ref = reference(references, name, v, x, res)
@@ -598,28 +620,28 @@ def test_bnm_on_user_models(built, references):
   module, v, x = built['resnet']
   shape, kw = CASES['resnet'][1], CASES['resnet'][2]
   with pytest.raises(ValueError, match="bnm_cov='identity'"):
-    user_models.compress(module, v, shape, method='bnm', apply_kwargs=kw)
-  with pytest.raises(ValueError, match='network-level moment propagation'):
-    user_models.compress(module, v, shape, method='lbyl', bias_correction='auto', apply_kwargs=kw)
-  res = user_models.compress(module, v, shape, method='bnm', bnm_cov='identity', ratio=0.4,
+    ucompress(module, v, shape, method='bnm', apply_kwargs=kw)
+  with pytest.raises(ValueError, match="moment_cov='identity'"):
+    ucompress(module, v, shape, method='lbyl', bias_correction='auto', apply_kwargs=kw)
+  res = ucompress(module, v, shape, method='bnm', bnm_cov='identity', ratio=0.4,
                              apply_kwargs=kw)
   assert all(np.any(res.plan[u.name][1]) for u in res.discovery.units)
   got = np.asarray(res.module.apply(res.variables, x, **kw))
   ref = reference(references, 'resnet', v, x, res)
   np.testing.assert_allclose(got, ref, rtol=0, atol=2e-5 * np.max(np.abs(ref)))
-  with_c = user_models.compress(module, v, shape, method='bnm', bnm_cov='identity', ratio=0.4,
+  with_c = ucompress(module, v, shape, method='bnm', bnm_cov='identity', ratio=0.4,
                                 bias_correction='on', apply_kwargs=kw)  # intercept fit + fold
   assert all(res.plan[u.name][2] is None and with_c.plan[u.name][2] is not None
              for u in res.discovery.units)
   got = np.asarray(with_c.module.apply(with_c.variables, x, **kw))
   ref = reference(references, 'resnet', v, x, with_c)
   np.testing.assert_allclose(got, ref, rtol=0, atol=2e-5 * np.max(np.abs(ref)))
-  guarded = user_models.compress(module, v, shape, method='lbyl', bnm_cov='identity',
+  guarded = ucompress(module, v, shape, method='lbyl', moment_cov='identity',
                                  guard='moments', ratio=0.4, apply_kwargs=kw)
   assert 'guard_t_mean' in guarded.report['layers'][0]['diagnostics']
   pm, pv, _ = built['plain']
-  with pytest.raises(ValueError, match='without BN: Conv_1'):
-    user_models.compress(pm, pv, CASES['plain'][1], method='bnm', bnm_cov='identity')
+  with pytest.raises(ValueError, match='units without BN: Conv_1'):
+    ucompress(pm, pv, CASES['plain'][1], method='bnm', bnm_cov='identity')
 
 
 def test_compress_bad_input_changes_nothing(built):
@@ -628,11 +650,11 @@ def test_compress_bad_input_changes_nothing(built):
   bad = jax.tree_util.tree_map(np.copy, v)
   bad['params']['Conv_1']['kernel'][0, 0, 0, 0] = np.nan
   with pytest.raises(ValueError, match='non-finite values in params/Conv_1/kernel'):
-    user_models.compress(module, bad, (1, 12, 12, 3))
+    ucompress(module, bad, (1, 12, 12, 3))
   with pytest.raises(ValueError, match='ratio'):
-    user_models.compress(module, v, (1, 12, 12, 3), ratio=1.5)
-  with pytest.raises(ValueError, match="pattern 'nope' matches no unit"):
-    user_models.compress(module, v, (1, 12, 12, 3), ratio_overrides={'nope': 0.2})
+    ucompress(module, v, (1, 12, 12, 3), ratio=1.5)
+  with pytest.raises(ValueError, match="ratio override 'nope' matches no unit"):
+    ucompress(module, v, (1, 12, 12, 3), ratio_overrides={'nope': 0.2})
   jax.tree_util.tree_map(np.testing.assert_array_equal, before, v)
 
 
@@ -645,20 +667,20 @@ def test_apply_plan_errors(built, discovered):
   d = discovered['plain']
   u = d.unit('Conv_0')
   with pytest.raises(ValueError, match='no prunable unit named nope'):
-    graph.apply_plan(v, d, {'nope': ([0], np.zeros((5, 1)), None)})
+    surgery.apply_plan(v, d, {'nope': ([0], np.zeros((5, 1)), None)})
   with pytest.raises(ValueError, match='sorted, unique'):
-    graph.apply_plan(v, d, {'Conv_0': ([2, 1], np.zeros((4, 2)), None)})
+    surgery.apply_plan(v, d, {'Conv_0': ([2, 1], np.zeros((4, 2)), None)})
   with pytest.raises(ValueError, match='S_P has shape'):
-    graph.apply_plan(v, d, {'Conv_0': ([0, 1], np.zeros((3, 2)), None)})
+    surgery.apply_plan(v, d, {'Conv_0': ([0, 1], np.zeros((3, 2)), None)})
   with pytest.raises(ValueError, match='finite'):
-    graph.apply_plan(v, d, {'Conv_0': ([0, 1], np.zeros((4, 2)), np.full(4, np.inf))})
+    surgery.apply_plan(v, d, {'Conv_0': ([0, 1], np.zeros((4, 2)), np.full(4, np.inf))})
   dd = discovered['densenet']
   with pytest.raises(ValueError, match='prune_only'):
-    graph.apply_plan(built['densenet'][1], dd, {'conv0': ([0, 1], np.ones((6, 2)), None)})
+    surgery.apply_plan(built['densenet'][1], dd, {'conv0': ([0, 1], np.ones((6, 2)), None)})
   with pytest.raises(ValueError, match='needs a following BatchNorm or a bias'):
-    graph.apply_plan(built['densenet'][1], dd,
+    surgery.apply_plan(built['densenet'][1], dd,
                      {'block0_layer0/Conv_0': (np.arange(8), np.zeros((8, 8)), np.ones(8))})
-  new = graph.apply_plan(v, d, {u.name: (np.arange(6), np.zeros((0, 6)), None)})
+  new = surgery.apply_plan(v, d, {u.name: (np.arange(6), np.zeros((0, 6)), None)})
   jax.tree_util.tree_map(lambda a, b: np.testing.assert_array_equal(a, b), new, v)
 
 
@@ -699,19 +721,19 @@ def test_load_factory(tmp_path, monkeypatch):
   '''))
   monkeypatch.syspath_prepend(str(tmp_path))
   sys.modules.pop('my_models', None)
-  f = user_models.load_factory('my_models:plain')
+  f = custom.load_factory('my_models:plain')
   assert type(f.module).__name__ == 'Tiny' and f.variables is None and f.key_map is None
-  assert user_models.load_factory('my_models:tiny').module is not None
-  assert 'params' in user_models.load_factory('my_models:with_variables').variables
-  assert user_models.load_factory('my_models:with_keys').key_map == {'fc1.weight': 'Dense_0/kernel'}
-  assert type(user_models.load_factory('my_models:Tiny').module).__name__ == 'Tiny'
+  assert custom.load_factory('my_models:tiny').module is not None
+  assert 'params' in custom.load_factory('my_models:with_variables').variables
+  assert custom.load_factory('my_models:with_keys').key_map == {'fc1.weight': 'Dense_0/kernel'}
+  assert type(custom.load_factory('my_models:Tiny').module).__name__ == 'Tiny'
   for spec, match in [('my_models', "pkg.module:factory"), ('nope_mod:f', 'cannot import'),
                       ('my_models:nope', "no attribute 'nope'"), ('my_models:bad', 'must return'),
                       ('my_models:bad_second', 'second value'),
                       ('my_models:needs_args', 'without arguments')]:
     with pytest.raises(ValueError, match=match):
-      user_models.load_factory(spec)
-  f = user_models.load_factory('my_models:with_variables')
+      custom.load_factory(spec)
+  f = custom.load_factory('my_models:with_variables')
   f = lbyl_jax.load_factory('my_models:with_variables')  # the package-level entry points
   res = lbyl_jax.compress(f.module, jax.tree_util.tree_map(np.asarray, f.variables), (1, 4),
                           method='lbyl', ratio=0.4)
@@ -739,18 +761,18 @@ class TwoConv(nn.Module):
 def test_width_fields_and_fallback():
   m = TwoConv()
   v = random_variables(m, (1, 8, 8, 2), {}, 5)
-  res = user_models.compress(m, v, (1, 8, 8, 2), method='lbyl', ratio=0.5,
+  res = ucompress(m, v, (1, 8, 8, 2), method='lbyl', ratio=0.5,
                              width_fields={'c1': 'Conv_0', 'c2': 'Conv_1'})
   assert res.report['module_kind'] == 'width_fields' and res.module == TwoConv(c1=4, c2=3)
   x = np.random.default_rng(0).standard_normal((2, 8, 8, 2)).astype(np.float32)
-  fallback = user_models.compress(m, v, (1, 8, 8, 2), method='lbyl', ratio=0.5)
+  fallback = ucompress(m, v, (1, 8, 8, 2), method='lbyl', ratio=0.5)
   assert fallback.report['module_kind'] == 'PrunedModule'  # `widths` does not size this class
   np.testing.assert_allclose(res.module.apply(res.variables, x),
                              fallback.module.apply(fallback.variables, x), rtol=1e-6, atol=1e-6)
   with pytest.raises(ValueError, match='do not give the pruned shapes'):
-    user_models.compress(m, v, (1, 8, 8, 2), ratio=0.5, width_fields={'c1': 'Conv_1'})
+    ucompress(m, v, (1, 8, 8, 2), ratio=0.5, width_fields={'c1': 'Conv_1'})
   with pytest.raises(ValueError, match="no field 'c3'"):
-    user_models.compress(m, v, (1, 8, 8, 2), ratio=0.5, width_fields={'c3': 'Conv_1'})
+    ucompress(m, v, (1, 8, 8, 2), ratio=0.5, width_fields={'c3': 'Conv_1'})
 
 
 def test_bn_epsilon_and_missing_scale_are_used():
@@ -777,7 +799,7 @@ def test_bn_epsilon_and_missing_scale_are_used():
        'batch_stats': {'BatchNorm_0': {'mean': np.zeros(4, np.float32), 'var': var}}}
   m = EpsNet()
   x = rng.standard_normal((2, 5, 5, 2)).astype(np.float32)
-  res = user_models.compress(m, v, (1, 5, 5, 2), method='nm', ratio=0.25, bias_correction='off')
+  res = ucompress(m, v, (1, 5, 5, 2), method='nm', ratio=0.25, bias_correction='off')
   keep, S_P, _ = res.plan['Conv_0']
   assert list(keep) == [0, 1, 2] and np.isclose(S_P[0, 0], S, rtol=1e-6)
   np.testing.assert_allclose(res.module.apply(res.variables, x), m.apply(v, x), rtol=1e-5,

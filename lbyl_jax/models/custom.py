@@ -115,9 +115,21 @@ class CustomBuilder:
       layers.append((layer.path, int(features), int(per_group)))
     return PrunedModule(self.module, tuple(layers), self.kwargs)
 
+  def kind(self, spec: archs.ArchSpec, widths: tuple[int, ...]) -> str:
+    """How :meth:`build` makes the module of these widths: 'width_fields', 'widths field' (the
+    same class) or 'PrunedModule' (the equivalent module)."""
+    module = self.build(spec, widths)
+    if isinstance(module, PrunedModule) and module.layers:
+      return 'PrunedModule'
+    return 'width_fields' if self.width_fields else 'widths field'
+
+  def _wrap(self, module: nn.Module) -> nn.Module:
+    """The module itself, or inside a PrunedModule that passes the call keyword arguments."""
+    return PrunedModule(module, (), self.kwargs) if self.kwargs else module
+
   def build(self, spec: archs.ArchSpec, widths: tuple[int, ...] | None) -> nn.Module:
     if widths is None:
-      return PrunedModule(self.module, (), self.kwargs)
+      return self._wrap(self.module)
     equivalent = self.pruned_module(spec.discovery, widths)
     names = [u.name for u in spec.discovery.units]
     width = dict(zip(names, widths))
@@ -132,12 +144,12 @@ class CustomBuilder:
         if missing:
           raise ValueError(f'width_fields[{field!r}]: no prunable unit named {missing}')
         update[field] = width[seq[0]] if isinstance(which, str) else tuple(width[u] for u in seq)
-      cand = PrunedModule(self.module.clone(**update), (), self.kwargs)
+      cand = self._wrap(self.module.clone(**update))
       if _init_shapes(cand, spec.input_shape) != _init_shapes(equivalent, spec.input_shape):
         raise ValueError(f'width_fields {dict(self.width_fields)} do not give the pruned shapes')
       return cand
     if 'widths' in fields:
-      cand = PrunedModule(self.module.clone(widths=tuple(int(w) for w in widths)), (), self.kwargs)
+      cand = self._wrap(self.module.clone(widths=tuple(int(w) for w in widths)))
       try:
         if _init_shapes(cand, spec.input_shape) == _init_shapes(equivalent, spec.input_shape):
           return cand
@@ -175,7 +187,7 @@ def custom_spec(module: nn.Module, example_shape: Sequence[int], *, name: str | 
   kwargs = tuple(sorted(dict(apply_kwargs or {}).items()))
   builder = CustomBuilder(module, kwargs,
                           None if width_fields is None else tuple(dict(width_fields).items()))
-  wrapped = PrunedModule(module, (), kwargs)
+  wrapped = PrunedModule(module, (), kwargs) if kwargs else module
   if num_classes is None:
     out = jax.eval_shape(lambda x: wrapped.init_with_output(jax.random.PRNGKey(0), x)[0],
                          jax.ShapeDtypeStruct((1, *shape[1:]), np.float32))

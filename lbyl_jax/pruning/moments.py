@@ -550,6 +550,13 @@ def second_moments(prepared: Sequence[tuple[np.ndarray, np.ndarray]], *, activat
 
 def prepare(spec, variables, problems, cov_model: str, moments):
   need = cov_model == 'diag' or any(p.unit.bn is None for p in problems)
+  if need and moments is None and spec is not None and spec.family == 'custom':
+    no_bn = [p.unit.name for p in problems if p.unit.bn is None]
+    why = (f"cov_model='diag' needs per-channel input moments" if cov_model == 'diag' else
+           f'units without BN: {", ".join(no_bn[:5])} need their input moments')
+    raise ValueError(f'{spec.name}: {why} propagated through the network, which exists for the'
+                     " presets only; on a user's model use bnm_cov='identity' / moment_cov="
+                     "'identity' (units with a BatchNorm)")
   if need and moments is None:
     moments = propagate(spec, variables)
   prepared, kinds = [], []
