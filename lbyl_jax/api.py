@@ -2,52 +2,91 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import flax.linen as nn
 import numpy as np
 
 from lbyl_jax import pipeline
+from lbyl_jax.core.units import DEFAULT_POLICY, Discovery
+from lbyl_jax.models import custom
+from lbyl_jax.models import discover as discover_lib
 from lbyl_jax.io import checkpoint
 from lbyl_jax.io import weights as weights_lib
 from lbyl_jax.models import archs
 from lbyl_jax.plan import Plan
 
 
-def compress(arch: str | archs.ArchSpec, *, weights: str | None = None,
-             variables: Mapping[str, Any] | None = None, plan: Plan | None = None,
-             download: bool = True, **options) -> pipeline.Compressed:
-  """Prunes, compensates and optionally quantizes a preset in one call.
+def compress(arch: str | archs.ArchSpec | nn.Module, variables: Mapping[str, Any] | None = None,
+             example_shape: Sequence[int] | None = None, *, weights: str | None = None,
+             plan: Plan | None = None, download: bool = True,
+             model_options: Mapping[str, Any] | None = None, **options) -> pipeline.Compressed:
+  """Prunes, compensates and optionally quantizes a preset, or any flax.linen CNN, in one call.
 
   Args:
-    arch: preset name (``lbyl_jax.models.archs.names()``) or an ArchSpec.
-    weights: where the weights come from when ``variables`` is not given: a checkpoint file, an
-      lbyl_jax checkpoint directory, 'random', or None (the preset's cached / downloaded file).
-    variables: original-width float variables (instead of ``weights``).
+    arch: preset name (``lbyl_jax.models.archs.names()``), an ArchSpec, or a flax.linen Module
+      of the user's (its prunable units are discovered by tracing; see :func:`discover`).
+    variables: original-width float variables (required for a Module; for a preset, instead of
+      ``weights``).
+    example_shape: a Module's input shape WITH the batch axis, e.g. (1, 32, 32, 3).
+    weights: for a preset, where the weights come from when ``variables`` is not given: a
+      checkpoint file, an lbyl_jax checkpoint directory, 'random', or None (the preset's cached /
+      downloaded file).
+    model_options: for a Module, :func:`lbyl_jax.models.custom.custom_spec` options (policy,
+      width_fields, apply_kwargs, hparams, mean, std, name).
     plan: a :class:`~lbyl_jax.plan.Plan`; or flat options instead, e.g. ``method='nm',
       ratio=0.4, quant_method='udfc', bits=4`` (see ``python -m lbyl_jax.restore --help-all``).
     download: allow a verified download of the preset's weights.
 
   Returns:
-    :class:`~lbyl_jax.pipeline.Compressed`: ``.model``, ``.variables``, ``.report``,
-    ``.apply(uint8_images) -> logits`` and ``.save(directory)``.
+    :class:`~lbyl_jax.pipeline.Compressed`: ``.model`` (the same class with smaller widths, or an
+    equivalent module), ``.variables``, ``.report``, ``.apply(uint8_images) -> logits`` and
+    ``.save(directory)`` (presets: reload with :func:`load`).
   """
-  spec = archs.get(arch) if isinstance(arch, str) else arch
+  spec = _spec(arch, variables, example_shape, model_options)
   if plan is None:
     plan = Plan.from_options(**options)
   elif options:
     raise ValueError('pass a Plan or flat options, not both')
   if variables is None:
+    if spec.family == 'custom':
+      raise ValueError('a user module needs its variables')
     variables, _ = weights_lib.load_weights(spec, weights, download=download, progress=False)
   elif weights is not None:
     raise ValueError('pass weights or variables, not both')
   return pipeline.compress(spec, variables, plan)
 
 
-def load(path) -> checkpoint.Loaded:
+def _spec(arch, variables, example_shape, model_options) -> archs.ArchSpec:
+  if isinstance(arch, nn.Module):
+    if example_shape is None:
+      raise ValueError('a user module needs example_shape (its input shape with the batch axis)')
+    return custom.custom_spec(arch, example_shape, **dict(model_options or {}))
+  if example_shape is not None or model_options:
+    raise ValueError('example_shape / model_options apply to a user module, not to a preset')
+  return archs.get(arch) if isinstance(arch, str) else arch
+
+
+def discover(module: nn.Module, variables: Mapping[str, Any] | None = None,
+             example_shape: Sequence[int] = (1, 32, 32, 3), **model_options) -> Discovery:
+  """The prunable units of any flax.linen CNN (``print()`` it for a table): producers, their
+  BatchNorm, activation and consumers, what compensation applies, what is coupled or unprunable
+  and why. ``variables`` may be omitted (shapes are traced) or abstract."""
+  if variables is not None:
+    return discover_lib.discover(module, variables, example_shape,
+                                 apply_kwargs=model_options.get('apply_kwargs'),
+                                 policy=model_options.get('policy', DEFAULT_POLICY))
+  return custom.custom_spec(module, example_shape, **model_options).discovery
+
+
+load_factory = custom.load_factory
+
+
+def load(path, **kwargs) -> checkpoint.Loaded:
   """A saved run or converted checkpoint: ``.model``, ``.variables``, ``.meta``,
   ``.apply(uint8_images) -> logits``."""
-  return checkpoint.load(path)
+  return checkpoint.load(path, **kwargs)
 
 
 def preprocess(arch: str | archs.ArchSpec, images) -> np.ndarray:

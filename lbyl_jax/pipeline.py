@@ -13,12 +13,14 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
+
 from lbyl_jax.pruning import bias as bias_lib
 from lbyl_jax.pruning import selection as selection_lib
 from lbyl_jax.pruning import stats
 from lbyl_jax.pruning import surgery
 from lbyl_jax.pruning.methods import Context
-from lbyl_jax.pruning.problem import check_solutions
+from lbyl_jax.pruning.problem import UnitSolution, check_solutions, coefficient_stats
 from lbyl_jax.experimental import guard as guard_lib
 from lbyl_jax.experimental import rules as rules_lib
 from lbyl_jax.io import checkpoint
@@ -43,6 +45,9 @@ class Compressed:
   qtree: dict[str, Any] | None = None
   qmeta: dict[str, Any] | None = None
   spec: Any = None
+  deliveries: dict[str, tuple[Any, Any, Any]] | None = None
+  """{unit: (kept channels K, S_P, constant or None)} as surgery folded them (None on the joint
+  UDFC path, which folds unit by unit)."""
 
   @property
   def model(self):
@@ -65,7 +70,8 @@ class Compressed:
       meta['quant'] = self.qmeta
       tree = self.qtree
     extra = {'report.json': json.dumps(jsonable(report), indent=2) + '\n', **dict(files or {})}
-    return checkpoint.save(out_dir, report['arch'], self.widths, tree, meta=jsonable(meta),
+    return checkpoint.save(out_dir, self.spec if self.spec is not None else report['arch'],
+                           self.widths, tree, meta=jsonable(meta),
                            overwrite=overwrite, files=extra)
 
 
@@ -105,27 +111,29 @@ def compress(spec, variables: Mapping[str, Any], plan: Plan | None = None, **opt
   bc = plan.bias_correction
   keep8 = (trace.first_and_last_layers(spec)
            if plan.quantizer is not None and plan.quantizer.keep_8bit_ends else ())
-  sols = None
+  _check_units(spec, plan)
+  sols = deliveries = None
   qres = None
+  bias_skipped: list[dict[str, str]] = []
   if plan.joint:
     widths, qres = _timed(phases, 'quantization', plan.quantizer.joint, spec, variables,
                           selection=plan.selection, keep_8bit=keep8, bias_correction=bc,
                           bias_fold=plan.corrections.bias_fold)
     new = None
   else:
-    sols = _timed(phases, 'delivery', plan.method.deliver, spec, variables, problems,
-                  Context(bias_correction=bc, bias_fold=plan.corrections.bias_fold))
-    check_solutions(problems, sols, plan.method.name)
+    sols = _timed(phases, 'delivery', _deliver, plan, spec, variables, problems, bc)
     if plan.corrections.guard != 'off':
-      sols = _timed(phases, 'guard', guard_lib.guard, spec, variables, problems, sols)
+      sols = _timed(phases, 'guard', guard_lib.guard, spec, variables, problems, sols,
+                    cov_model=plan.corrections.moment_cov)
       check_solutions(problems, sols, plan.method.name)
     if bc != 'off':
       rule = rules_lib.weights(bc) if bc in rules_lib.RULE_MODES else None
       consts = _timed(phases, 'bias_correction', bias_lib.constants, spec, variables, problems,
-                      sols, fold=plan.corrections.bias_fold, rule=rule)
+                      sols, fold=plan.corrections.bias_fold, rule=rule, skipped=bias_skipped,
+                      cov_model=plan.corrections.moment_cov)
       sols = bias_lib.apply(problems, sols, consts)
-    widths, new = _timed(phases, 'surgery', surgery.apply, spec, variables,
-                         {p.unit.name: (p.keep, s.S_P, s.bias) for p, s in zip(problems, sols)})
+    deliveries = {p.unit.name: (p.keep, s.S_P, s.bias) for p, s in zip(problems, sols)}
+    widths, new = _timed(phases, 'surgery', surgery.apply, spec, variables, deliveries)
     if plan.quantizer is not None:
       qres = _timed(phases, 'quantization', plan.quantizer.quantize, spec, new, keep_8bit=keep8,
                     context=dict(selection=plan.selection, original=variables))
@@ -136,6 +144,7 @@ def compress(spec, variables: Mapping[str, Any], plan: Plan | None = None, **opt
   before = _timed(phases, 'stats', stats.summary, spec, variables)
   after = _timed(phases, 'stats', stats.summary, spec, new)
   report = _report(spec, plan, problems, sols, widths, before, after, bc)
+  report.update(_discovery_report(spec), bias_skipped=bias_skipped)
   if qres is not None:
     report.update(
         weight_bits=plan.quantizer.bits, quant_method=plan.quantizer.name, keep_8bit=list(keep8),
@@ -148,7 +157,54 @@ def compress(spec, variables: Mapping[str, Any], plan: Plan | None = None, **opt
   phases['compile'] = report['compile_seconds']
   report['phases'] = phases
   report['seconds'] = time.perf_counter() - t_start
-  return Compressed(tuple(widths), new, report, qtree, qmeta, spec)
+  if spec.builder is not None:
+    report['module_kind'] = spec.builder.kind(spec, tuple(widths))
+  return Compressed(tuple(widths), new, report, qtree, qmeta, spec, deliveries)
+
+
+def _deliver(plan: Plan, spec, variables, problems, bc: str) -> list:
+  """The method's rows for every unit it can compensate; S_P = 0 (plain pruning) for units whose
+  compensation is 'prune_only' (a non-ReLU activation or a non-linear path, named in the report)."""
+  active = [i for i, p in enumerate(problems) if p.unit.compensation != 'prune_only']
+  sols: list = [None] * len(problems)
+  if active:
+    got = plan.method.deliver(spec, variables, [problems[i] for i in active],
+                              Context(bias_correction=bc, bias_fold=plan.corrections.bias_fold))
+    check_solutions([problems[i] for i in active], got, plan.method.name)
+    for i, sol in zip(active, got):
+      sols[i] = sol
+  for i, p in enumerate(problems):
+    if sols[i] is None:
+      S = np.zeros((p.prune.size, p.m))
+      sols[i] = UnitSolution(S, None, dict(method='prune', prune_only=p.unit.reason,
+                                           **coefficient_stats(S)))
+  return sols
+
+
+def _check_units(spec, plan: Plan) -> None:
+  """Refuses a quantizer that assumes the presets' one-consumer units on other units."""
+  if plan.quantizer is None or plan.quantizer.name == 'rtn':
+    return
+  odd = [u.name for u in spec.units
+         if len(u.consumers) != 1 or u.through or u.consumers[0].offset
+         or u.consumers[0].flatten_order != 'nchw' or u.consumers[0].scale != 1.0]
+  if odd:
+    raise ValueError(f'--quant-method {plan.quantizer.name} handles units with one plain consumer;'
+                     f' {spec.name} has units with several consumers, channel offsets or per-channel'
+                     f' layers in between ({", ".join(odd[:4])}); use --quant-method rtn')
+
+
+def _discovery_report(spec) -> dict[str, Any]:
+  """What discovery found besides the units: approximations, exclusions, couplings, blocks."""
+  d = spec.discovery
+  return dict(
+      prune_only=[dict(unit=u.name, reason=u.reason) for u in d.units
+                  if u.compensation == 'prune_only'],
+      approximations=[dict(unit=u.name, reason=u.reason) for u in d.units
+                      if u.compensation == 'maxpool_approx'],
+      excluded=[dict(unit=e.unit.name, rule=e.rule) for e in d.excluded],
+      couplings=[dict(kind=c.kind, members=list(c.members)) for c in d.couplings],
+      blocked=[dict(producer=b.producer, reason=b.reason) for b in d.blocked])
 
 
 def _report(spec, plan: Plan, problems, sols, widths, before, after, bc) -> dict[str, Any]:
@@ -157,7 +213,8 @@ def _report(spec, plan: Plan, problems, sols, widths, before, after, bc) -> dict
     diag = {} if sols is None else dict(sols[i].diag)
     layers.append(dict(name=p.unit.name, width_before=p.n, width_after=p.m,
                        ratio=plan.selection.ratio_for(p.unit.name), pool=p.unit.pool,
-                       diagnostics=diag))
+                       activation=p.unit.activation, compensation=p.unit.compensation,
+                       consumers=[c.path for c in p.unit.consumers], diagnostics=diag))
   seconds = lambda key: float(sum(s.diag.get(key, 0.0) for s in sols)) if sols else 0.0
   return dict(
       arch=spec.name, method=plan.method.name, criterion=plan.selection.criterion,

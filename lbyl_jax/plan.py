@@ -50,6 +50,10 @@ class Corrections(Options):
   guard: str = option('off', choices=('off', 'moments'), advanced=True,
                       help="experimental: shrink each delivery row by its least-squares factor in"
                            ' [0, 1] under the BN-moments model')
+  moment_cov: str = option('diag', choices=('diag', 'identity'), advanced=True,
+                           help="input covariance of the BN-moments model behind --guard and the"
+                                " 'auto' / 'blend' rules ('identity' needs no network-level"
+                                ' propagation, so it also works on users\' models)')
 
 
 def _stage_classes() -> list[type[Options]]:

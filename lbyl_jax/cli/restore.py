@@ -37,6 +37,7 @@ from lbyl_jax.io import export as export_lib
 from lbyl_jax.io import publish
 from lbyl_jax.io import weights as weights_lib
 from lbyl_jax.models import archs
+from lbyl_jax.models import custom
 from lbyl_jax import quant
 
 PROG = 'python -m lbyl_jax.restore'
@@ -54,6 +55,13 @@ def _slice(text: str) -> tuple[int, int]:
     return data_lib.parse_slice(text)
   except ValueError as e:
     raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _ints(text: str) -> list[int]:
+  try:
+    return [int(x) for x in text.split(',') if x.strip()]
+  except ValueError:
+    raise argparse.ArgumentTypeError(f'expected comma-separated integers, got {text!r}') from None
 
 
 def _names(text: str) -> list[str]:
@@ -75,8 +83,19 @@ def parser(show_advanced: bool = False) -> argparse.ArgumentParser:
              + '.\nQuantizers: ' + '; '.join(f'{n}: {quant.get(n).summary}' for n in quant.names())
              + '.\n--help-all lists the research and reproduction options too.')
   m = p.add_argument_group('model')
-  m.add_argument('--arch', required=True, choices=archs.names(), metavar='ARCH',
-                 help=f'preset: {", ".join(archs.names())}')
+  which = m.add_mutually_exclusive_group(required=True)
+  which.add_argument('--arch', choices=archs.names(), metavar='ARCH',
+                     help=f'preset: {", ".join(archs.names())}')
+  which.add_argument('--model', metavar='PKG.MODULE:FACTORY',
+                     help='your own flax.linen model: FACTORY() returns the module, (module, '
+                          'variables) or (module, {checkpoint key: Flax path}); its prunable units '
+                          'are discovered by tracing (needs --input-shape)')
+  m.add_argument('--input-shape', metavar='H,W,C', type=_ints,
+                 help='--model: the input shape of one example, e.g. 32,32,3')
+  m.add_argument('--input-mean', metavar='M[,M...]', type=_floats,
+                 help='--model with --data: per-channel mean after /255 (default: 0)')
+  m.add_argument('--input-std', metavar='S[,S...]', type=_floats,
+                 help='--model with --data: per-channel std after /255 (default: 1)')
   m.add_argument('--weights', metavar='PATH|random',
                  help="checkpoint file (.pth/.pt/.th/.pth.tar/.safetensors/.npz), an lbyl_jax "
                       "checkpoint directory, or 'random' (seeded random weights: runs the whole "
@@ -190,10 +209,11 @@ def _bits(text: str) -> int:
 def default_out(args: argparse.Namespace, plan: plan_lib.Plan) -> pathlib.Path:
   """runs/<arch>-<method>-r<ratio>[-w<bits><quant>] (or runs/<arch>-sweep), with -2, -3, ...
   appended while the name is taken: the default never overwrites."""
+  name = args.arch or args.model.rpartition(':')[2]
   if args.sweep:
-    stem = f'{args.arch}-sweep'
+    stem = f'{name}-sweep'
   else:
-    stem = f'{args.arch}-{plan.method.name}-r{plan.selection.ratio:g}'
+    stem = f'{name}-{plan.method.name}-r{plan.selection.ratio:g}'
     if plan.quantizer is not None:
       stem += f'-w{plan.quantizer.bits}{plan.quantizer.name}'
   base = pathlib.Path('runs')
@@ -212,7 +232,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   """Executes the parsed command line; returns the report (single) or sweep summary."""
   phases = common.Phases(quiet=args.no_progress)
   progress = not args.no_progress
-  spec = archs.get(args.arch)
+  factory = None
+  if args.model is not None:
+    if not args.input_shape:
+      raise ValueError('--model needs --input-shape H,W,C')
+    factory = custom.load_factory(args.model)
+    spec = custom.custom_spec(factory.module, (1, *args.input_shape),
+                              mean=tuple(args.input_mean or (0.0,)),
+                              std=tuple(args.input_std or (1.0,)))
+  else:
+    for flag in ('input_shape', 'input_mean', 'input_std'):
+      if getattr(args, flag) is not None:
+        raise ValueError(f'--{flag.replace("_", "-")} applies to --model, not to a preset')
+    spec = archs.get(args.arch)
   plans = _grid(args)
   if args.out is not None:
     publish.recover(publish.resolve_out(args.out))  # a swap left half done by a killed run
@@ -228,12 +260,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   if args.export and args.sweep:
     raise ValueError('--export applies to a single run, not to --sweep')
   for fmt in args.export:
-    export_lib.check_available(fmt)
+    export_lib.check_available(fmt, spec)
 
-  variables, source = phases.run('load', f'loading the weights of {spec.name}',
-                                 weights_lib.load_weights, spec, args.weights,
-                                 download=not args.no_download, progress=progress,
-                                 seed=args.init_seed)
+  if factory is not None:
+    variables, source = phases.run('load', f'loading the weights of {spec.name}',
+                                   weights_lib.load_custom_weights, spec, args.weights,
+                                   factory_variables=factory.variables, key_map=factory.key_map,
+                                   seed=args.init_seed)
+    common.log(spec.discovery.table())
+  else:
+    variables, source = phases.run('load', f'loading the weights of {spec.name}',
+                                   weights_lib.load_weights, spec, args.weights,
+                                   download=not args.no_download, progress=progress,
+                                   seed=args.init_seed)
   random_weights = args.weights == weights_lib.RANDOM
   if random_weights:
     common.log(f'weights: {source}: the accuracy of this run is meaningless')

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from lbyl_jax.pruning.bias import Consumer
+from lbyl_jax.pruning.bias import ConsumerTerms
 from lbyl_jax.pruning.problem import UnitProblem
 
 RULE_MODES = ('auto', 'blend')  # bias-correction modes decided per unit by auto_bias_rule
@@ -25,7 +25,7 @@ RULE_MODES = ('auto', 'blend')  # bias-correction modes decided per unit by auto
 # at 0 is 1.5-2x too small, at 1 up to 3x too large), and 0.5 tracks it within about 1.5x.
 SPATIAL_CORR = 0.5
 
-def _tap_energy(consumer: Consumer) -> np.ndarray:
+def _tap_energy(consumer: ConsumerTerms) -> np.ndarray:
   """q_n: E||alpha * sum_t V_t[n]^T r_t||^2 per unit variance of input channel n, for r_t with
   correlation SPATIAL_CORR between any two taps of the window."""
   V2 = consumer.alpha ** 2
@@ -33,7 +33,7 @@ def _tap_energy(consumer: Consumer) -> np.ndarray:
   coherent = np.einsum('no,o->n', consumer.V.sum(axis=0) ** 2, V2)
   return (1.0 - SPATIAL_CORR) * incoherent + SPATIAL_CORR * coherent
 
-def injected_error(consumer: Consumer, prune: np.ndarray, var_r: np.ndarray, mean_r: np.ndarray
+def injected_error(consumer: ConsumerTerms, prune: np.ndarray, var_r: np.ndarray, mean_r: np.ndarray
                    ) -> float:
   """E||alpha * (sum_t V_t[P]^T r_t)||^2 per output position for a residual r on the pruned
   channels with per-channel variance var_r and mean mean_r.
@@ -45,7 +45,7 @@ def injected_error(consumer: Consumer, prune: np.ndarray, var_r: np.ndarray, mea
   coherent = consumer.alpha * np.einsum('tpo,p->o', consumer.V[:, prune, :], mean_r)
   return float(np.sum(q * var_r) + np.sum(coherent ** 2))
 
-def consumer_energy(consumer: Consumer, E: np.ndarray, M: np.ndarray) -> float:
+def consumer_energy(consumer: ConsumerTerms, E: np.ndarray, M: np.ndarray) -> float:
   """Second moment per position of the tensor after the consumer (its BN output, plus the shortcut
   in residual blocks): sum(gamma^2 + beta^2) with a BN, the modelled E||V^T a + bias||^2 without."""
   if consumer.bn_energy is not None:
@@ -71,7 +71,7 @@ def residual_moments(E, M, keep, prune, S, c):
 
 def auto_bias_rule(problems: Sequence[UnitProblem], moments2: Sequence[tuple[np.ndarray, np.ndarray]],
                    candidates: Sequence[Sequence[tuple[np.ndarray, np.ndarray | None]]],
-                   cons: Sequence[Consumer], *, fractional: bool = False) -> list[dict[str, Any]]:
+                   cons: Sequence[ConsumerTerms], *, fractional: bool = False) -> list[dict[str, Any]]:
   """Per unit, whether to use the intercept fit, decided from the model's own predictions only.
 
   Why a rule is needed: under the Gaussian model the intercept fit is never worse, but it moves

@@ -29,6 +29,7 @@ from lbyl_jax.core import trees
 from lbyl_jax.core.version import __version__
 from lbyl_jax.io import publish
 from lbyl_jax.models import archs
+from lbyl_jax.models import custom
 from lbyl_jax.quant import uniform as quant
 
 # 2: meta.json records the SHA-256 of the stored variables (and of the quantization metadata),
@@ -144,6 +145,16 @@ def _default_widths(arch_name: str) -> tuple[int, ...]:
   return archs.get(arch_name).default_widths()
 
 
+CUSTOM_PREFIX = 'custom:'
+
+
+def _spec_of(arch) -> archs.ArchSpec:
+  """A registered preset (by name or spec) or a user model's spec (family 'custom')."""
+  if isinstance(arch, archs.ArchSpec):
+    return arch
+  return archs.get(arch)
+
+
 def _normalize_widths(spec: archs.ArchSpec, widths) -> tuple[int, ...] | None:
   if widths is None:
     return None
@@ -152,7 +163,9 @@ def _normalize_widths(spec: archs.ArchSpec, widths) -> tuple[int, ...] | None:
     raise ValueError(f'{spec.name}: expected {len(spec.units)} widths, got {len(widths)}')
   if any(w < 1 for w in widths):
     raise ValueError(f'{spec.name}: widths must be >= 1, got {list(widths)}')
-  return None if widths == _default_widths(spec.name) else widths
+  default = (spec.default_widths() if spec.family == 'custom'
+             else _default_widths(spec.name))
+  return None if widths == default else widths
 
 
 def _write_json(path: pathlib.Path, obj: Any) -> None:
@@ -173,14 +186,17 @@ def _write_orbax(path: pathlib.Path, tree: Mapping[str, Any]) -> None:
     ckptr.wait_until_finished()
 
 
-def save(out_dir: str | os.PathLike, arch_name: str, widths, variables: Mapping[str, Any], *,
+def save(out_dir: str | os.PathLike, arch_name: str | archs.ArchSpec, widths,
+         variables: Mapping[str, Any], *,
          meta: Mapping[str, Any] | None = None, overwrite: bool = False,
          files: Mapping[str, str | bytes] | None = None) -> pathlib.Path:
   """Writes ``variables`` and their architecture description to ``out_dir`` atomically.
 
   Args:
     out_dir: checkpoint directory to create (its parent must exist and be writable).
-    arch_name: registry name (``archs.get``).
+    arch_name: registry name (``archs.get``), or the spec of a user's model
+      (:func:`lbyl_jax.models.custom.custom_spec`), saved as ``'custom:<name>'`` (loading it
+      needs the module again: ``load(path, module=...)``).
     widths: per-unit widths of ``variables`` (None: the original widths).
     variables: ``{'params': ..., 'batch_stats': ...}`` of NumPy or JAX arrays. A quantized tree
       may hold integer arrays (and whatever extra leaves ``lbyl_jax.quant.uniform`` stores).
@@ -204,7 +220,7 @@ def save(out_dir: str | os.PathLike, arch_name: str, widths, variables: Mapping[
     ValueError: unknown arch, wrong number of widths, float variables whose shapes do not match
       the arch at these widths, non-JSON meta, reserved meta keys.
   """
-  spec = archs.get(arch_name)
+  spec = _spec_of(arch_name)
   widths = _normalize_widths(spec, widths)
   meta = dict(meta or {})
   clash = [k for k in _RESERVED if k in meta]
@@ -227,7 +243,9 @@ def save(out_dir: str | os.PathLike, arch_name: str, widths, variables: Mapping[
   full_meta = {
       **meta,
       'format_version': FORMAT_VERSION,
-      'arch': spec.name,
+      'arch': (CUSTOM_PREFIX + spec.name) if spec.family == 'custom' else spec.name,
+      **({'input_shape': list(spec.input_shape), 'policy': list(spec.policy)}
+         if spec.family == 'custom' else {}),
       'widths': None if widths is None else list(widths),
       'format': fmt,
       'lbyl_jax_version': meta.get('lbyl_jax_version', __version__),
@@ -333,7 +351,7 @@ def read_meta(path: str | os.PathLike) -> dict[str, Any]:
   return meta
 
 
-def _read_orbax(path: pathlib.Path) -> dict[str, Any]:
+def read_orbax(path: pathlib.Path) -> dict[str, Any]:
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
 
   if not path.is_dir():
@@ -346,7 +364,7 @@ def _read_orbax(path: pathlib.Path) -> dict[str, Any]:
   return jax.tree_util.tree_map(np.asarray, tree)
 
 
-def load(path: str | os.PathLike) -> Loaded:
+def load(path: str | os.PathLike, *, module=None, **model_options) -> Loaded:
   """Loads a checkpoint written by :func:`save`.
 
   A quantized checkpoint is dequantized with ``lbyl_jax.quant.uniform.dequantize_tree(raw, meta['quant'])``
@@ -358,11 +376,20 @@ def load(path: str | os.PathLike) -> Loaded:
   """
   d = pathlib.Path(path).absolute()
   meta = read_meta(d)
-  spec = archs.get(meta['arch'])
+  if meta['arch'].startswith(CUSTOM_PREFIX):
+    if module is None:
+      raise ValueError(f'{d}: a checkpoint of the user model {meta["arch"][len(CUSTOM_PREFIX):]!r};'
+                       ' pass its original-width module: lbyl_jax.load(path, module=...)')
+    spec = custom.custom_spec(module, (1, *meta['input_shape']), name=meta['arch'][len(CUSTOM_PREFIX):],
+                              policy=tuple(meta.get('policy', ())), **model_options)
+  else:
+    if module is not None:
+      raise ValueError(f'{d}: a checkpoint of the preset {meta["arch"]}; module= is for user models')
+    spec = archs.get(meta['arch'])
   widths = None if meta['widths'] is None else tuple(int(w) for w in meta['widths'])
   if widths is not None and len(widths) != len(spec.units):
     raise ValueError(f'{d / META_FILE}: {spec.name} needs {len(spec.units)} widths, meta has {len(widths)}')
-  stored = _read_orbax(d / VARIABLES_DIR)
+  stored = read_orbax(d / VARIABLES_DIR)
   if DIGEST_KEY in meta and trees.digest(stored, meta.get('quant')) != meta[DIGEST_KEY]:
     raise ValueError(f'{d / VARIABLES_DIR}: the stored variables do not match the SHA-256 in'
                      f' {d / META_FILE} (changed or replaced after saving)')

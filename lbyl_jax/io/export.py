@@ -119,10 +119,14 @@ def safetensors_bytes(spec: archs.ArchSpec, variables: Mapping[str, Any]) -> byt
   return encode_safetensors(sd, {'format': 'pt', 'arch': spec.name})
 
 
-def check_available(fmt: str) -> None:
-  """Raises before any work when ``fmt`` cannot be written (unknown, or a missing package)."""
+def check_available(fmt: str, spec: archs.ArchSpec | None = None) -> None:
+  """Raises before any work when ``fmt`` cannot be written (unknown, a missing package, or no
+  PyTorch naming for the architecture)."""
   if fmt not in FORMATS:
     raise ValueError(f'unknown export format {fmt!r}; known: {", ".join(FORMATS)}')
+  if fmt == 'safetensors' and spec is not None and spec.torch_naming is None:
+    raise ValueError(f'--export safetensors: {spec.name} has no PyTorch naming (a user model);'
+                     ' use --export stablehlo')
   if fmt == 'stablehlo':
     import flatbuffers  # noqa: F401  pylint: disable=import-outside-toplevel,unused-import
 

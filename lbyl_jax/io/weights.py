@@ -24,13 +24,17 @@ from __future__ import annotations
 
 import os
 import pathlib
+from collections.abc import Mapping
 from typing import Any
 
 import converters
+import jax
+import numpy as np
 
+from lbyl_jax.core import trees
 from lbyl_jax.io import checkpoint
-from lbyl_jax.models import archs
 from lbyl_jax.io import download as download_lib
+from lbyl_jax.models import archs
 
 # File names for presets whose weights are not publicly hosted; users drop them into
 # $LBYL_JAX_WEIGHTS (or the user cache) under exactly this name.
@@ -223,3 +227,64 @@ def load_weights(spec: archs.ArchSpec, weights: str | os.PathLike | None = None,
     return loaded.variables, str(pathlib.Path(weights).absolute())
   path = resolve_weights(spec, weights, download=download, progress=progress)
   return converters.load_variables(path, spec), str(path)
+
+
+def _orbax_dir(path: pathlib.Path) -> bool:
+  return path.is_dir() and any((path / n).exists() for n in ('_METADATA', '_CHECKPOINT_METADATA',
+                                                             'manifest.ocdbt', 'checkpoint'))
+
+
+def _from_key_map(flat: Mapping[str, np.ndarray], key_map: Mapping[str, str] | None,
+                  where: str) -> dict[str, Any]:
+  """Checkpoint entries -> Flax variables: keys already in Flax form ('params/conv1/kernel'), or
+  mapped by ``key_map`` {checkpoint key: Flax leaf path} with PyTorch layouts converted (conv
+  OIHW -> HWIO, linear (out, in) -> (in, out))."""
+  if all('/' in k for k in flat):
+    return trees.unflatten({k: np.asarray(v, np.float32) for k, v in flat.items()})
+  if not key_map:
+    raise ValueError(f'{where}: its keys ({", ".join(list(flat)[:3])}, ...) are not Flax paths;'
+                     " the model factory must return (module, {checkpoint key: Flax path}) for it")
+  unknown = sorted(set(flat) - set(key_map))
+  missing = sorted(set(key_map) - set(flat))
+  if missing:
+    raise ValueError(f'{where}: the key mapping names entries the file lacks: {missing[:10]}')
+  out = {}
+  for key, path in key_map.items():
+    v = np.asarray(flat[key], np.float32)
+    if path.endswith('/kernel') and v.ndim == 4:
+      v = np.ascontiguousarray(v.transpose(2, 3, 1, 0))
+    elif path.endswith('/kernel') and v.ndim == 2:
+      v = np.ascontiguousarray(v.T)
+    out[path] = v
+  del unknown  # entries the mapping leaves out (optimizer state, counters) are not needed
+  return trees.unflatten(out)
+
+
+def load_custom_weights(spec: archs.ArchSpec, weights: str | os.PathLike | None, *,
+                        factory_variables: Mapping[str, Any] | None = None,
+                        key_map: Mapping[str, str] | None = None,
+                        seed: int = 0) -> tuple[dict[str, Any], str]:
+  """Variables of a user's model (``--model``): from the factory, ``'random'``, an lbyl_jax
+  checkpoint of it, an orbax directory of its variables, or a weights file (.npz / .safetensors /
+  PyTorch) with Flax paths as keys or a ``key_map``. Shapes are checked against the module."""
+  if weights is None:
+    if factory_variables is None:
+      raise ValueError('--model: the factory returned no variables; give --weights PATH or random')
+    variables, source = factory_variables, 'the model factory'
+  elif os.fspath(weights) == RANDOM:
+    return spec.init(int(seed)), f'random (seed {int(seed)})'
+  else:
+    path = pathlib.Path(weights).expanduser()
+    if checkpoint.is_checkpoint(path):
+      loaded = checkpoint.load(path, module=spec.discover_module)
+      variables = loaded.variables
+    elif _orbax_dir(path):
+      variables = checkpoint.read_orbax(path)
+    elif path.is_file():
+      variables = _from_key_map(converters.read_state_dict(path), key_map, str(path))
+    else:
+      raise WeightsNotFoundError(f'--weights {path} does not exist')
+    source = str(path.absolute())
+  variables = jax.tree_util.tree_map(np.asarray, dict(variables))
+  checkpoint.check_shapes(spec, variables, None, where=f'--weights {source}')
+  return variables, source

@@ -18,7 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from lbyl_jax.core import units as units_lib
+from lbyl_jax.core.bn import BN_EPS
 from lbyl_jax.core.registry import Registry
+from lbyl_jax.models import discover as discover_lib
 from lbyl_jax.models import nets as models
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -40,11 +42,13 @@ class WeightsSource:
 class ArchSpec:
   """One ``--arch`` preset.
 
+  The prunable units are DISCOVERED by tracing the model (:mod:`lbyl_jax.models.discover`), the
+  same for presets and users' models; ``units`` is their order, the order of the width slots.
+
   Attributes:
     name: registry key.
-    family: 'mlp', 'cifar_resnet', 'resnet', 'vgg_cifar' or 'vgg'.
+    family: 'mlp', 'cifar_resnet', 'resnet', 'vgg_cifar', 'vgg', or 'custom' (a user's model).
     model: the module with original widths (``widths=None``).
-    units: prunable units in width-slot order.
     input_shape: (H, W, C) the weights expect.
     mean, std: per-channel normalization applied after scaling pixels to [0, 1].
     num_classes: classifier outputs.
@@ -53,21 +57,49 @@ class ArchSpec:
       'lenet').
     weights: public download source, or None if the weights are not publicly hosted.
     hparams: per-method default hyper-parameters.
+    policy: discovery policy (which structurally prunable units are left out).
+    builder: for a user's model, how modules of other widths are built
+      (:class:`lbyl_jax.models.custom.CustomBuilder`); None: ``model.clone(widths=...)``.
+    discover_module: the module discovery traces when it is not ``model`` (a user's module
+      inside its wrapper); apply_kwargs: keyword arguments of its calls.
   """
 
   name: str
   family: str
   model: nn.Module
-  units: tuple[units_lib.Unit, ...]
-  input_shape: tuple[int, int, int]
+  input_shape: tuple[int, ...]
   mean: tuple[float, ...]
   std: tuple[float, ...]
   num_classes: int
-  dataset: str
-  torch_naming: str
+  dataset: str | None
+  torch_naming: str | None
   weights: WeightsSource | None = None
   hparams: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
   description: str = ''
+  policy: tuple[str, ...] = units_lib.DEFAULT_POLICY
+  builder: Any = None
+  discover_module: nn.Module | None = None
+  apply_kwargs: tuple[tuple[str, Any], ...] = ()
+
+  @functools.cached_property
+  def discovery(self) -> units_lib.Discovery:
+    """What tracing the model found (units, couplings, unprunable layers); cached."""
+    module = self.discover_module if self.discover_module is not None else self.model
+    return discover_lib.discover(module, self.abstract_variables(), (1, *self.input_shape),
+                                 apply_kwargs=dict(self.apply_kwargs), policy=self.policy)
+
+  @property
+  def units(self) -> tuple[units_lib.Unit, ...]:
+    """The prunable units, in width-slot order."""
+    return self.discovery.units
+
+  def bn_epsilon(self, path: str) -> float:
+    """The epsilon of the BatchNorm at ``path`` (as traced)."""
+    try:
+      eps = self.discovery.layer(path).epsilon
+    except KeyError:
+      eps = None
+    return BN_EPS if eps is None else float(eps)
 
   @property
   def width_names(self) -> tuple[str, ...]:
@@ -88,6 +120,8 @@ class ArchSpec:
         )
       if widths == self.default_widths():
         widths = None
+    if self.builder is not None:
+      return self.builder.build(self, widths)
     return self.model.clone(widths=widths)
 
   def dummy_input(self, batch: int = 1) -> jnp.ndarray:
@@ -121,17 +155,20 @@ class ArchSpec:
       return np.ones(leaf.shape, np.float32)  # BN scale / var before randomization
 
     variables = jax.tree_util.tree_map_with_path(_draw, shapes)
-    return randomize_batch_stats(variables, int(rs.integers(2**31 - 1)))
+    bns = {layer.path for layer in self.discovery.layers if layer.kind == 'bn'}
+    return randomize_batch_stats(variables, int(rs.integers(2**31 - 1)), bn_paths=bns)
 
 
 @functools.lru_cache(maxsize=256)
 def _abstract_variables(spec: ArchSpec, widths: tuple[int, ...] | None) -> Any:
-  model = spec.model.clone(widths=widths)
+  model = spec.model if widths is None else spec.build(widths)
   return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), spec.dummy_input()))
 
 
-def randomize_batch_stats(variables: Any, seed: int) -> Any:
+def randomize_batch_stats(variables: Any, seed: int, *, bn_paths=None) -> Any:
   """BN running stats and affine params replaced by random, well-conditioned values (NumPy).
+
+  ``bn_paths``: the BatchNorm layers ('/'-joined); None: layers named 'bn*' / 'downsample_bn'.
 
   mean ~ N(0, 0.1), var ~ U(0.5, 1.5), scale ~ U(0.5, 1.5), bias ~ N(0, 0.1).
   """
@@ -141,6 +178,8 @@ def randomize_batch_stats(variables: Any, seed: int) -> Any:
     return variables
 
   def _is_bn(path) -> bool:
+    if bn_paths is not None:
+      return '/'.join(str(getattr(p, 'key', '')) for p in path[:-1]) in bn_paths
     return any(str(getattr(p, 'key', '')).startswith(('bn', 'downsample_bn')) for p in path[:-1])
 
   def _randomize(path, leaf):
@@ -172,59 +211,6 @@ def names() -> list[str]:
 
 
 # --------------------------------------------------------------------------------------------
-# Unit lists per architecture family (docs/README.md, "Units"): conv1 of every basic block;
-# conv1 and conv2 of every bottleneck; every VGG conv (the last one feeds the classifier); the
-# hidden layers of the MLP. Stems, shortcuts, expansion convs and heads are never pruned.
-
-
-def mlp_units(n_hidden: int) -> tuple[units_lib.Unit, ...]:
-  return tuple(
-      units_lib.Unit(f'ip{i + 1}', f'ip{i + 1}', None, f'ip{i + 2}', 'dense')
-      for i in range(n_hidden))
-
-
-def cifar_resnet_units(depth: int) -> tuple[units_lib.Unit, ...]:
-  n = (depth - 2) // 6
-  out = []
-  for s in range(3):
-    for i in range(n):
-      blk = f'layer{s + 1}_{i}'
-      out.append(units_lib.Unit(f'{blk}/conv1', f'{blk}/conv1', f'{blk}/bn1', f'{blk}/conv2', 'conv'))
-  return tuple(out)
-
-
-def resnet_units(stage_sizes, bottleneck: bool) -> tuple[units_lib.Unit, ...]:
-  out = []
-  for s, n in enumerate(stage_sizes):
-    for i in range(n):
-      blk = f'layer{s + 1}_{i}'
-      out.append(units_lib.Unit(f'{blk}/conv1', f'{blk}/conv1', f'{blk}/bn1', f'{blk}/conv2', 'conv'))
-      if bottleneck:
-        out.append(units_lib.Unit(f'{blk}/conv2', f'{blk}/conv2', f'{blk}/bn2', f'{blk}/conv3',
-                                  'conv'))
-  return tuple(out)
-
-
-def vgg_units(cifar: bool) -> tuple[units_lib.Unit, ...]:
-  cfg = models.VGG16_CFG[:-1] if cifar else models.VGG16_CFG
-  out = []
-  i = 0
-  for pos, c in enumerate(cfg):
-    if c == 'M':
-      continue
-    nxt = cfg[pos + 1] if pos + 1 < len(cfg) else None
-    pool = 'max' if nxt == 'M' else None
-    if i < 12:
-      out.append(units_lib.Unit(f'conv{i}', f'conv{i}', f'bn{i}', f'conv{i + 1}', 'conv', pool=pool))
-    elif cifar:  # 2x2 avg pool of the 2x2 map -> 1 position per channel
-      out.append(units_lib.Unit('conv12', 'conv12', 'bn12', 'fc1', 'dense', flatten=1, pool='avg'))
-    else:  # max-pool then adaptive avg pool to 7x7 -> 49 positions per channel
-      out.append(units_lib.Unit('conv12', 'conv12', 'bn12', 'fc1', 'dense', flatten=49, pool='max'))
-    i += 1
-  return tuple(out)
-
-
-# --------------------------------------------------------------------------------------------
 # Presets.
 
 _AKAMASTER = 'https://github.com/akamaster/pytorch_resnet_cifar10/raw/master/pretrained_models/'
@@ -249,7 +235,6 @@ for _depth in (20, 32, 44, 56, 110):
       name=f'resnet{_depth}',
       family='cifar_resnet',
       model=models.CifarResNet(depth=_depth, shortcut='A'),
-      units=cifar_resnet_units(_depth),
       input_shape=(32, 32, 3), mean=IMAGENET_MEAN, std=IMAGENET_STD, num_classes=10,
       dataset='cifar10', torch_naming='cifar_resnet',
       weights=WeightsSource(_AKAMASTER + _file, _file, _sha),
@@ -260,7 +245,6 @@ for _depth in (20, 32, 44, 56, 110):
       name=f'resnet{_depth}_b',
       family='cifar_resnet',
       model=models.CifarResNet(depth=_depth, shortcut='B'),
-      units=cifar_resnet_units(_depth),
       input_shape=(32, 32, 3), mean=CIFAR_MEAN, std=CIFAR_STD, num_classes=10,
       dataset='cifar10', torch_naming='cifar_resnet',
       hparams=_CIFAR_HP,
@@ -271,7 +255,6 @@ register(ArchSpec(
     name='lenet_300_100',
     family='mlp',
     model=models.MLP(hidden=(300, 100), num_classes=10),
-    units=mlp_units(2),
     input_shape=(28, 28, 1), mean=(0.5,), std=(0.5,), num_classes=10,
     dataset='fashion_mnist', torch_naming='lenet',
     hparams={'nm': {'t': 0.45, 'lam': 0.85}},
@@ -282,7 +265,6 @@ register(ArchSpec(
     name='vgg16_bn_cifar',
     family='vgg_cifar',
     model=models.VGG(cifar=True, num_classes=10),
-    units=vgg_units(cifar=True),
     input_shape=(32, 32, 3), mean=CIFAR_MEAN, std=CIFAR_STD, num_classes=10,
     dataset='cifar10', torch_naming='vgg_cifar',
     hparams={'nm': {'t': 0.1, 'lam': 0.85}},
@@ -293,7 +275,6 @@ register(ArchSpec(
     name='vgg16_bn',
     family='vgg',
     model=models.VGG(cifar=False, num_classes=1000),
-    units=vgg_units(cifar=False),
     input_shape=(224, 224, 3), mean=IMAGENET_MEAN, std=IMAGENET_STD, num_classes=1000,
     dataset='imagenet', torch_naming='vgg',
     weights=WeightsSource(_TORCHVISION + 'vgg16_bn-6c64b313.pth', 'vgg16_bn-6c64b313.pth', '6c64b313'),
@@ -313,7 +294,6 @@ for _name, (_sizes, _bottleneck, _file) in _TV_RESNETS.items():
       name=_name,
       family='resnet',
       model=models.ResNet(stage_sizes=_sizes, bottleneck=_bottleneck, num_classes=1000),
-      units=resnet_units(_sizes, _bottleneck),
       input_shape=(224, 224, 3), mean=IMAGENET_MEAN, std=IMAGENET_STD, num_classes=1000,
       dataset='imagenet', torch_naming='resnet',
       weights=WeightsSource(_TORCHVISION + _file, _file, _file.split('-')[1].split('.')[0]),

@@ -18,22 +18,18 @@ import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import flax.linen as nn
-import jax
 import numpy as np
 
 from lbyl_jax.core import trees
-from lbyl_jax.core import units as units_lib
 from lbyl_jax.core.bn import BN_EPS
 from lbyl_jax.pruning import moments as moments_lib
 from lbyl_jax.pruning.problem import UnitProblem, UnitSolution
-from lbyl_jax.models import trace
 
 FOLDS = ('padding_aware', 'all_taps')
 
 
 @dataclasses.dataclass(frozen=True)
-class Consumer:
+class ConsumerTerms:
   """What the constants and the 'auto' rule need to know about a unit's consumer layer.
 
   Attributes:
@@ -56,42 +52,8 @@ class Consumer:
   bias: np.ndarray
   shortcut_energy: float = 0.0
 
-_GEOMETRY_CACHE: dict[tuple, dict[str, tuple]] = {}
 
-def _tap_fraction(size: int, k: int, stride: int, pad: tuple[int, int]) -> np.ndarray:
-  """Per kernel offset, the fraction of output positions whose input index is inside [0, size)."""
-  out = (size + pad[0] + pad[1] - k) // stride + 1
-  idx = np.arange(out)[:, None] * stride - pad[0] + np.arange(k)[None, :]
-  return ((idx >= 0) & (idx < size)).mean(axis=0)
 
-def consumer_geometry(spec, variables: Mapping[str, Any]) -> dict[str, tuple]:
-  """{unit name: (tap fractions (kh, kw))} for conv consumers, from an abstract forward pass."""
-  widths = units_lib.widths_of(variables, spec.units)
-  key = (spec.name, widths)
-  if key in _GEOMETRY_CACHE:
-    return _GEOMETRY_CACHE[key]
-  consumers = {u.consumer: u.name for u in spec.units if u.consumer_kind == 'conv'}
-  geo: dict[str, tuple] = {}
-
-  def interceptor(next_fun, args, kwargs, ctx):
-    path = '/'.join(ctx.module.path)
-    if ctx.method_name == '__call__' and path in consumers and isinstance(ctx.module, nn.Conv):
-      mod, shape = ctx.module, args[0].shape
-      pads = mod.padding
-      if isinstance(pads, str):
-        raise ValueError(f'{path}: padding {pads!r} is not explicit; the models pad explicitly')
-      fr = [_tap_fraction(shape[1 + a], mod.kernel_size[a], mod.strides[a], tuple(pads[a]))
-            for a in range(2)]
-      geo[consumers[path]] = (np.outer(fr[0], fr[1]),)
-    return next_fun(*args, **kwargs)
-
-  model = spec.build(widths)
-  abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.float32),
-                                    variables)
-  with nn.intercept_methods(interceptor):
-    jax.eval_shape(lambda v, x: model.apply(v, x), abstract, spec.dummy_input())
-  _GEOMETRY_CACHE[key] = geo
-  return geo
 
 def _residual_shortcut_energy(spec, variables, unit, moments) -> float:
   """Second moment of the shortcut that meets the consumer's BN output (residual blocks only)."""
@@ -108,40 +70,49 @@ def _residual_shortcut_energy(spec, variables, unit, moments) -> float:
   x = moments.get(f'{blk}/conv1')
   return 0.0 if x is None else float(np.sum(x.var + x.mean ** 2))
 
-def consumers(spec, variables, problems: Sequence[UnitProblem], moments=None) -> list[Consumer]:
-  """:class:`Consumer` of every unit (geometry and BN from an abstract forward pass of ``spec``)."""
-  if spec is None:
-    raise ValueError('the consumer geometry needs the architecture (spec)')
-  geo = consumer_geometry(spec, variables)
+
+def consumer_terms(spec, variables: Mapping[str, Any], problems: Sequence[UnitProblem],
+                   moments=None, *, index: int = 0) -> list[ConsumerTerms]:
+  """:class:`ConsumerTerms` of every unit's ``index``-th consumer: its weights on the unit's
+  channels, where its taps read inside the zero padding (the traced geometry of
+  :class:`lbyl_jax.core.units.Consumer`), and the BatchNorm after it."""
   out = []
   for p in problems:
     u = p.unit
-    layer = trees.get_path(variables['params'], u.consumer)
+    con = u.consumers[index]
+    layer = trees.get_path(variables['params'], con.path)
     k = np.asarray(layer['kernel'], np.float64)
-    if u.consumer_kind == 'conv':
-      V = k.reshape(-1, k.shape[2], k.shape[3])
-      tw = geo.get(u.name, (None,))[0]
-      tw = None if tw is None else tw.reshape(-1)
+    if con.kind == 'conv':
+      ch = con.offset + np.arange(p.n)
+      if con.offset or k.shape[-2] != p.n:
+        k = np.take(k, ch, axis=-2)
+      V = k.reshape(-1, k.shape[-2], k.shape[-1])
+      tw = None if con.geometry is None else con.geometry.tap_fractions().reshape(-1)
     else:
-      V = np.transpose(k.reshape(p.n, u.flatten, k.shape[1]), (1, 0, 2))
+      V = np.transpose(k[con.indices(np.arange(p.n))], (1, 0, 2))
       tw = None
     o = V.shape[2]
     bias = np.asarray(layer['bias'], np.float64) if 'bias' in layer else np.zeros(o)
-    bn_path = trace.consumer_bn(spec, u.consumer)
-    if bn_path is not None:
-      bp = trees.get_path(variables['params'], bn_path)
-      bs = trees.get_path(variables['batch_stats'], bn_path)
+    if con.bn is not None and trees.has_path(variables.get('batch_stats', {}), con.bn):
+      bp = trees.get_path(variables['params'], con.bn)
+      bs = trees.get_path(variables['batch_stats'], con.bn)
       gamma = np.asarray(bp['scale'], np.float64)
       beta = np.asarray(bp['bias'], np.float64)
       alpha = gamma / np.sqrt(np.asarray(bs['var'], np.float64) + BN_EPS)
       energy = float(np.sum(gamma ** 2 + beta ** 2))
     else:
       alpha, energy = np.ones(o), None
-    out.append(Consumer(V, tw, alpha, energy, bias,
-                        _residual_shortcut_energy(spec, variables, u, moments)))
+    out.append(ConsumerTerms(V, tw, alpha, energy, bias,
+                             _residual_shortcut_energy(spec, variables, u, moments)))
   return out
 
-def fold_constant(consumer: Consumer, prune: np.ndarray, c: np.ndarray) -> np.ndarray:
+
+def absorbs(variables: Mapping[str, Any], consumer) -> bool:
+  """Whether a constant shift of the consumer's output has a home: its BatchNorm or its bias."""
+  return consumer.bn is not None or 'bias' in trees.get_path(variables['params'], consumer.path)
+
+
+def fold_constant(consumer: ConsumerTerms, prune: np.ndarray, c: np.ndarray) -> np.ndarray:
   """The constant c' whose fold, sum over ALL taps V[:, P] c' (how surgery shifts the consumer's
   BN mean), best matches the position-averaged effect of c under zero padding,
   sum over taps w_tap V[tap, P] c (docs/README.md#folding-into-the-consumer; docs/bias_correction.md#padding-aware-fold).
@@ -172,41 +143,86 @@ def raw_constant(spec, variables: Mapping[str, Any], problem: UnitProblem, S_P) 
 
 # rule(problems, moments2, candidates, consumers) -> per-unit weight in [0, 1].
 Rule = Callable[[Sequence[UnitProblem], Sequence[tuple[np.ndarray, np.ndarray]],
-                 Sequence[Sequence[tuple[np.ndarray, np.ndarray | None]]], Sequence[Consumer]],
+                 Sequence[Sequence[tuple[np.ndarray, np.ndarray | None]]], Sequence[ConsumerTerms]],
                 Sequence[float]]
+
+
+
+
+def apply(problems: Sequence[UnitProblem], solutions: Sequence[UnitSolution],
+          consts: Sequence[Any]) -> list[UnitSolution]:
+  """The solutions with their constants replaced by ``consts`` (checked: |P| finite values per
+  consumer; a dict {consumer path: constant or None} for units with several consumers)."""
+  if len(consts) != len(problems):
+    raise ValueError(f'{len(consts)} bias constants for {len(problems)} units')
+  out = []
+  for p, s, c in zip(problems, solutions, consts):
+    if c is None or p.prune.size == 0:
+      c = None
+    else:
+      parts = c if isinstance(c, Mapping) else {None: c}
+      checked = {}
+      for key, v in parts.items():
+        if v is None:
+          checked[key] = None
+          continue
+        v = np.asarray(v, np.float64)
+        if v.shape != (p.prune.size,) or not np.all(np.isfinite(v)):
+          raise ValueError(f'{p.unit.name}: bias constant of shape {v.shape} or non-finite values;'
+                           f' expected {p.prune.size} finite values')
+        checked[key] = v
+      c = checked if isinstance(c, Mapping) else checked[None]
+    out.append(dataclasses.replace(s, bias=c, diag={**s.diag, 'bias_correction': c is not None}))
+  return out
 
 
 def constants(spec, variables: Mapping[str, Any], problems: Sequence[UnitProblem],
               solutions: Sequence[UnitSolution], *, fold: str = 'padding_aware',
-              rule: Rule | None = None, cov_model: str = 'diag') -> list[np.ndarray | None]:
-  """Per unit the constant for surgery's all-taps fold, or None (nothing pruned / declined).
+              rule: Rule | None = None, cov_model: str = 'diag',
+              skipped: list[dict[str, str]] | None = None) -> list[Any]:
+  """Per unit the constant for surgery's fold, or None (nothing pruned / declined).
 
   A bnm solution that already fitted its constant (``diag['bias_mode']`` not 'off') keeps it.
   Otherwise c = E[a_P] - S_P E[a_K] is computed for the given S_P, made padding-aware
   (:func:`fold_constant`) when ``fold == 'padding_aware'``, and, with a ``rule``, scaled by the
   rule's per-unit weight (the 'auto' / 'blend' modes; the unit means then come from the full
-  second-moment model with ``cov_model``).
+  second-moment model with ``cov_model``). A unit with several consumers gets
+  ``{consumer path: constant}`` (each folded for its own geometry).
+
+  Units whose compensation is 'prune_only' get None; so do, in a user's model (no network-wide
+  moment model), units without a BatchNorm, and consumers that have neither a BatchNorm after them
+  nor a bias: each is appended to ``skipped`` with the reason.
   """
   problems, solutions = list(problems), list(solutions)
   if len(problems) != len(solutions):
     raise ValueError(f'bias constants: {len(problems)} problems but {len(solutions)} solutions')
   if fold not in FOLDS:
     raise ValueError(f'fold must be one of {FOLDS}, got {fold!r}')
+  skipped = [] if skipped is None else skipped
   padding_aware = fold == 'padding_aware'
-  out: list[np.ndarray | None] = [None] * len(problems)
+  custom = spec is not None and spec.family == 'custom'
+  out: list[Any] = [None] * len(problems)
   todo = []
   for i, (p, s) in enumerate(zip(problems, solutions)):
-    if not p.prune.size:
+    if not p.prune.size or p.unit.compensation == 'prune_only':
       continue
     if s.diag.get('method') == 'bnm' and s.diag.get('bias_mode', 'off') != 'off':
       out[i] = None if s.bias is None else np.asarray(s.bias, np.float64)
+    elif custom and p.unit.bn is None:
+      skipped.append(dict(unit=p.unit.name, reason='no BatchNorm: its activation mean needs the'
+                          ' network-level moment model, which exists for the presets only'))
     else:
       todo.append(i)
   if not todo:
     return out
   probs = [problems[i] for i in todo]
+  if rule is not None and any(len(p.unit.consumers) != 1 for p in probs):
+    raise ValueError('the per-layer bias rules need one consumer per unit')
   need_geo = variables is not None and (padding_aware or rule is not None)
-  moments = moments_lib.propagate(spec, variables) if need_geo and spec is not None else None
+  moments = None
+  if spec is not None and not custom and (rule is not None
+                                          or any(p.unit.bn is None for p in probs)):
+    moments = moments_lib.propagate(spec, variables)
   if rule is not None:
     mom2 = moments_lib.unit_moments(spec, variables, probs, cov_model=cov_model, moments=moments)
     means = [E for E, _ in mom2]
@@ -214,28 +230,33 @@ def constants(spec, variables: Mapping[str, Any], problems: Sequence[UnitProblem
     means = moments_lib.activation_means(spec, variables, probs, moments=moments)
   consts = [E[p.prune] - np.asarray(solutions[i].S_P, np.float64) @ E[p.keep]
             for i, p, E in zip(todo, probs, means)]
-  cons = consumers(spec, variables, probs, moments) if need_geo else None
   weight = [1.0] * len(todo)
   if rule is not None:
+    cons = consumer_terms(spec, variables, probs, moments)
     S_list = [np.asarray(solutions[i].S_P, np.float64) for i in todo]
     weight = list(rule(probs, mom2, [[(S, None), (S, c)] for S, c in zip(S_list, consts)], cons))
+  per_consumer = {}
+  if need_geo:
+    n_cons = max(len(p.unit.consumers) for p in probs)
+    for index in range(n_cons):
+      sub = [k for k, p in enumerate(probs) if len(p.unit.consumers) > index]
+      terms_ = consumer_terms(spec, variables, [probs[k] for k in sub], moments, index=index)
+      per_consumer.update({(k, index): t for k, t in zip(sub, terms_)})
   for k, (i, p, c) in enumerate(zip(todo, probs, consts)):
-    if weight[k] > 0:
-      c = weight[k] * c
-      out[i] = fold_constant(cons[k], p.prune, c) if (cons is not None and padding_aware) else c
-  return out
-
-
-def apply(problems: Sequence[UnitProblem], solutions: Sequence[UnitSolution],
-          consts: Sequence[np.ndarray | None]) -> list[UnitSolution]:
-  """The solutions with their constants replaced by ``consts`` (checked: |P| finite values)."""
-  if len(consts) != len(problems):
-    raise ValueError(f'{len(consts)} bias constants for {len(problems)} units')
-  out = []
-  for p, s, c in zip(problems, solutions, consts):
-    c = None if (c is None or p.prune.size == 0) else np.asarray(c, np.float64)
-    if c is not None and (c.shape != (p.prune.size,) or not np.all(np.isfinite(c))):
-      raise ValueError(f'{p.unit.name}: bias constant of shape {c.shape} or non-finite values;'
-                       f' expected {p.prune.size} finite values')
-    out.append(dataclasses.replace(s, bias=c, diag={**s.diag, 'bias_correction': c is not None}))
+    if weight[k] <= 0:
+      continue
+    c = weight[k] * c
+    folded = {}
+    for index, con in enumerate(p.unit.consumers):
+      if not absorbs(variables, con):
+        skipped.append(dict(unit=p.unit.name, consumer=con.path,
+                            reason='the consumer has neither a following BatchNorm nor a bias'))
+        folded[con.path] = None
+        continue
+      folded[con.path] = (fold_constant(per_consumer[(k, index)], p.prune, c)
+                          if (need_geo and padding_aware) else c)
+    if len(p.unit.consumers) == 1:
+      out[i] = folded[p.unit.consumers[0].path]
+    elif any(v is not None for v in folded.values()):
+      out[i] = folded
   return out

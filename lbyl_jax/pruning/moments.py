@@ -471,7 +471,8 @@ def propagate(spec, variables: Mapping[str, Any], *, input_mean: float = 0.0,
       mom = InputMoments(*relu_mean_var(beta, gamma ** 2, 4 if u.pool == 'max' else 1))
     return out
   if fam not in ('cifar_resnet', 'resnet'):
-    raise ValueError(f'{spec.name}: moment propagation does not know family {fam!r}')
+    raise ValueError(f'{spec.name}: the network-level BN-moment model exists for the preset families'
+                     f' only (not {fam!r}); use options that need no moment propagation')
   beta, gamma = _bn(variables, 'bn1')
   x = relu_mean_var(beta, gamma ** 2, 9 if fam == 'resnet' else 1)  # torchvision: 3x3 stem max-pool
   names = {u.producer for u in spec.units}
@@ -549,6 +550,13 @@ def second_moments(prepared: Sequence[tuple[np.ndarray, np.ndarray]], *, activat
 
 def prepare(spec, variables, problems, cov_model: str, moments):
   need = cov_model == 'diag' or any(p.unit.bn is None for p in problems)
+  if need and moments is None and spec is not None and spec.family == 'custom':
+    no_bn = [p.unit.name for p in problems if p.unit.bn is None]
+    why = (f"cov_model='diag' needs per-channel input moments" if cov_model == 'diag' else
+           f'units without BN: {", ".join(no_bn[:5])} need their input moments')
+    raise ValueError(f'{spec.name}: {why} propagated through the network, which exists for the'
+                     " presets only; on a user's model use bnm_cov='identity' / moment_cov="
+                     "'identity' (units with a BatchNorm)")
   if need and moments is None:
     moments = propagate(spec, variables)
   prepared, kinds = [], []

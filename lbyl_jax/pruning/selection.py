@@ -18,6 +18,7 @@ import numpy as np
 
 from lbyl_jax.core import trees
 from lbyl_jax.core import units as units_lib
+from lbyl_jax.core.bn import BN_EPS
 from lbyl_jax.core.options import Options, RATIO, number, option
 from lbyl_jax.pruning import criteria
 from lbyl_jax.pruning import terms
@@ -114,20 +115,24 @@ def check_finite(variables: Mapping[str, Any], *, where: str = 'variables') -> N
 
 
 def validate_variables(spec, variables: Mapping[str, Any]) -> None:
-  """:func:`check_finite`, plus: every unit's layers exist and each consumer reads as many inputs
-  as its producer has channels."""
+  """:func:`check_finite`, plus: every unit's layers exist and every consumer reads the producer's
+  channels where the unit says (the widths of the variables fit the units)."""
   check_finite(variables)
   params = variables['params']
   for unit in spec.units:
-    for path in (unit.producer, unit.consumer) + ((unit.bn,) if unit.bn else ()):
+    paths = [unit.producer] + [c.path for c in unit.consumers] + ([unit.bn] if unit.bn else [])
+    for path in paths:
       if not trees.has_path(params, path):
         raise ValueError(f'{spec.name}: variables lack layer {path!r} of unit {unit.name}')
     n = units_lib.width_of(variables, unit)
-    v = np.shape(trees.get_path(params, unit.consumer)['kernel'])
-    fan_in = v[2] if unit.consumer_kind == 'conv' else v[0]
-    if fan_in != n * unit.flatten:
-      raise ValueError(f'{unit.consumer}: reads {fan_in} inputs but {unit.producer} has {n}'
-                       f' channels (x{unit.flatten} positions)')
+    for con in unit.consumers:
+      v = np.shape(trees.get_path(params, con.path)['kernel'])
+      fan_in = v[-2] if con.kind == 'conv' else v[0]
+      need = int(np.max(con.indices(np.arange(n)))) + 1
+      exact = con.offset == 0 and not con.through and len(unit.consumers) == 1
+      if need > fan_in or (exact and fan_in != n * con.flatten):
+        raise ValueError(f'{con.path}: reads {fan_in} inputs but {unit.producer} has {n}'
+                         f' channels (x{con.flatten} positions)')
 
 
 def check_overrides(spec, selection: Selection) -> None:
@@ -147,6 +152,7 @@ def build_problems(spec, variables: Mapping[str, Any], selection: Selection) -> 
     W = np.asarray(terms.filters(variables, unit), np.float64)
     m = criteria.n_keep(W.shape[0], selection.ratio_for(unit.name), rounding=rounding)
     keep, prune = criteria.select(W, m, selection.criterion, seed=selection.seed, index=index)
-    out.append(UnitProblem(unit, W, terms.bn_terms(variables, unit, sigma=selection.bn_sigma),
-                           keep, prune))
+    eps = spec.bn_epsilon(unit.bn) if unit.bn is not None else BN_EPS
+    out.append(UnitProblem(unit, W, terms.bn_terms(variables, unit, sigma=selection.bn_sigma,
+                                                   eps=eps), keep, prune))
   return out

@@ -1,7 +1,9 @@
 """Model size and cost: parameter count, MACs / FLOPs at batch 1, bytes of the variables.
 
-MACs are counted analytically from the shapes of the traced forward pass (a walk over the jaxpr of
-``model.apply`` at batch 1), so they follow the pruned widths exactly:
+MACs are counted from the traced forward pass: discovery records every layer's output positions
+once (:meth:`lbyl_jax.core.units.Discovery.macs`), and the kernels of the variables give the
+widths, so a pruned tree needs no new trace (:func:`traced_macs` walks a fresh jaxpr instead, as
+a cross-check):
 conv MACs = H_out * W_out * C_out * kh * kw * C_in / groups; dense MACs = out * fan_in.
 Only convolutions and matrix products are counted (BN, ReLU, pooling and adds are not), the usual
 convention of the pruning papers; FLOPs = 2 * MACs.
@@ -16,7 +18,6 @@ from typing import Any
 import jax
 import numpy as np
 
-from lbyl_jax.core import units as units_lib
 
 
 def _sub_jaxprs(value: Any):
@@ -68,8 +69,10 @@ def _trace_macs(spec, widths: tuple[int, ...] | None) -> int:
   return _jaxpr_macs(closed.jaxpr)
 
 
-def macs(spec, widths: tuple[int, ...] | None = None) -> int:
-  """Multiply-accumulates of one forward pass at batch 1 for the given widths (None: original)."""
+def traced_macs(spec, widths: tuple[int, ...] | None = None) -> int:
+  """Multiply-accumulates of one forward pass at batch 1 for the given widths (None: original),
+  counted on a fresh jaxpr of the model at these widths (a cross-check of :func:`summary`'s
+  count, which needs no trace)."""
   return _macs_cached(spec, None if widths is None else tuple(int(w) for w in widths))
 
 
@@ -86,8 +89,7 @@ def nbytes(variables: Mapping[str, Any]) -> int:
 
 def summary(spec, variables: Mapping[str, Any]) -> dict[str, int]:
   """params, macs, flops (= 2 * macs) and bytes of a (possibly pruned) variable tree."""
-  widths = units_lib.widths_of(variables, spec.units)
-  n_macs = macs(spec, widths)
+  n_macs = spec.discovery.macs(variables)
   return dict(params=param_count(variables), macs=n_macs, flops=2 * n_macs, bytes=nbytes(variables))
 
 

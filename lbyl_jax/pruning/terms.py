@@ -32,25 +32,30 @@ def filters(variables: Mapping[str, Any], unit: Unit) -> np.ndarray:
   return w
 
 
-def bn_affine(variables: Mapping[str, Any], unit: Unit, *, sigma: str = 'std') -> dict[str, np.ndarray]:
+def bn_affine(variables: Mapping[str, Any], unit: Unit, *, sigma: str = 'std',
+              eps: float = BN_EPS) -> dict[str, np.ndarray]:
   """gamma, beta, mu, var, sigma, alpha, b of the unit's BN. No BN: alpha=1, b=0.
+
+  A BatchNorm without scale (bias) has gamma = 1 (beta = 0).
 
   Args:
     sigma: 'std' for sqrt(var + eps) (exact), 'variance' for the reference codes' use of the raw
       running variance (docs/lbyl.md, reference forms).
+    eps: the BatchNorm's epsilon (:meth:`ArchSpec.bn_epsilon`).
   """
   n = np.asarray(trees.get_path(variables['params'], unit.producer)['kernel']).shape[-1]
   if unit.bn is None:
     one, zero = np.ones(n), np.zeros(n)
     return dict(gamma=one, beta=zero, mu=zero, var=one, sigma=one, alpha=one, b=zero)
-  p = trees.get_path(variables['params'], unit.bn)
+  p = (trees.get_path(variables['params'], unit.bn)
+       if trees.has_path(variables['params'], unit.bn) else {})
   s = trees.get_path(variables['batch_stats'], unit.bn)
-  gamma = np.asarray(p['scale'], np.float64)
-  beta = np.asarray(p['bias'], np.float64)
   mu = np.asarray(s['mean'], np.float64)
   var = np.asarray(s['var'], np.float64)
+  gamma = np.asarray(p['scale'], np.float64) if 'scale' in p else np.ones_like(mu)
+  beta = np.asarray(p['bias'], np.float64) if 'bias' in p else np.zeros_like(mu)
   if sigma == 'std':
-    sg = np.sqrt(var + BN_EPS)
+    sg = np.sqrt(var + eps)
   elif sigma == 'variance':
     sg = var
   else:
@@ -64,10 +69,11 @@ def producer_bias(variables: Mapping[str, Any], unit: Unit) -> np.ndarray | None
   return np.asarray(layer['bias']) if 'bias' in layer else None
 
 
-def bn_terms(variables: Mapping[str, Any], unit: Unit, *, sigma: str = 'std') -> dict[str, np.ndarray]:
+def bn_terms(variables: Mapping[str, Any], unit: Unit, *, sigma: str = 'std',
+             eps: float = BN_EPS) -> dict[str, np.ndarray]:
   """:func:`bn_affine` with a producer bias in front of the BN folded into mu and b
   (BN(Wx + bias) = alpha W x + beta - alpha (mu - bias); torchvision VGG convs have biases)."""
-  affine = bn_affine(variables, unit, sigma=sigma)
+  affine = bn_affine(variables, unit, sigma=sigma, eps=eps)
   bn = {k: np.asarray(v, np.float64) for k, v in affine.items()}
   bias = producer_bias(variables, unit)
   if unit.bn is not None and bias is not None:

@@ -404,7 +404,7 @@ class _MeanModel:
     self.problems = list(problems)
     self.moments = moments_lib.propagate(spec, variables)
     self.E = moments_lib.activation_means(spec, variables, self.problems, moments=self.moments)
-    self.consumers = bias_lib.consumers(spec, variables, self.problems, self.moments)
+    self.consumers = bias_lib.consumer_terms(spec, variables, self.problems, self.moments)
     self.padding_aware = fold == 'padding_aware'
     self.sd, self.mean = [], []
     for p in self.problems:

@@ -145,7 +145,7 @@ def solve(spec, variables: Mapping[str, Any] | None, problems: Sequence[UnitProb
   fits = fit(active, prepared, activation=activation, eps_scale=eps_scale)
   cons = None
   if active and variables is not None and (bias_mode in rules_lib.RULE_MODES or (bias_mode == 'on' and padding_aware)):
-    cons = bias_lib.consumers(spec, variables, active, moments)
+    cons = bias_lib.consumer_terms(spec, variables, active, moments)
   rules = None
   if bias_mode in rules_lib.RULE_MODES and active:
     rules = rules_lib.auto_bias_rule(active, [(f['E'], f['M']) for f in fits],
