@@ -56,7 +56,7 @@ def toy_spec(model, units, input_shape, *, name='toy', family='toy', num_classes
   from lbyl_jax.models import archs
 
   c = input_shape[-1]
-  return archs.ArchSpec(name=name, family=family, model=model, units=tuple(units),
+  return archs.ArchSpec(name=name, family=family, model=model, fixed_units=tuple(units),
                         input_shape=tuple(input_shape), mean=(0.0,) * c, std=(1.0,) * c,
                         num_classes=num_classes or 0, dataset=name, torch_naming=name, hparams={})
 
@@ -77,7 +77,7 @@ def one_unit_network(W, gamma, beta, mu, var, V, bias):
       },
       'batch_stats': {'bn1': {'mean': mu, 'var': var}},
   }
-  unit = units_lib.Unit('l1', 'l1', 'bn1', 'l2', 'dense')
+  unit = units_lib.Unit.of('l1', 'l1', 'bn1', 'l2', 'dense')
   n, d = W.shape
   spec = toy_spec(OneUnitNet(hidden=n, outputs=V.shape[1]), (unit,), (1, 1, d),
                   num_classes=V.shape[1])

@@ -22,13 +22,14 @@ from lbyl_jax.experimental import montecarlo
 from lbyl_jax.experimental import rules
 from lbyl_jax.models import archs
 from lbyl_jax.plan import Plan
+from lbyl_jax.core import units as units_lib
 from lbyl_jax.pruning import bias as bias_lib
 from lbyl_jax.pruning import moments as moments_lib
 from lbyl_jax.pruning import selection as selection_lib
 from lbyl_jax.pruning.methods import bnm
 from lbyl_jax.pruning.problem import UnitProblem, UnitSolution
 
-_UNIT = Unit('u', 'u', 'u_bn', 'v', 'conv')
+_UNIT = Unit.of('u', 'u', 'u_bn', 'v', 'conv')
 
 
 def _solve(spec, variables, problems, *, bnm_cov='identity', bias_correction='off',
@@ -306,7 +307,7 @@ def test_real_resnet56_bnm_beats_pruning_at_half_width(shared):
 
 def test_tap_fractions_match_a_zero_padded_convolution():
   for size, k, stride, pad in [(8, 3, 1, (1, 1)), (16, 3, 2, (1, 1)), (7, 1, 2, (0, 0)), (9, 7, 2, (3, 3))]:
-    frac = bias_lib._tap_fraction(size, k, stride, pad)  # pylint: disable=protected-access
+    frac = units_lib.ConvGeometry((size,), (k,), (stride,), (pad,), (1,)).tap_fractions()
     ones = np.pad(np.ones(size), pad)
     out = (size + pad[0] + pad[1] - k) // stride + 1
     brute = np.array([np.mean([ones[o * stride + t] for o in range(out)]) for t in range(k)])
@@ -318,7 +319,7 @@ def test_padding_aware_constant_matches_the_position_averaged_shift(resnet20):
   convolution of a constant map c much better than folding c itself."""
   spec, variables = resnet20
   probs = _problems(spec, variables, 0.5)
-  cons = bias_lib.consumers(spec, variables, probs, moments_lib.propagate(spec, variables))
+  cons = bias_lib.consumer_terms(spec, variables, probs, moments_lib.propagate(spec, variables))
   rng = np.random.default_rng(7)
   for i in (0, 4, 8):  # 32x32, 16x16 and 8x8 maps
     p, con = probs[i], cons[i]
@@ -336,7 +337,7 @@ def test_padding_aware_constant_matches_the_position_averaged_shift(resnet20):
     err_old = np.linalg.norm(VP @ c - target)
     assert err_new < 0.3 * err_old, (i, err_new, err_old)
   # Without padding information the constant is unchanged.
-  plain = bias_lib.Consumer(cons[0].V, None, cons[0].alpha, None, cons[0].bias)
+  plain = bias_lib.ConsumerTerms(cons[0].V, None, cons[0].alpha, None, cons[0].bias)
   np.testing.assert_array_equal(
       bias_lib.fold_constant(plain, probs[0].prune, c[:probs[0].prune.size]),
       c[:probs[0].prune.size])
@@ -348,7 +349,7 @@ def test_injected_error_matches_monte_carlo():
   T, n, o = 9, 6, 5
   V = rng.normal(size=(T, n, o))
   alpha = rng.uniform(0.5, 2.0, o)
-  con = bias_lib.Consumer(V, None, alpha, None, np.zeros(o))
+  con = bias_lib.ConsumerTerms(V, None, alpha, None, np.zeros(o))
   prune = np.array([1, 3, 4])
   var, mean = rng.uniform(0.1, 1.0, 3), rng.normal(size=3)
   rho = rules.SPATIAL_CORR

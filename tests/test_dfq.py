@@ -159,7 +159,7 @@ def test_cle_dense_consumer_after_flatten():
       'a': {'kernel': rng.normal(size=(3, 3, 2, 3)) * [0.1, 1.0, 10.0], 'bias': rng.normal(size=3)},
       'b': {'kernel': rng.normal(size=(12, 5)), 'bias': rng.normal(size=5)}}}
   v = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), v)
-  pairs = (units_lib.Unit('a', 'a', None, 'b', 'dense', flatten=4, pool='max'),)
+  pairs = (units_lib.Unit.of('a', 'a', None, 'b', 'dense', flatten=4, pool='max'),)
   eq, info = dfq.equalize(None, v, pairs=pairs, bn_of={})
   assert info['converged']
   x = jax.random.normal(jax.random.PRNGKey(0), (3, 4, 4, 2))
@@ -193,7 +193,7 @@ def test_bias_absorption_exact_when_preactivations_stay_above_c():
                   'b': {'kernel': rng.normal(size=(4, 3)), 'bias': rng.normal(size=3)}}}
   v = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float32), v)
   stats = {'a': {'mean': np.array([10.0, 10.0, 1.0, 5.0]), 'std': np.array([1.0, 2.0, 1.0, 2.0])}}
-  pairs = (units_lib.Unit('a', 'a', None, 'b', 'dense'),)
+  pairs = (units_lib.Unit.of('a', 'a', None, 'b', 'dense'),)
   out, st, absorbed = dfq.absorb_bias(None, v, stats, pairs=pairs, bn_of={})
   c = np.array([7.0, 4.0, 0.0, 0.0])  # max(0, beta - 3 gamma)
   np.testing.assert_allclose(out['params']['a']['bias'], v['params']['a']['bias'] - c, rtol=1e-6)

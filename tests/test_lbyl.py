@@ -40,7 +40,7 @@ def random_bn(rng, n, *, sigma='std'):
 def make_problem(W, bn, keep, *, with_bn=True, name='u'):
   keep = np.sort(np.asarray(keep))
   prune = np.setdiff1d(np.arange(W.shape[0]), keep)
-  unit = units_lib.Unit(name, name, 'bn' if with_bn else None, 'next', 'dense')
+  unit = units_lib.Unit.of(name, name, 'bn' if with_bn else None, 'next', 'dense')
   return UnitProblem(unit, np.asarray(W, np.float64), bn, keep, prune)
 
 

@@ -170,7 +170,7 @@ def test_t5_threshold_one_is_pruning():
   keep, prune = random_split(rng, n, 12)
   bn = random_bn(rng, n)
   for with_bn in (True, False):
-    unit = units_lib.Unit('u', 'u', 'bn' if with_bn else None, 'v', 'dense')
+    unit = units_lib.Unit.of('u', 'u', 'bn' if with_bn else None, 'v', 'dense')
     p = UnitProblem(unit, W, bn, keep, prune)
     got = nm.solve_problems([p], t=1.0, lam=0.85)[0]
     want = methods.get('prune')().deliver(None, None, [p], methods.Context())[0]

@@ -146,7 +146,7 @@ def test_conv_consumer_mixing_bias_constant_and_bn_shift_are_exact():
       'batch_stats': {'bn1': {'mean': rng.normal(size=n), 'var': rng.uniform(0.5, 1.5, n)},
                       'bn2': {'mean': rng.normal(size=out), 'var': rng.uniform(0.5, 1.5, out)}},
   }
-  unit = units_lib.Unit('conv1', 'conv1', 'bn1', 'conv2', 'conv')
+  unit = units_lib.Unit.of('conv1', 'conv1', 'bn1', 'conv2', 'conv')
   spec = toy_spec(ConvPair(n, out), (unit,), (8, 8, 2))
   widths, new = surgery.apply(spec, variables, {'conv1': (keep, S, c)})
   assert widths == (m,)
@@ -183,7 +183,7 @@ def test_dense_consumer_after_nchw_flatten(flatten):
       'l1': {'kernel': rng.normal(size=(8, n)), 'bias': rng.normal(size=n)},
       'l2': {'kernel': rng.normal(size=(n * flatten, out)), 'bias': rng.normal(size=out)},
   }}
-  unit = units_lib.Unit('l1', 'l1', None, 'l2', 'dense', flatten=flatten)
+  unit = units_lib.Unit.of('l1', 'l1', None, 'l2', 'dense', flatten=flatten)
   spec = toy_spec(DensePair(n, out, flatten), (unit,), (1, flatten, 8))
   _, new = surgery.apply(spec, variables, {'l1': (keep, S, c)})
   aK = rng.normal(size=(5, m, flatten))  # (batch, channel, position): NCHW order
@@ -201,7 +201,7 @@ def test_errors():
   rng = np.random.default_rng(2)
   variables = {'params': {'l1': {'kernel': rng.normal(size=(3, 4))},
                           'l2': {'kernel': rng.normal(size=(4, 2))}}}
-  unit = units_lib.Unit('l1', 'l1', None, 'l2', 'dense')
+  unit = units_lib.Unit.of('l1', 'l1', None, 'l2', 'dense')
   spec = toy_spec(DensePair(4, 2, bias=False), (unit,), (1, 1, 3))
   keep = np.array([0, 2])
   with pytest.raises(ValueError, match=r'l1: S_P has shape \(2, 3\), expected \(2, 2\)'):
@@ -212,7 +212,7 @@ def test_errors():
     surgery.apply(spec, variables, {'l1': (keep, np.full((2, 2), np.nan), None)})
   with pytest.raises(ValueError, match="no prunable unit named l9"):
     surgery.apply(spec, variables, {'l9': (keep, np.zeros((2, 2)), None)})
-  with pytest.raises(ValueError, match='l2: a bias constant needs a following BN or a bias'):
+  with pytest.raises(ValueError, match='l2: a bias constant needs a following BatchNorm or a bias'):
     surgery.apply(spec, variables, {'l1': (keep, np.zeros((2, 2)), np.ones(2))})
 
 

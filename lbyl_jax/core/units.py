@@ -160,6 +160,15 @@ class Unit:
   reason: str = ''
   producer_kind: str = 'conv'
 
+  @classmethod
+  def of(cls, name: str, producer: str, bn: str | None, consumer: str, consumer_kind: str,
+         flatten: int = 1, pool: str | None = None, *, width: int = 0,
+         activation: str = 'relu') -> Unit:
+    """A unit with one plain consumer (the presets' kind), e.g. for hand-built test networks
+    and for extra producer -> consumer pairs such as DFQ's classifier chain."""
+    con = Consumer(consumer, consumer_kind, 0, flatten, 'nchw', 0, pool)
+    return cls(name, producer, bn, activation, (con,), width)
+
   @property
   def consumer(self) -> str:
     return self.consumers[0].path

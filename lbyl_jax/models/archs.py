@@ -22,6 +22,7 @@ from lbyl_jax.core.bn import BN_EPS
 from lbyl_jax.core.registry import Registry
 from lbyl_jax.models import discover as discover_lib
 from lbyl_jax.models import nets as models
+from lbyl_jax.models import trace
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -62,6 +63,8 @@ class ArchSpec:
       (:class:`lbyl_jax.models.custom.CustomBuilder`); None: ``model.clone(widths=...)``.
     discover_module: the module discovery traces when it is not ``model`` (a user's module
       inside its wrapper); apply_kwargs: keyword arguments of its calls.
+    fixed_units: units stated instead of discovered (hand-built test networks); None for
+      presets and users' models.
   """
 
   name: str
@@ -80,6 +83,7 @@ class ArchSpec:
   builder: Any = None
   discover_module: nn.Module | None = None
   apply_kwargs: tuple[tuple[str, Any], ...] = ()
+  fixed_units: tuple[units_lib.Unit, ...] | None = None
 
   @functools.cached_property
   def discovery(self) -> units_lib.Discovery:
@@ -90,8 +94,22 @@ class ArchSpec:
 
   @property
   def units(self) -> tuple[units_lib.Unit, ...]:
-    """The prunable units, in width-slot order."""
+    """The prunable units, in width-slot order (``fixed_units`` when given: hand-built test
+    networks whose units are stated rather than discovered)."""
+    if self.fixed_units is not None:
+      return self._fixed_units
     return self.discovery.units
+
+  @functools.cached_property
+  def _fixed_units(self) -> tuple[units_lib.Unit, ...]:
+    """``fixed_units`` with each consumer's following BatchNorm filled in by tracing."""
+    bn_of = trace.trace_module(self.model, self.dummy_input()).bn
+    out = []
+    for u in self.fixed_units:
+      cons = tuple(c if c.bn is not None else dataclasses.replace(c, bn=bn_of.get(c.path))
+                   for c in u.consumers)
+      out.append(dataclasses.replace(u, consumers=cons))
+    return tuple(out)
 
   def bn_epsilon(self, path: str) -> float:
     """The epsilon of the BatchNorm at ``path`` (as traced)."""

@@ -248,7 +248,7 @@ def constants(spec, variables: Mapping[str, Any], problems: Sequence[UnitProblem
     c = weight[k] * c
     folded = {}
     for index, con in enumerate(p.unit.consumers):
-      if not absorbs(variables, con):
+      if variables is not None and not absorbs(variables, con):
         skipped.append(dict(unit=p.unit.name, consumer=con.path,
                             reason='the consumer has neither a following BatchNorm nor a bias'))
         folded[con.path] = None

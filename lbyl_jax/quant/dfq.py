@@ -78,10 +78,10 @@ def cle_pairs(spec) -> tuple[units_lib.Unit, ...]:
   (docs/README.md#which-layers-are-pruned) plus the VGG classifier chain (fc1 -> fc2 (-> fc3))."""
   pairs = list(spec.units)
   if spec.family == 'vgg_cifar':
-    pairs.append(units_lib.Unit('fc1', 'fc1', 'bn_fc1', 'fc2', 'dense'))
+    pairs.append(units_lib.Unit.of('fc1', 'fc1', 'bn_fc1', 'fc2', 'dense'))
   elif spec.family == 'vgg':
-    pairs.append(units_lib.Unit('fc1', 'fc1', None, 'fc2', 'dense'))
-    pairs.append(units_lib.Unit('fc2', 'fc2', None, 'fc3', 'dense'))
+    pairs.append(units_lib.Unit.of('fc1', 'fc1', None, 'fc2', 'dense'))
+    pairs.append(units_lib.Unit.of('fc2', 'fc2', None, 'fc3', 'dense'))
   return tuple(pairs)
 
 
