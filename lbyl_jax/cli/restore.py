@@ -248,13 +248,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   plans = _grid(args)
   if args.out is not None:
     publish.recover(publish.resolve_out(args.out))  # a swap left half done by a killed run
-    out = publish.check_target(args.out, overwrite=args.overwrite)
+    out = publish.check_target(args.out, overwrite=args.overwrite, create_parents=True)
   else:
     if args.overwrite:
       raise ValueError('--overwrite needs an explicit --out')
     out = default_out(args, plans[0])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out = publish.check_target(out, overwrite=False)
+    out = publish.check_target(out, overwrite=False, create_parents=True)
   if args.data is None and args.data_slice is not None:
     raise ValueError('--data-slice needs --data')
   if args.export and args.sweep:
@@ -348,10 +347,12 @@ def _save_run(out: pathlib.Path, spec, result: pipeline.Compressed, report, *, o
   for fmt in exports:
     files.update(export_lib.export(spec, result.widths, result.variables, fmt,
                                    qmeta=result.qmeta))
+  publish.make_parents(out)
   result.save(out, overwrite=overwrite, files=files, report=report)
 
 
 def _write_sweep(out, spec, rows, results, baseline, args) -> dict[str, Any]:
+  publish.make_parents(out)
   with publish.staging_dir(out, kind='sweep', overwrite=args.overwrite) as tmp:
     slim = [{k: v for k, v in r.items() if k not in ('layers', 'quant_report', 'quant_errors')}
             for r in rows]
