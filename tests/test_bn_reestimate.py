@@ -575,3 +575,20 @@ def test_bn_flags_in_help():
                '--calib-data'):
     assert flag in short, flag
   assert '--bn-absolute' not in short and '--bn-absolute' in cli.parser(True).format_help()
+
+
+def test_api_compress_takes_the_stage(r20_result):
+  spec, variables, res = r20_result
+  got = lbyl_jax.compress('resnet20', variables, method='lbyl', ratio=0.5, bn_reestimate='moments')
+  want = br.reestimate_compressed(res, variables, bn_reestimate='moments')
+  assert _leaves_equal(got.variables, want.variables)
+  assert got.report['bn_reestimate']['recipe'] == 'mom_shared_a'
+  plain = lbyl_jax.compress('resnet20', variables, method='lbyl', ratio=0.5)
+  assert 'bn_reestimate' not in plain.report and _leaves_equal(plain.variables, res.variables)
+  with pytest.raises(ValueError, match='--bn-reestimate must be one of'):
+    lbyl_jax.compress('resnet20', variables, ratio=0.5, bn_reestimate='images')
+  with pytest.raises(ValueError, match='bn_reestimate must be'):
+    lbyl_jax.compress('resnet20', variables, ratio=0.5, bn_reestimate=3)
+  with pytest.raises(ValueError, match='only by calibrate_bn'):
+    lbyl_jax.compress('resnet20', variables, ratio=0.5,
+                      calib_images=np.zeros((4, 32, 32, 3), np.uint8))
