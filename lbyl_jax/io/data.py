@@ -39,12 +39,10 @@ import pathlib
 import pickle
 import re
 import struct
-import tarfile
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
-from PIL import Image
 
 from lbyl_jax.models import archs
 from lbyl_jax.io import download as download_lib
@@ -386,6 +384,8 @@ def load_cifar_batch_file(path: str | os.PathLike, *, name: str = 'cifar10') -> 
 def load_cifar_tar(path: str | os.PathLike, *, member: str = 'test_batch',
                    name: str = 'cifar10') -> ArrayDataset:
   """Reads ``member`` of ``cifar-10-python.tar.gz`` straight from the archive (no extraction)."""
+  import tarfile  # pylint: disable=import-outside-toplevel  (imports used by few formats are lazy)
+
   path = pathlib.Path(path)
   try:
     with tarfile.open(path, 'r:*') as tar:
@@ -515,7 +515,14 @@ def _is_idx_file(path: pathlib.Path) -> bool:
 # ImageNet-style image folders.
 
 
-def resize_center_crop(image: Image.Image, size: int, *, resize: int | None = None,
+def _pil_image():
+  """PIL.Image, imported on first use (only the image-folder and TFDS readers need it)."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+
+  return Image
+
+
+def resize_center_crop(image: PIL.Image.Image, size: int, *, resize: int | None = None,
                        channels: int = 3) -> np.ndarray:
   """torchvision's ``Resize(resize)`` (PIL bilinear, shorter side) + ``CenterCrop(size)``.
 
@@ -531,7 +538,7 @@ def resize_center_crop(image: Image.Image, size: int, *, resize: int | None = No
   else:
     ow, oh = int(resize * w / h), resize
   if (ow, oh) != (w, h):
-    image = image.resize((ow, oh), Image.BILINEAR)
+    image = image.resize((ow, oh), _pil_image().BILINEAR)
   if ow < size or oh < size:
     raise ValueError(f'resize {resize} is smaller than crop {size}')
   top = int(round((oh - size) / 2.0))
@@ -623,6 +630,8 @@ def load_image_folder(root: str | os.PathLike, *, image_shape: tuple[int, int, i
   paths = [p for p, _ in items]
   labels = np.asarray([class_index[cls] for _, cls in items], np.int32)
 
+  Image = _pil_image()  # pylint: disable=invalid-name
+
   def load(i: int) -> tuple[np.ndarray, int]:
     try:
       with Image.open(paths[i]) as im:
@@ -672,7 +681,7 @@ def load_tfds(name: str, split: str | None = None, *,
     if image.ndim == 2:
       image = image[..., None]
     if image.shape != target:
-      pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+      pil = _pil_image().fromarray(image[..., 0] if image.shape[-1] == 1 else image)
       image = resize_center_crop(pil, target[0], channels=target[2])
     return image, int(ex['label'])
 

@@ -20,6 +20,7 @@ import numpy as np
 from lbyl_jax.core import units as units_lib
 from lbyl_jax.core.registry import Registry
 from lbyl_jax.models import nets as models
+from lbyl_jax.models import trace
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -75,7 +76,7 @@ class ArchSpec:
 
   def default_widths(self) -> tuple[int, ...]:
     """Original widths, read off the shapes of an abstract init (no FLOPs spent)."""
-    return units_lib.widths_of(self.abstract_variables(), self.units)
+    return _default_widths(self)
 
   def build(self, widths: tuple[int, ...] | None = None) -> nn.Module:
     """The model with the given widths (None: original widths)."""
@@ -94,7 +95,12 @@ class ArchSpec:
     return jnp.zeros((batch, *self.input_shape), jnp.float32)
 
   def abstract_variables(self, widths: tuple[int, ...] | None = None) -> Any:
-    """ShapeDtypeStructs of the variables for the given widths (cached per widths)."""
+    """ShapeDtypeStructs of the variables for the given widths (cached per widths).
+
+    The original widths come from the preset's one abstract trace
+    (:func:`lbyl_jax.models.trace.trace_layers`); other widths are derived from it without
+    tracing (:func:`lbyl_jax.models.trace.abstract_variables_at`).
+    """
     if widths is not None:
       widths = tuple(int(w) for w in widths)
     return _abstract_variables(self, widths)
@@ -115,19 +121,27 @@ class ArchSpec:
     def _draw(path, leaf):
       if path[-1].key == 'kernel':
         fan_in = int(np.prod(leaf.shape[:-1]))
-        return (rs.standard_normal(leaf.shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+        x = rs.standard_normal(leaf.shape)
+        x *= np.sqrt(2.0 / fan_in)  # in place: the same products, no second float64 copy
+        return x.astype(np.float32)
       if path[-1].key == 'bias':
         return (0.1 * rs.standard_normal(leaf.shape)).astype(np.float32)
       return np.ones(leaf.shape, np.float32)  # BN scale / var before randomization
 
     variables = jax.tree_util.tree_map_with_path(_draw, shapes)
-    return randomize_batch_stats(variables, int(rs.integers(2**31 - 1)))
+    return _randomize_batch_stats(dict(variables), int(rs.integers(2**31 - 1)))
 
 
 @functools.lru_cache(maxsize=256)
 def _abstract_variables(spec: ArchSpec, widths: tuple[int, ...] | None) -> Any:
-  model = spec.model.clone(widths=widths)
-  return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), spec.dummy_input()))
+  if widths is None or widths == spec.default_widths():
+    return trace.trace_layers(spec).abstract
+  return trace.abstract_variables_at(spec, widths)
+
+
+@functools.lru_cache(maxsize=256)
+def _default_widths(spec: ArchSpec) -> tuple[int, ...]:
+  return units_lib.widths_of(trace.trace_layers(spec).abstract, spec.units)
 
 
 def randomize_batch_stats(variables: Any, seed: int) -> Any:
@@ -135,8 +149,13 @@ def randomize_batch_stats(variables: Any, seed: int) -> Any:
 
   mean ~ N(0, 0.1), var ~ U(0.5, 1.5), scale ~ U(0.5, 1.5), bias ~ N(0, 0.1).
   """
+  return _randomize_batch_stats(jax.tree_util.tree_map(np.array, dict(variables)), seed)
+
+
+def _randomize_batch_stats(variables: dict[str, Any], seed: int) -> dict[str, Any]:
+  """:func:`randomize_batch_stats` on a tree the caller owns (its dict is updated, BN leaves
+  replaced, the other arrays kept without a copy)."""
   rs = np.random.default_rng(seed)
-  variables = jax.tree_util.tree_map(np.array, dict(variables))
   if 'batch_stats' not in variables:
     return variables
 

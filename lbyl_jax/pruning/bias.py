@@ -18,14 +18,12 @@ import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-import flax.linen as nn
-import jax
 import numpy as np
 
 from lbyl_jax.core import trees
-from lbyl_jax.core import units as units_lib
 from lbyl_jax.core.bn import BN_EPS
 from lbyl_jax.pruning import moments as moments_lib
+from lbyl_jax.pruning import solvers
 from lbyl_jax.pruning.problem import UnitProblem, UnitSolution
 from lbyl_jax.models import trace
 
@@ -56,42 +54,31 @@ class Consumer:
   bias: np.ndarray
   shortcut_energy: float = 0.0
 
-_GEOMETRY_CACHE: dict[tuple, dict[str, tuple]] = {}
-
 def _tap_fraction(size: int, k: int, stride: int, pad: tuple[int, int]) -> np.ndarray:
   """Per kernel offset, the fraction of output positions whose input index is inside [0, size)."""
   out = (size + pad[0] + pad[1] - k) // stride + 1
   idx = np.arange(out)[:, None] * stride - pad[0] + np.arange(k)[None, :]
   return ((idx >= 0) & (idx < size)).mean(axis=0)
 
-def consumer_geometry(spec, variables: Mapping[str, Any]) -> dict[str, tuple]:
-  """{unit name: (tap fractions (kh, kw))} for conv consumers, from an abstract forward pass."""
-  widths = units_lib.widths_of(variables, spec.units)
-  key = (spec.name, widths)
-  if key in _GEOMETRY_CACHE:
-    return _GEOMETRY_CACHE[key]
+
+def consumer_geometry(spec, variables: Mapping[str, Any] | None = None) -> dict[str, tuple]:
+  """{unit name: (tap fractions (kh, kw),)} for conv consumers, from the preset's one abstract
+  forward pass (:func:`lbyl_jax.models.trace.trace_layers`): channel pruning changes no spatial
+  size, so the geometry is that of the original widths whatever ``variables`` hold."""
+  del variables  # the geometry does not depend on the widths
   consumers = {u.consumer: u.name for u in spec.units if u.consumer_kind == 'conv'}
   geo: dict[str, tuple] = {}
-
-  def interceptor(next_fun, args, kwargs, ctx):
-    path = '/'.join(ctx.module.path)
-    if ctx.method_name == '__call__' and path in consumers and isinstance(ctx.module, nn.Conv):
-      mod, shape = ctx.module, args[0].shape
-      pads = mod.padding
-      if isinstance(pads, str):
-        raise ValueError(f'{path}: padding {pads!r} is not explicit; the models pad explicitly')
-      fr = [_tap_fraction(shape[1 + a], mod.kernel_size[a], mod.strides[a], tuple(pads[a]))
-            for a in range(2)]
-      geo[consumers[path]] = (np.outer(fr[0], fr[1]),)
-    return next_fun(*args, **kwargs)
-
-  model = spec.build(widths)
-  abstract = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(np.shape(x), np.float32),
-                                    variables)
-  with nn.intercept_methods(interceptor):
-    jax.eval_shape(lambda v, x: model.apply(v, x), abstract, spec.dummy_input())
-  _GEOMETRY_CACHE[key] = geo
+  for call in trace.trace_layers(spec).calls:
+    if call.path not in consumers or call.kind != 'conv':
+      continue
+    pads = call.padding
+    if isinstance(pads, str):
+      raise ValueError(f'{call.path}: padding {pads!r} is not explicit; the models pad explicitly')
+    fr = [_tap_fraction(call.in_shape[1 + a], call.kernel_size[a], call.strides[a],
+                        tuple(pads[a])) for a in range(2)]
+    geo[consumers[call.path]] = (np.outer(fr[0], fr[1]),)
   return geo
+
 
 def _residual_shortcut_energy(spec, variables, unit, moments) -> float:
   """Second moment of the shortcut that meets the consumer's BN output (residual blocks only)."""
@@ -113,33 +100,50 @@ def consumers(spec, variables, problems: Sequence[UnitProblem], moments=None) ->
   if spec is None:
     raise ValueError('the consumer geometry needs the architecture (spec)')
   geo = consumer_geometry(spec, variables)
-  out = []
-  for p in problems:
-    u = p.unit
-    layer = trees.get_path(variables['params'], u.consumer)
-    k = np.asarray(layer['kernel'], np.float64)
-    if u.consumer_kind == 'conv':
-      V = k.reshape(-1, k.shape[2], k.shape[3])
-      tw = geo.get(u.name, (None,))[0]
-      tw = None if tw is None else tw.reshape(-1)
-    else:
-      V = np.transpose(k.reshape(p.n, u.flatten, k.shape[1]), (1, 0, 2))
-      tw = None
-    o = V.shape[2]
-    bias = np.asarray(layer['bias'], np.float64) if 'bias' in layer else np.zeros(o)
-    bn_path = trace.consumer_bn(spec, u.consumer)
-    if bn_path is not None:
-      bp = trees.get_path(variables['params'], bn_path)
-      bs = trees.get_path(variables['batch_stats'], bn_path)
-      gamma = np.asarray(bp['scale'], np.float64)
-      beta = np.asarray(bp['bias'], np.float64)
-      alpha = gamma / np.sqrt(np.asarray(bs['var'], np.float64) + BN_EPS)
-      energy = float(np.sum(gamma ** 2 + beta ** 2))
-    else:
-      alpha, energy = np.ones(o), None
-    out.append(Consumer(V, tw, alpha, energy, bias,
-                        _residual_shortcut_energy(spec, variables, u, moments)))
-  return out
+  return [consumer(spec, variables, p, geo, moments) for p in problems]
+
+
+def tap_weight(spec, problem: UnitProblem, geo: Mapping[str, tuple]) -> np.ndarray | None:
+  """The flattened tap fractions of the unit's conv consumer, or None (dense consumer, unknown
+  geometry)."""
+  if problem.unit.consumer_kind != 'conv':
+    return None
+  tw = geo.get(problem.unit.name, (None,))[0]
+  return None if tw is None else tw.reshape(-1)
+
+
+def consumer(spec, variables, problem: UnitProblem, geo: Mapping[str, tuple],
+             moments=None) -> Consumer:
+  """:class:`Consumer` of one unit (``geo`` from :func:`consumer_geometry`); its float64 copy of
+  the consumer's kernel lives as long as the caller keeps it."""
+  p = problem
+  u = p.unit
+  layer = trees.get_path(variables['params'], u.consumer)
+  k = np.asarray(layer['kernel'], np.float64)
+  if u.consumer_kind == 'conv':
+    V = k.reshape(-1, k.shape[2], k.shape[3])
+  else:
+    V = np.transpose(k.reshape(p.n, u.flatten, k.shape[1]), (1, 0, 2))
+  tw = tap_weight(spec, p, geo)
+  o = V.shape[2]
+  bias = np.asarray(layer['bias'], np.float64) if 'bias' in layer else np.zeros(o)
+  bn_path = trace.consumer_bn(spec, u.consumer)
+  if bn_path is not None:
+    bp = trees.get_path(variables['params'], bn_path)
+    bs = trees.get_path(variables['batch_stats'], bn_path)
+    gamma = np.asarray(bp['scale'], np.float64)
+    beta = np.asarray(bp['bias'], np.float64)
+    alpha = gamma / np.sqrt(np.asarray(bs['var'], np.float64) + BN_EPS)
+    energy = float(np.sum(gamma ** 2 + beta ** 2))
+  else:
+    alpha, energy = np.ones(o), None
+  return Consumer(V, tw, alpha, energy, bias, _residual_shortcut_energy(spec, variables, u, moments))
+
+
+def _needs_fold(tw: np.ndarray | None, c: np.ndarray) -> bool:
+  """Whether :func:`fold_constant` changes c (some tap reads zero padding)."""
+  return not (tw is None or np.all(tw == 1.0) or c.size == 0)
+
 
 def fold_constant(consumer: Consumer, prune: np.ndarray, c: np.ndarray) -> np.ndarray:
   """The constant c' whose fold, sum over ALL taps V[:, P] c' (how surgery shifts the consumer's
@@ -152,7 +156,7 @@ def fold_constant(consumer: Consumer, prune: np.ndarray, c: np.ndarray) -> np.nd
   rank-deficient). Without padding information c is returned unchanged.
   """
   c = np.asarray(c, np.float64)
-  if consumer.tap_weight is None or np.all(consumer.tap_weight == 1.0) or c.size == 0:
+  if not _needs_fold(consumer.tap_weight, c):
     return c
   VP = consumer.V[:, prune, :]
   target = np.einsum('t,tpo,p->o', consumer.tap_weight, VP, c)
@@ -192,6 +196,12 @@ def constants(spec, variables: Mapping[str, Any], problems: Sequence[UnitProblem
     raise ValueError(f'bias constants: {len(problems)} problems but {len(solutions)} solutions')
   if fold not in FOLDS:
     raise ValueError(f'fold must be one of {FOLDS}, got {fold!r}')
+  with solvers.single_threaded_blas():  # small host solves (see there)
+    return _constants(spec, variables, problems, solutions, fold=fold, rule=rule,
+                      cov_model=cov_model)
+
+
+def _constants(spec, variables, problems, solutions, *, fold, rule, cov_model):
   padding_aware = fold == 'padding_aware'
   out: list[np.ndarray | None] = [None] * len(problems)
   todo = []
@@ -206,12 +216,25 @@ def constants(spec, variables: Mapping[str, Any], problems: Sequence[UnitProblem
     return out
   probs = [problems[i] for i in todo]
   need_geo = variables is not None and (padding_aware or rule is not None)
+  if rule is None:
+    # The means of BN units need no propagation (activation_means propagates by itself for
+    # BN-free units), and the fold reads only the consumer's kernel and tap fractions: one
+    # consumer's float64 kernel at a time, none for consumers without padded taps.
+    means = moments_lib.activation_means(spec, variables, probs)
+    consts = [E[p.prune] - np.asarray(solutions[i].S_P, np.float64) @ E[p.keep]
+              for i, p, E in zip(todo, probs, means)]
+    if need_geo and spec is None:
+      raise ValueError('the consumer geometry needs the architecture (spec)')
+    geo = consumer_geometry(spec, variables) if need_geo and padding_aware else None
+    for i, p, c in zip(todo, probs, consts):
+      c = 1.0 * c
+      if geo is not None and _needs_fold(tap_weight(spec, p, geo), c):
+        c = fold_constant(consumer(spec, variables, p, geo), p.prune, c)
+      out[i] = c
+    return out
   moments = moments_lib.propagate(spec, variables) if need_geo and spec is not None else None
-  if rule is not None:
-    mom2 = moments_lib.unit_moments(spec, variables, probs, cov_model=cov_model, moments=moments)
-    means = [E for E, _ in mom2]
-  else:
-    means = moments_lib.activation_means(spec, variables, probs, moments=moments)
+  mom2 = moments_lib.unit_moments(spec, variables, probs, cov_model=cov_model, moments=moments)
+  means = [E for E, _ in mom2]
   consts = [E[p.prune] - np.asarray(solutions[i].S_P, np.float64) @ E[p.keep]
             for i, p, E in zip(todo, probs, means)]
   cons = consumers(spec, variables, probs, moments) if need_geo else None

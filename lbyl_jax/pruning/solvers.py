@@ -30,6 +30,7 @@ from the returned Gram matrices (see :func:`_condition` for why not on the devic
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import ctypes
 import dataclasses
@@ -40,7 +41,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import scipy.linalg
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 _JITTER = 1e-6
@@ -234,17 +234,27 @@ def _openblas_thread_setters() -> list[tuple[Any, Any]]:
 
 
 @contextlib.contextmanager
-def _single_threaded_lapack():
+def single_threaded_blas():
   """Runs the block with every loaded OpenBLAS limited to one thread (CPU backend only).
 
   jaxlib's CPU LAPACK kernels call SciPy's OpenBLAS and the host diagnostics NumPy's. Their
   spinning worker threads next to XLA's own thread pool made small eigen-decompositions 100-200x
   slower (0.8 s instead of 5 ms for 8 x 89 x 89 on a 2-core machine with jaxlib 0.10.2;
-  ``OPENBLAS_NUM_THREADS=1`` gives the same cure). The previous counts are restored on exit.
+  ``OPENBLAS_NUM_THREADS=1`` gives the same cure). The host-side small solves of the bias
+  correction gain the same way (16 solves of at most 154 unknowns: 1.3 s with two threads on a
+  loaded 2-core machine, 30 ms with one). One thread also makes the host results independent
+  of the machine's core count: OpenBLAS's threaded Gram products (syrk) and LU solves round
+  differently from its single-threaded ones in the last bits for n >= 100.
+
+  SciPy's OpenBLAS is loaded first (jaxlib's LAPACK kernels load it on their first call, which
+  would otherwise come after the thread counts were set, leaving it multi-threaded: measured
+  0.5-9 s instead of 0.6 s for the first ResNet-50 solve). The previous counts are restored on
+  exit.
   """
   if jax.default_backend() != 'cpu':
     yield
     return
+  import scipy.linalg.cython_lapack  # pylint: disable=import-outside-toplevel,unused-import
   setters = _openblas_thread_setters()
   saved = [get() for get, _ in setters]
   for _, put in setters:
@@ -256,25 +266,60 @@ def _single_threaded_lapack():
       put(n)
 
 
-def _device_solve(bucket, dtype: str, timing: dict[str, float]):
-  """Solves one bucket on the device; returns host float64 arrays (one leading layer axis)."""
-  kind = 'shared' if isinstance(bucket[0], SharedSystem) else 'row'
-  args = _stack(bucket, np.float64 if dtype == 'float64' else np.float32)
-  key = (kind, dtype, tuple(a.shape for a in args))
+def _stacked_shapes(bucket: Sequence[System], dtype) -> list[jax.ShapeDtypeStruct]:
+  """The shapes :func:`_stack` gives, without building the stacked arrays."""
+  n = len(bucket)
+  if isinstance(bucket[0], SharedSystem):
+    d = max(s.F.shape[1] for s in bucket)
+    m, p = bucket[0].F.shape[0], bucket[0].FP.shape[0]
+    shapes = [(n, m, d), (n, p, d), (n, m), (n, p), (n,), (n,)]
+  else:
+    d = max(s.X.shape[1] for s in bucket)
+    m, p = bucket[0].X.shape[0], bucket[0].Y.shape[0]
+    shapes = [(n, m, d), (n, p, d), (n, p, m), (n, p, m)]
+  return [jax.ShapeDtypeStruct(s, dtype) for s in shapes]
+
+
+def _executable(kind: str, dtype: str, shapes: Sequence[jax.ShapeDtypeStruct]) -> tuple[Any, float]:
+  """The compiled executable of one bucket shape, lowered from the shapes alone (the same HLO as
+  with the stacked arrays), and the seconds it took (JAX's persistent cache, when on, turns the
+  compile into a load)."""
+  t = time.perf_counter()
+  make = _make_shared_kernel if kind == 'shared' else _make_row_kernel
   with jax.enable_x64(dtype == 'float64'):
-    dev = [jax.device_put(a) for a in args]
-    compiled = _CACHE.get(key)
-    if compiled is None:
-      make = _make_shared_kernel if kind == 'shared' else _make_row_kernel
-      t0 = time.perf_counter()
-      compiled = jax.jit(make(dtype == 'float32')).lower(*dev).compile()
-      timing['compile'] = time.perf_counter() - t0
-      _CACHE[key] = compiled
+    exe = jax.jit(make(dtype == 'float32')).lower(*shapes).compile()
+  return exe, time.perf_counter() - t
+
+
+def _compile_all(todo: Sequence[tuple[str, str, Sequence[jax.ShapeDtypeStruct]]]
+                 ) -> tuple[list[Any], list[float]]:
+  """:func:`_executable` of every (kind, dtype, shapes), concurrently (XLA compiles outside the
+  GIL; a cold ResNet-50 has 4 buckets); returns the executables and each one's share of the wall
+  time (the shares add up to the wall time, split in proportion to each one's own duration)."""
+  if not todo:
+    return [], []
+  t0 = time.perf_counter()
+  if len(todo) == 1:
+    done = [_executable(*todo[0])]
+  else:
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(todo)) as pool:
+      done = list(pool.map(lambda item: _executable(*item), todo))
+  wall = time.perf_counter() - t0
+  own = sum(d for _, d in done) or 1.0
+  return [e for e, _ in done], [wall * d / own for _, d in done]
+
+
+def _run(compiled, bucket: Sequence[System], dtype: str) -> tuple[list[np.ndarray], float]:
+  """Stacks one bucket, runs its executable; host float64 outputs (one leading layer axis) and
+  the seconds of the run (the stacked arrays live only for this bucket)."""
+  with jax.enable_x64(dtype == 'float64'):
+    dev = [jax.device_put(a) for a in _stack(bucket, np.float64 if dtype == 'float64'
+                                             else np.float32)]
     jax.block_until_ready(dev)
     t0 = time.perf_counter()
     out = jax.block_until_ready(compiled(*dev))
-    timing['solve'] = time.perf_counter() - t0
-    return [np.asarray(o, np.float64) for o in out]
+    seconds = time.perf_counter() - t0
+    return [np.asarray(o, np.float64) for o in out], seconds
 
 
 def _host_system(system: System) -> tuple[np.ndarray, np.ndarray]:
@@ -302,6 +347,8 @@ def solve_host(system: SharedSystem) -> np.ndarray:
   if system.FP.shape[1] != system.F.shape[1]:
     raise ValueError(f'{system.name}: kept rows have D={system.F.shape[1]}, pruned rows '
                      f'D={system.FP.shape[1]}')
+  import scipy.linalg  # pylint: disable=import-outside-toplevel  (0.1 s to import)
+
   A, R = _host_system(system)
   try:
     if system.lam2 <= 0:
@@ -385,17 +432,33 @@ def solve(
           bucket=None, compile_seconds=0.0, solve_seconds=0.0))
       continue
     buckets.setdefault(key, []).append(i)
-  with _single_threaded_lapack():
+  with single_threaded_blas():
     _solve_buckets(systems, buckets, results, dtype, with_cond)
   return results  # type: ignore[return-value]
 
 
 def _solve_buckets(systems, buckets, results, dtype: str, with_cond: bool) -> None:
   tol = _RESIDUAL_TOL[dtype]
+  # Every new bucket shape gets its executable first (all of them together), then each bucket is
+  # stacked and solved in turn: one bucket's stacked arrays at a time.
+  cache_keys, todo = {}, {}
   for key, idx in buckets.items():
     bucket = [systems[i] for i in idx]
-    timing = {'compile': 0.0, 'solve': 0.0}
-    X, res, rn, jit_val, piv, gram = _device_solve(bucket, dtype, timing)
+    kind = 'shared' if isinstance(bucket[0], SharedSystem) else 'row'
+    shapes = _stacked_shapes(bucket, np.float64 if dtype == 'float64' else np.float32)
+    cache_keys[key] = (kind, dtype, tuple(s.shape for s in shapes))
+    if cache_keys[key] not in _CACHE:
+      todo[key] = (kind, dtype, shapes)
+  executables, shares = _compile_all(list(todo.values()))
+  compile_seconds = dict.fromkeys(buckets, 0.0)
+  for k, exe, share in zip(todo, executables, shares):
+    _CACHE[cache_keys[k]] = exe
+    compile_seconds[k] = share
+  for key, idx in buckets.items():
+    bucket = [systems[i] for i in idx]
+    outs, solve_seconds = _run(_CACHE[cache_keys[key]], bucket, dtype)
+    timing = {'compile': compile_seconds[key], 'solve': solve_seconds}
+    X, res, rn, jit_val, piv, gram = outs
     dpad = max((s.F if key[0] == 'shared' else s.X).shape[1] for s in bucket)
     # float64 runs without jitter: a Cholesky that only "succeeded" on a numerically singular A
     # returns huge coefficients, so such layers go to the pseudo-inverse as well.

@@ -1,8 +1,11 @@
 """Model size and cost: parameter count, MACs / FLOPs at batch 1, bytes of the variables.
 
-MACs are counted analytically from the shapes of the traced forward pass (a walk over the jaxpr of
-``model.apply`` at batch 1), so they follow the pruned widths exactly:
-conv MACs = H_out * W_out * C_out * kh * kw * C_in / groups; dense MACs = out * fan_in.
+MACs are counted analytically from the shapes of the traced forward pass at batch 1, so they follow
+the pruned widths exactly: conv MACs = H_out * W_out * C_out * kh * kw * C_in / groups; dense MACs =
+out * fan_in. The preset is traced once at its original widths
+(:func:`lbyl_jax.models.trace.trace_layers`, whose jaxpr count is the reference); at other widths
+each layer's output positions times its kernel size gives the same count without tracing again
+(:func:`lbyl_jax.models.trace.macs_at`; :func:`traced_macs` counts on a fresh jaxpr).
 Only convolutions and matrix products are counted (BN, ReLU, pooling and adds are not), the usual
 convention of the pruning papers; FLOPs = 2 * MACs.
 """
@@ -17,37 +20,7 @@ import jax
 import numpy as np
 
 from lbyl_jax.core import units as units_lib
-
-
-def _sub_jaxprs(value: Any):
-  if isinstance(value, jax.extend.core.ClosedJaxpr):
-    yield value.jaxpr
-  elif isinstance(value, jax.extend.core.Jaxpr):
-    yield value
-  elif isinstance(value, (tuple, list)):
-    for v in value:
-      yield from _sub_jaxprs(v)
-
-
-def _jaxpr_macs(jaxpr) -> int:
-  total = 0
-  for eqn in jaxpr.eqns:
-    name = eqn.primitive.name
-    if name == 'conv_general_dilated':
-      out = eqn.outvars[0].aval.shape
-      rhs = eqn.invars[1].aval.shape
-      o_dim = eqn.params['dimension_numbers'].rhs_spec[0]
-      total += math.prod(out) * (math.prod(rhs) // rhs[o_dim])
-    elif name == 'dot_general':
-      (lhs_contract, _), _ = eqn.params['dimension_numbers']
-      lhs = eqn.invars[0].aval.shape
-      total += math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in lhs_contract)
-    elif name in ('scan', 'while'):
-      raise NotImplementedError(f'MAC counting through {name} is not supported')
-    for v in eqn.params.values():
-      for sub in _sub_jaxprs(v):
-        total += _jaxpr_macs(sub)
-  return total
+from lbyl_jax.models import trace
 
 
 _MACS: dict[tuple, int] = {}
@@ -56,16 +29,19 @@ _MACS: dict[tuple, int] = {}
 def _macs_cached(spec, widths: tuple[int, ...] | None) -> int:
   key = (spec.name, repr(spec.model), widths)
   if key not in _MACS:
-    _MACS[key] = _trace_macs(spec, widths)
+    n = trace.macs_at(spec, spec.abstract_variables(widths))
+    _MACS[key] = n if n is not None else traced_macs(spec, widths)
   return _MACS[key]
 
 
-def _trace_macs(spec, widths: tuple[int, ...] | None) -> int:
+def traced_macs(spec, widths: tuple[int, ...] | None = None) -> int:
+  """MACs counted on the jaxpr of ``model.apply`` at these widths (a fresh trace): the reference
+  :func:`macs` agrees with, and its fallback for models with products outside Conv / Dense."""
   model = spec.build(widths)
   abstract = spec.abstract_variables(widths)
   x = jax.ShapeDtypeStruct((1, *spec.input_shape), np.float32)
   closed = jax.make_jaxpr(model.apply)(abstract, x)
-  return _jaxpr_macs(closed.jaxpr)
+  return trace.jaxpr_macs(closed.jaxpr)
 
 
 def macs(spec, widths: tuple[int, ...] | None = None) -> int:
