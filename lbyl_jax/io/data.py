@@ -101,6 +101,12 @@ class Dataset(abc.ABC):
     """Examples ``start .. stop - 1`` in the dataset's order (e.g. the development split 0:5000
     and the held-out split 5000:10000 of a 10,000-image test set)."""
 
+  @abc.abstractmethod
+  def shard(self, index: int, count: int) -> Dataset:
+    """Part ``index`` of ``count`` contiguous parts (:func:`shard_bounds`; one per process of a
+    multi-host evaluation). Nothing outside the part is decoded; a part may be empty when there
+    are fewer examples than parts."""
+
   def __repr__(self) -> str:
     return (f'{type(self).__name__}(name={self.name!r}, n={len(self)}, '
             f'image_shape={self.image_shape})')
@@ -122,6 +128,17 @@ def parse_slice(text: str) -> tuple[int, int]:
     return int(start), int(stop)
   except ValueError:
     raise ValueError(f'--data-slice: expected START:STOP (e.g. 0:5000), got {text!r}') from None
+
+
+def shard_bounds(n: int, index: int, count: int) -> tuple[int, int]:
+  """(start, stop) of part ``index`` of ``count`` contiguous parts of ``n`` examples: part i holds
+  ``i * n // count`` .. ``(i + 1) * n // count - 1``, so the parts follow the dataset's order and
+  their sizes differ by at most one."""
+  if int(count) != count or count < 1:
+    raise ValueError(f'shard count must be a positive integer, got {count!r}')
+  if int(index) != index or not 0 <= index < count:
+    raise ValueError(f'shard index must be an integer in [0, {count}), got {index!r}')
+  return int(index) * int(n) // int(count), (int(index) + 1) * int(n) // int(count)
 
 
 def _check_subset(n: int) -> int:
@@ -175,6 +192,11 @@ class ArrayDataset(Dataset):
     start, stop = _check_slice(start, stop, len(self), self.name)
     return ArrayDataset(self.images[start:stop], self.labels[start:stop],
                         name=f'{self.name}[{start}:{stop}]', source=self.source)
+
+  def shard(self, index: int, count: int) -> ArrayDataset:
+    start, stop = shard_bounds(len(self), index, count)
+    return ArrayDataset(self.images[start:stop], self.labels[start:stop],
+                        name=f'{self.name}[shard {index}/{count}]', source=self.source)
 
 
 class LazyDataset(Dataset):
@@ -254,6 +276,12 @@ class LazyDataset(Dataset):
     start, stop = _check_slice(start, stop, len(self), self.name)
     return LazyDataset(self._load, self._indices[start:stop], image_shape=self._image_shape,
                        name=f'{self.name}[{start}:{stop}]', source=self.source,
+                       workers=self.workers, labels=self._labels)
+
+  def shard(self, index: int, count: int) -> LazyDataset:
+    start, stop = shard_bounds(len(self), index, count)
+    return LazyDataset(self._load, self._indices[start:stop], image_shape=self._image_shape,
+                       name=f'{self.name}[shard {index}/{count}]', source=self.source,
                        workers=self.workers, labels=self._labels)
 
   def materialize(self, batch_size: int = 256) -> ArrayDataset:
