@@ -51,15 +51,17 @@ def _env() -> dict[str, str]:
   return env
 
 
-def launch(argv: list[str], cwd: pathlib.Path, *, processes: int, cache: pathlib.Path
-           ) -> list[dict[str, object]]:
-  """Runs ``python -m ARGV`` as ``processes`` processes (1: no distributed flags); per process
-  its exit code, stdout and stderr. Kills every process group at the deadline."""
+def launch(argv: list[str], cwd: pathlib.Path, *, processes: int, cache: pathlib.Path,
+           per_process: list[list[str]] | None = None) -> list[dict[str, object]]:
+  """Runs ``python -m ARGV`` as ``processes`` processes (1: no distributed flags), process i
+  with ``per_process[i]`` appended; per process its exit code, stdout and stderr. Kills every
+  process group at the deadline."""
   port = free_port()
   procs = []
   for i in range(processes):
     extra = [] if processes == 1 else ['--coordinator-address', f'127.0.0.1:{port}',
                                        '--num-processes', str(processes), '--process-id', str(i)]
+    extra += per_process[i] if per_process else []
     out = open(cwd / f'p{i}.out', 'w+b')  # pylint: disable=consider-using-with
     err = open(cwd / f'p{i}.err', 'w+b')  # pylint: disable=consider-using-with
     procs.append((subprocess.Popen(
@@ -172,6 +174,16 @@ def test_an_error_on_one_process_stops_both(tmp_path, cache):
   assert 'already exists' in res[0]['err'] and '[process 0/2]' in res[0]['err']
   assert 'checking --out failed on process(es) 0' in res[1]['err']
   assert list((tmp_path / 'taken').iterdir()) == []
+
+
+def test_processes_with_different_weights_are_refused(tmp_path, cache):
+  argv = ['lbyl_jax.restore', '--arch', 'resnet20', '--weights', 'random', '--out', 'run']
+  res = launch(argv, tmp_path, processes=2, cache=cache,
+               per_process=[['--init-seed', '0'], ['--init-seed', '1']])
+  assert [r['rc'] for r in res] == [1, 1]
+  for r in res:
+    assert 'the processes disagree on the loaded weights' in r['err'], r['err'][-2000:]
+  assert not (tmp_path / 'run').exists()
 
 
 # --------------------------------------------------------------------------------------------

@@ -22,6 +22,8 @@ import numpy as np
 
 from lbyl_jax import evaluation
 from lbyl_jax.cli import common
+from lbyl_jax.core import distributed
+from lbyl_jax.core import trees
 from lbyl_jax.io import checkpoint
 from lbyl_jax.io import data as data_lib
 from lbyl_jax.io import weights as weights_lib
@@ -84,6 +86,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return run_compare(args)
   with common.all_or_none(args, 'loading the model and the data'):
     spec, variables, widths, where, dataset = _model_and_data(args)
+  distributed.same_text(trees.digest(variables), 'the evaluated variables (digest)')
   evaluator = evaluation.Evaluator(spec, batch_size=args.batch_size)
   result = evaluator.evaluate(variables, dataset, widths=widths, progress=not args.no_progress)
   if args.per_example:
@@ -131,6 +134,8 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
       raise ValueError(f'--arch {args.arch} does not match the checkpoints ({run_a.spec.name})')
     spec = run_a.spec
     dataset = _dataset(args, spec)
+  for r in (run_a, run_b):
+    distributed.same_text(trees.digest(r.variables), f'the variables of {r.meta["arch"]} runs')
   evaluator = evaluation.Evaluator(spec, batch_size=args.batch_size)
   per = [evaluator.predictions(r.variables, dataset, widths=r.meta['widths'],
                                progress=not args.no_progress) for r in (run_a, run_b)]

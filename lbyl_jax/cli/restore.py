@@ -33,6 +33,7 @@ from lbyl_jax import plan as plan_lib
 from lbyl_jax import report as report_lib
 from lbyl_jax.cli import common
 from lbyl_jax.core import distributed
+from lbyl_jax.core import trees
 from lbyl_jax.pruning import methods
 from lbyl_jax.pruning.selection import Selection
 from lbyl_jax.io import data as data_lib
@@ -251,6 +252,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                    weights_lib.load_weights, spec, args.weights,
                                    download=not args.no_download, progress=progress,
                                    seed=args.init_seed)
+  setup = getattr(args, 'setup', None)
+  nproc = 1 if setup is None else setup.process_count
+  if nproc > 1:  # every process must hold the same weights (same file, same seed)
+    distributed.same_text(trees.digest(variables), 'the loaded weights (digest)')
   random_weights = args.weights == weights_lib.RANDOM
   if random_weights:
     say(f'weights: {source}: the accuracy of this run is meaningless')
@@ -273,8 +278,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
   # A sweep with several processes: each process takes every n-th configuration and evaluates
   # it on its own devices with all the data; a single run is computed by every process alike.
-  setup = getattr(args, 'setup', None)
-  nproc = 1 if setup is None else setup.process_count
   mine = list(range(len(plans)))
   local_evaluator = evaluator
   if args.sweep and nproc > 1:
@@ -329,6 +332,10 @@ def _one_config(args, spec, plan, variables, source, random_weights, dataset, ev
   tag = (f'method={p.method.name} criterion={p.selection.criterion} ratio={p.selection.ratio}'
          + (f' bits={p.quantizer.bits} quant={p.quantizer.name}' if p.quantizer else ''))
   result = phases.run('compress', f'compressing: {tag}', pipeline.compress, spec, variables, plan)
+  setup = getattr(args, 'setup', None)
+  if not args.sweep and setup is not None and setup.process_count > 1:
+    # every process evaluates its own copy of the restored model: they must be the same
+    distributed.same_text(trees.digest(result.variables), 'the restored variables (digest)')
   report = result.report
   report.update(weights=source, random_weights=random_weights, data=args.data,
                 data_slice=None if args.data_slice is None else list(args.data_slice),

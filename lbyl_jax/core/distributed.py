@@ -202,3 +202,14 @@ def same_everywhere(value: Sequence[int] | int, what: str) -> None:
   if not np.all(rows == rows[0]):
     raise ValueError(f'the processes disagree on {what}: '
                      + '; '.join(f'process {p}: {rows[p].tolist()}' for p in range(len(rows))))
+
+
+def same_text(text: str, what: str) -> None:
+  """ValueError on every process unless ``text`` (e.g. a digest of the variables each process
+  computed) is the same on all of them."""
+  if jax.process_count() == 1:
+    return
+  texts = [b.decode() for b in allgather_bytes(text.encode())]
+  if any(t != texts[0] for t in texts):
+    raise ValueError(f'the processes disagree on {what}: '
+                     + '; '.join(f'process {p}: {t[:16]}' for p, t in enumerate(texts)))
