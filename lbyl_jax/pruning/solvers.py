@@ -35,7 +35,7 @@ import contextlib
 import ctypes
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -97,16 +97,50 @@ class Result:
 System = SharedSystem | RowSystem
 
 
-def bucket_key(system: System) -> tuple[str, int, int]:
+@dataclasses.dataclass(frozen=True)
+class Deferred:
+  """A system built only when its bucket is solved, so the float64 arrays of one bucket at a
+  time exist instead of those of the whole network (:func:`solve` accepts it anywhere a system
+  goes). ``build`` must return a system of kind ``kind`` with m kept rows, p pruned rows and
+  filter length d (checked).
+  """
+
+  kind: str
+  m: int
+  p: int
+  d: int
+  build: Callable[[], SharedSystem | RowSystem]
+  name: str = ''
+
+  def built(self) -> System:
+    s = self.build()
+    if _dims(s) != (self.kind, self.m, self.p, self.d):
+      raise ValueError(f'{self.name}: the system built has (kind, m, p, D) {_dims(s)}, declared'
+                       f' {(self.kind, self.m, self.p, self.d)}')
+    return s
+
+
+def _dims(system: System | Deferred) -> tuple[str, int, int, int]:
+  """(kind, m, p, D) of a system, without building a deferred one."""
+  if isinstance(system, Deferred):
+    return system.kind, system.m, system.p, system.d
+  if isinstance(system, SharedSystem):
+    return 'shared', system.F.shape[0], system.FP.shape[0], system.F.shape[1]
+  return 'row', system.X.shape[0], system.Y.shape[0], system.X.shape[1]
+
+
+def _built(system: System | Deferred) -> System:
+  return system.built() if isinstance(system, Deferred) else system
+
+
+def bucket_key(system: System | Deferred) -> tuple[str, int, int]:
   """(kind, m, p): systems with equal keys are stacked and share one compiled executable.
 
   The filter length D is not part of the key: shorter filters are zero-padded to the longest in
   the bucket, which leaves every Gram product (F F^T, F F_P^T) unchanged. A uniformly pruned
   ResNet thus needs one executable per stage (conv1 and conv2 of a stage share m and p).
   """
-  if isinstance(system, SharedSystem):
-    return ('shared', system.F.shape[0], system.FP.shape[0])
-  return ('row', system.X.shape[0], system.Y.shape[0])
+  return _dims(system)[:3]
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,25 +224,26 @@ def _make_row_kernel(jitter: bool):
   return kernel
 
 
-def _pad_d(a: np.ndarray, d: int, dtype) -> np.ndarray:
-  a = np.asarray(a, dtype)
-  return a if a.shape[1] == d else np.pad(a, ((0, 0), (0, d - a.shape[1])))
-
-
 def _stack(bucket: Sequence[System], dtype) -> tuple[np.ndarray, ...]:
-  """The bucket's arrays stacked along a new leading layer axis, filters zero-padded in D."""
+  """The bucket's arrays stacked along a new leading layer axis, filters zero-padded in D.
+
+  Filters are written straight into the zero-filled stack (the float64 -> dtype rounding of an
+  assignment is that of ``astype``), without a padded copy per layer."""
+
+  def filters(rows: Sequence[np.ndarray]) -> np.ndarray:
+    out = np.zeros((len(rows), *np.shape(rows[0])[:1], max(np.shape(r)[1] for r in rows)), dtype)
+    for n, r in enumerate(rows):
+      out[n, :, :np.shape(r)[1]] = r
+    return out
+
   if isinstance(bucket[0], SharedSystem):
-    d = max(s.F.shape[1] for s in bucket)
-    fields = (
-        [_pad_d(s.F, d, dtype) for s in bucket], [_pad_d(s.FP, d, dtype) for s in bucket],
-        [s.b for s in bucket], [s.bP for s in bucket], [s.lam1 for s in bucket],
-        [s.lam2 for s in bucket],
-    )
-  else:
-    d = max(s.X.shape[1] for s in bucket)
-    fields = ([_pad_d(s.X, d, dtype) for s in bucket], [_pad_d(s.Y, d, dtype) for s in bucket],
-              [s.d for s in bucket], [s.e for s in bucket])
-  return tuple(np.stack([np.asarray(a, dtype) for a in f]) for f in fields)
+    return (filters([s.F for s in bucket]), filters([s.FP for s in bucket]),
+            *(np.stack([np.asarray(a, dtype) for a in f]) for f in (
+                [s.b for s in bucket], [s.bP for s in bucket], [s.lam1 for s in bucket],
+                [s.lam2 for s in bucket])))
+  return (filters([s.X for s in bucket]), filters([s.Y for s in bucket]),
+          *(np.stack([np.asarray(a, dtype) for a in f]) for f in (
+              [s.d for s in bucket], [s.e for s in bucket])))
 
 
 def _openblas_thread_setters() -> list[tuple[Any, Any]]:
@@ -266,16 +301,14 @@ def single_threaded_blas():
       put(n)
 
 
-def _stacked_shapes(bucket: Sequence[System], dtype) -> list[jax.ShapeDtypeStruct]:
-  """The shapes :func:`_stack` gives, without building the stacked arrays."""
+def _stacked_shapes(bucket: Sequence[System | Deferred], dtype) -> list[jax.ShapeDtypeStruct]:
+  """The shapes :func:`_stack` gives, without building the systems or the stacked arrays."""
   n = len(bucket)
-  if isinstance(bucket[0], SharedSystem):
-    d = max(s.F.shape[1] for s in bucket)
-    m, p = bucket[0].F.shape[0], bucket[0].FP.shape[0]
+  kind, m, p, _ = _dims(bucket[0])
+  d = max(_dims(s)[3] for s in bucket)
+  if kind == 'shared':
     shapes = [(n, m, d), (n, p, d), (n, m), (n, p), (n,), (n,)]
   else:
-    d = max(s.X.shape[1] for s in bucket)
-    m, p = bucket[0].X.shape[0], bucket[0].Y.shape[0]
     shapes = [(n, m, d), (n, p, d), (n, p, m), (n, p, m)]
   return [jax.ShapeDtypeStruct(s, dtype) for s in shapes]
 
@@ -444,7 +477,7 @@ def _solve_buckets(systems, buckets, results, dtype: str, with_cond: bool) -> No
   cache_keys, todo = {}, {}
   for key, idx in buckets.items():
     bucket = [systems[i] for i in idx]
-    kind = 'shared' if isinstance(bucket[0], SharedSystem) else 'row'
+    kind = _dims(bucket[0])[0]
     shapes = _stacked_shapes(bucket, np.float64 if dtype == 'float64' else np.float32)
     cache_keys[key] = (kind, dtype, tuple(s.shape for s in shapes))
     if cache_keys[key] not in _CACHE:
@@ -455,7 +488,7 @@ def _solve_buckets(systems, buckets, results, dtype: str, with_cond: bool) -> No
     _CACHE[cache_keys[k]] = exe
     compile_seconds[k] = share
   for key, idx in buckets.items():
-    bucket = [systems[i] for i in idx]
+    bucket = [_built(systems[i]) for i in idx]  # this bucket's float64 systems only
     outs, solve_seconds = _run(_CACHE[cache_keys[key]], bucket, dtype)
     timing = {'compile': compile_seconds[key], 'solve': solve_seconds}
     X, res, rn, jit_val, piv, gram = outs
@@ -463,7 +496,7 @@ def _solve_buckets(systems, buckets, results, dtype: str, with_cond: bool) -> No
     # float64 runs without jitter: a Cholesky that only "succeeded" on a numerically singular A
     # returns huge coefficients, so such layers go to the pseudo-inverse as well.
     piv_tol = key[1] * np.finfo(np.float64).eps if dtype == 'float64' else 0.0
-    for n, i in enumerate(idx):
+    for n, (i, system) in enumerate(zip(idx, bucket)):
       S = X[n].T if key[0] == 'shared' else X[n]
       rel = float(res[n] / rn[n]) if rn[n] > 0 else float(res[n])
       diag = dict(
@@ -476,7 +509,7 @@ def _solve_buckets(systems, buckets, results, dtype: str, with_cond: bool) -> No
       )
       if with_cond:
         t0 = time.perf_counter()
-        diag['cond'] = _condition(systems[i], gram[n])
+        diag['cond'] = _condition(system, gram[n])
         diag['cond_seconds'] = time.perf_counter() - t0
       if not (np.all(np.isfinite(S)) and np.isfinite(rel) and rel <= tol and piv[n] > piv_tol):
         if not np.all(np.isfinite(S)):
@@ -486,7 +519,7 @@ def _solve_buckets(systems, buckets, results, dtype: str, with_cond: bool) -> No
         else:
           reason = f'numerically singular (pivot ratio {piv[n]:.3g})'
         t0 = time.perf_counter()
-        S, rel = _host_fallback(systems[i])
+        S, rel = _host_fallback(system)
         diag.update(solver='eigh_pinv_fallback', fallback_reason=reason, rel_residual=rel,
                     solve_seconds=diag['solve_seconds'] + time.perf_counter() - t0)
       results[i] = Result(np.ascontiguousarray(S), diag)
