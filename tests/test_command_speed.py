@@ -3,8 +3,8 @@
 - variable shapes at pruned widths derived from ONE original-width trace and the discovered units
   equal those of a fresh trace at those widths, and the discovered MAC count on them equals the
   count on a fresh jaxpr (every preset family);
-- the trace kept on disk next to the compilation cache reads back equal, is rebuilt when
-  unreadable, and is not kept with the cache off;
+- the trace and the discovery kept on disk next to the compilation cache read back equal, are
+  rebuilt when unreadable, and are not kept with the cache off;
 - the consumer geometry discovery records equals the one an interceptor on ``model.apply``
   records (the implementation before discovery);
 - ReLU moments computed in fixed-length chunks equal the exact-length computation bitwise;
@@ -19,13 +19,17 @@ The timings themselves are measured by ``python -m benchmarks.command_speed``, n
 
 from __future__ import annotations
 
+import dataclasses
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lbyl_jax.core import units as units_lib
 from lbyl_jax.models import archs
+from lbyl_jax.models import discover as discover_lib
 from lbyl_jax.models import trace
 from lbyl_jax.pruning import bias as bias_lib
 from lbyl_jax.pruning import moments
@@ -88,6 +92,35 @@ def test_trace_on_disk_reads_back_equal(tmp_path):
   finally:
     jax.config.update('jax_compilation_cache_dir', previous)
     trace.trace_layers.cache_clear()
+
+
+@pytest.mark.parametrize('name', ('resnet20', 'resnet50', 'vgg16_bn', 'lenet_300_100'))
+def test_discovery_on_disk_reads_back_equal(name, tmp_path, monkeypatch):
+  spec = archs.get(name)
+  fresh = discover_lib.discover(spec.model, spec.abstract_variables(), (1, *spec.input_shape),
+                                policy=spec.policy)
+  previous = jax.config.jax_compilation_cache_dir
+  jax.config.update('jax_compilation_cache_dir', str(tmp_path))
+  try:
+    first = dataclasses.replace(spec).discovery  # a new instance: nothing cached in memory
+    assert first == fresh
+    (path,) = (tmp_path / trace.DISK_SUBDIR).glob(f'{name}-discovery-*.json')
+
+    def refuse(*args, **kwargs):
+      raise AssertionError('discovered again instead of reading the file')
+
+    with monkeypatch.context() as m:
+      m.setattr(discover_lib, 'discover', refuse)
+      again = dataclasses.replace(spec).discovery
+    assert again == fresh
+    assert units_lib.discovery_to_json(again) == units_lib.discovery_to_json(fresh)
+    path.write_text('{"units": [')  # unreadable: discovered again and replaced
+    assert dataclasses.replace(spec).discovery == fresh
+    assert len(path.read_text()) > 100
+    jax.config.update('jax_compilation_cache_dir', None)
+    assert trace._disk_path(spec, 'discovery') is None  # pylint: disable=protected-access
+  finally:
+    jax.config.update('jax_compilation_cache_dir', previous)
 
 
 def _tap_fraction(size: int, k: int, stride: int, pad: tuple[int, int]) -> np.ndarray:

@@ -87,10 +87,19 @@ class ArchSpec:
 
   @functools.cached_property
   def discovery(self) -> units_lib.Discovery:
-    """What tracing the model found (units, couplings, unprunable layers); cached."""
+    """What tracing the model found (units, couplings, unprunable layers); cached, and for the
+    presets also on disk next to the compilation cache
+    (:func:`lbyl_jax.models.trace.discovery_on_disk`)."""
     module = self.discover_module if self.discover_module is not None else self.model
-    return discover_lib.discover(module, self.abstract_variables(), (1, *self.input_shape),
-                                 apply_kwargs=dict(self.apply_kwargs), policy=self.policy)
+
+    def compute() -> units_lib.Discovery:
+      return discover_lib.discover(module, self.abstract_variables(), (1, *self.input_shape),
+                                   apply_kwargs=dict(self.apply_kwargs), policy=self.policy)
+
+    if (self.discover_module is None and self.builder is None and self.fixed_units is None
+        and self.family != 'custom'):
+      return trace.discovery_on_disk(self, compute)
+    return compute()
 
   @property
   def units(self) -> tuple[units_lib.Unit, ...]:

@@ -4,7 +4,8 @@
 execution order, which BatchNorm reads each layer's output (a BN is paired with a layer only when
 its input is that layer's very output object, so the pairing does not rely on naming), and the
 abstract variables at the traced widths. :func:`trace_layers` keeps it per preset, in memory and
-on disk next to the compilation cache.
+on disk next to the compilation cache; :func:`discovery_on_disk` keeps a preset's discovery there
+too (the costliest step before the solves of a warm run).
 
 The units, the MACs and the consumer geometry come from discovery
 (:mod:`lbyl_jax.models.discover`), not from here. What this module derives from the one trace is
@@ -24,7 +25,7 @@ import math
 import os
 import pathlib
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax
@@ -32,6 +33,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
+from lbyl_jax.core import units as units_lib
 from lbyl_jax.models import nets
 
 
@@ -131,34 +133,63 @@ def trace_layers(spec) -> LayerTrace:
 
 
 # --------------------------------------------------------------------------------------------
-# The trace on disk: a ResNet-50 trace costs 0.3-1 s on a 2-core CPU, reading it 5 ms.
+# The trace and the discovery on disk: a ResNet-50 trace costs 0.3-1 s on a 2-core CPU, its
+# discovery 1.5-4 s; reading either back takes milliseconds.
 
 DISK_SUBDIR = 'lbyl_jax_traces'
-_SOURCES = ('nets.py', 'trace.py')
+_SOURCES = {
+    'trace': ('models/nets.py', 'models/trace.py'),
+    'discovery': ('models/nets.py', 'models/trace.py', 'models/discover.py', 'core/units.py'),
+}
 
 
-@functools.lru_cache(maxsize=1)
-def _sources_digest() -> str:
-  here = pathlib.Path(__file__).parent
+@functools.lru_cache(maxsize=4)
+def _sources_digest(kind: str = 'trace') -> str:
+  package = pathlib.Path(__file__).resolve().parents[1]
   h = hashlib.sha256()
-  for name in _SOURCES:
-    h.update((here / name).read_bytes())
+  for name in _SOURCES[kind]:
+    h.update((package / name).read_bytes())
   return h.hexdigest()
 
 
-def _disk_path(spec) -> pathlib.Path | None:
-  """Where the trace of ``spec`` is kept: ``<JAX compilation cache>/lbyl_jax_traces``, keyed by
-  the preset's name, its model's fields (``repr``), its input shape, the source of
-  :mod:`lbyl_jax.models.nets` and of this module, and the flax / jax versions. Only models
-  built from :mod:`lbyl_jax.models.nets` classes are kept (their code is what the key hashes);
-  None when the compilation cache is off (``--compile-cache off``)."""
+def _disk_path(spec, kind: str = 'trace', extra: Any = ()) -> pathlib.Path | None:
+  """Where the ``kind`` ('trace' or 'discovery') of ``spec`` is kept:
+  ``<JAX compilation cache>/lbyl_jax_traces``, keyed by the preset's name, its model's fields
+  (``repr``), its input shape, ``extra`` (the discovery policy), the source of the modules that
+  compute it (:data:`_SOURCES`), and the flax / jax versions. Only models built from
+  :mod:`lbyl_jax.models.nets` classes are kept (their code is what the key hashes); None when the
+  compilation cache is off (``--compile-cache off``)."""
   base = jax.config.jax_compilation_cache_dir
   if not base or type(spec.model).__module__ != nets.__name__:
     return None
-  key = repr((spec.name, repr(spec.model), tuple(spec.input_shape), _sources_digest(),
-              flax.__version__, jax.__version__))
+  key = repr((kind, spec.name, repr(spec.model), tuple(spec.input_shape), extra,
+              _sources_digest(kind), flax.__version__, jax.__version__))
   digest = hashlib.sha256(key.encode()).hexdigest()
-  return pathlib.Path(base) / DISK_SUBDIR / f'{spec.name}-{digest[:32]}.json'
+  suffix = '' if kind == 'trace' else f'-{kind}'
+  return pathlib.Path(base) / DISK_SUBDIR / f'{spec.name}{suffix}-{digest[:32]}.json'
+
+
+def discovery_on_disk(spec, compute: Callable[[], units_lib.Discovery]) -> units_lib.Discovery:
+  """``compute()`` (the discovery of a preset), read from disk when an earlier run kept it
+  (:func:`_disk_path`, kind 'discovery'); written after computing when its JSON form reads back
+  equal (:func:`lbyl_jax.core.units.discovery_to_json`). An unreadable file is replaced."""
+  path = _disk_path(spec, 'discovery', extra=(tuple(spec.policy), tuple(spec.apply_kwargs)))
+  if path is not None and path.is_file():
+    try:
+      return units_lib.discovery_from_json(json.loads(path.read_text(encoding='utf-8')))
+    except (OSError, ValueError, KeyError, TypeError):
+      pass  # unreadable: discover again and replace it
+  found = compute()
+  if path is not None:
+    try:
+      data = units_lib.discovery_to_json(found)
+      text = json.dumps(data)
+      exact = units_lib.discovery_to_json(units_lib.discovery_from_json(json.loads(text))) == data
+    except (TypeError, ValueError):
+      exact = False  # a field JSON cannot hold exactly: not kept
+    if exact:
+      _write_atomic(path, text)
+  return found
 
 
 def _to_json(t: LayerTrace) -> dict[str, Any]:
