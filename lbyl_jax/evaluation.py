@@ -1,11 +1,18 @@
 """Top-1 / top-5 accuracy of (possibly pruned) variables on a :class:`~lbyl_jax.io.data.Dataset`.
 
-The evaluator is data-parallel over all local devices: a 1-D mesh ``('data',)``, every batch split
-along its first axis, variables replicated. Pixels travel as uint8 and are normalized on device
-(:func:`lbyl_jax.models.archs.normalize_fn`). Each batch has the same shape (the last one is zero-padded
-and its padded rows are masked out of the counts), so one executable serves a whole dataset.
-Executables are cached per widths (a pruned model is a different module), so a sweep over pruning
-ratios compiles each width configuration once.
+The evaluator is data-parallel over all devices of all processes (one process per host on
+``jax.distributed``, :mod:`lbyl_jax.core.distributed`): a 1-D mesh ``('data',)`` over the global
+devices, process by process, every global batch split along its first axis, variables replicated.
+With several processes each one reads only its contiguous part of the dataset
+(:meth:`lbyl_jax.io.data.Dataset.shard`) and feeds its rows of every global batch
+(``jax.make_array_from_process_local_data``); all processes run the same number of steps (a process
+whose part is exhausted feeds padding). The hit counts are integer sums inside the step, so top-1 /
+top-5 are exact; per-example predictions are gathered from every process and put back in the
+dataset's order. Pixels travel as uint8 and are normalized on device
+(:func:`lbyl_jax.models.archs.normalize_fn`). Each batch has the same shape (the last one is
+zero-padded and its padded rows are masked out of the counts), so one executable serves a whole
+dataset. Executables are cached per widths (a pruned model is a different module), so a sweep over
+pruning ratios compiles each width configuration once.
 
 CLI::
 
@@ -33,6 +40,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from lbyl_jax.models import archs
 from lbyl_jax.io import data as data_lib
 from lbyl_jax.pruning import selection
+from lbyl_jax.core import distributed
 from lbyl_jax.core import units as units_lib
 
 _Key = tuple[Any, ...]
@@ -87,18 +95,33 @@ class Evaluator:
   Attributes:
     spec: the preset.
     batch_size: global batch (rounded up to a multiple of the device count).
+    local_batch: the rows of every global batch this process feeds (``batch_size`` with one
+      process).
     mesh: the 1-D device mesh with axis 'data'.
+    num_processes: processes owning the mesh's devices (each feeds its part of the data).
     compile_seconds: seconds spent compiling, per widths key (None = original widths).
   """
 
   def __init__(self, spec: archs.ArchSpec | str, *, batch_size: int = 500,
                devices: Sequence[jax.Device] | None = None):
     self.spec = archs.get(spec) if isinstance(spec, str) else spec
-    devices = list(devices) if devices is not None else jax.local_devices()
+    devices = list(devices) if devices is not None else distributed.global_devices()
     if int(batch_size) != batch_size or batch_size < 1:
       raise ValueError(f'batch_size must be a positive integer, got {batch_size!r}')
     n_dev = len(devices)
     self.batch_size = -(-int(batch_size) // n_dev) * n_dev
+    procs = sorted({d.process_index for d in devices})
+    if len(procs) > 1:  # rows of a global batch go to the processes in index order
+      devices = sorted(devices, key=lambda d: d.process_index)
+      per = {p: sum(d.process_index == p for d in devices) for p in procs}
+      if len(set(per.values())) != 1:
+        raise ValueError(f'every process needs the same number of devices, got {per}')
+    me = jax.process_index()
+    if me not in procs:
+      raise ValueError(f'the evaluation devices include none of process {me}')
+    self.num_processes = len(procs)
+    self.process_position = procs.index(me)
+    self.local_batch = self.batch_size // self.num_processes
     self.mesh = Mesh(np.asarray(devices), ('data',))
     self._batch_sharding = NamedSharding(self.mesh, PartitionSpec('data'))
     self._replicated = NamedSharding(self.mesh, PartitionSpec())
@@ -168,15 +191,29 @@ class Evaluator:
     return executable, seconds
 
   def _bar(self, dataset: data_lib.Dataset, progress: bool):
-    return tqdm.tqdm(total=len(dataset), unit='img', desc=f'evaluating {self.spec.name}',
+    n = len(dataset)
+    if self.num_processes > 1:  # this process's part
+      lo, hi = data_lib.shard_bounds(n, self.process_position, self.num_processes)
+      n = hi - lo
+    return tqdm.tqdm(total=n, unit='img', desc=f'evaluating {self.spec.name}',
                      disable=not progress, leave=False, file=sys.stderr)
 
   def _padded_batches(self, dataset: data_lib.Dataset):
-    """(images, labels, valid, m) per batch, each padded to the compiled batch size."""
-    b = self.batch_size
+    """(images, labels, valid, m) per step: this process's rows of every global batch, padded to
+    ``local_batch``. With several processes: this process's part of ``dataset``, and as many
+    steps as the largest part needs (all-padding steps when this part is exhausted)."""
+    b = self.local_batch
     image_shape = tuple(dataset.image_shape)
-    seen = 0
-    for images, labels in dataset.batches(b):
+    n = len(dataset)
+    part = dataset
+    steps = None
+    if self.num_processes > 1:
+      part = dataset.shard(self.process_position, self.num_processes)
+      sizes = [hi - lo for lo, hi in (data_lib.shard_bounds(n, p, self.num_processes)
+                                      for p in range(self.num_processes))]
+      steps = max(-(-size // b) for size in sizes)
+    seen = done = 0
+    for images, labels in part.batches(b):
       m = len(labels)
       valid = np.zeros(b, bool)
       valid[:m] = True
@@ -185,8 +222,38 @@ class Evaluator:
         labels = np.concatenate([labels, np.zeros(b - m, labels.dtype)])
       yield np.asarray(images, np.uint8), np.asarray(labels, np.int32), valid, m
       seen += m
-    if seen != len(dataset):
-      raise ValueError(f'dataset {dataset.name} yielded {seen} examples, expected {len(dataset)}')
+      done += 1
+    if seen != len(part):
+      raise ValueError(f'dataset {part.name} yielded {seen} examples, expected {len(part)}')
+    while steps is not None and done < steps:
+      yield (np.zeros((b, *image_shape), np.uint8), np.zeros(b, np.int32), np.zeros(b, bool), 0)
+      done += 1
+
+  def _global(self, x: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """This process's rows (batch-sharded) or copy (replicated) of a global array."""
+    if self.num_processes == 1:
+      return jax.device_put(x, sharding)
+    x = np.asarray(x)
+    if sharding.spec == PartitionSpec():
+      return jax.make_array_from_process_local_data(sharding, x, x.shape)
+    return jax.make_array_from_process_local_data(
+        sharding, x, (x.shape[0] * self.num_processes, *x.shape[1:]))
+
+  def _replicate(self, tree: Any) -> Any:
+    if self.num_processes == 1:
+      return jax.device_put(tree, self._replicated)
+    return jax.tree_util.tree_map(lambda x: self._global(np.asarray(x), self._replicated), tree)
+
+  def _local_rows(self, out: jax.Array) -> np.ndarray:
+    """The rows of a batch-sharded output that this process fed (all rows with one process)."""
+    if self.num_processes == 1:
+      return np.asarray(out)
+    shards = sorted(out.addressable_shards, key=lambda sh: sh.index[0].start or 0)
+    return np.concatenate([np.asarray(sh.data) for sh in shards])
+
+  def _same_data(self, dataset: data_lib.Dataset) -> None:
+    distributed.same_everywhere([len(dataset), *dataset.image_shape],
+                                f'the evaluation data ({dataset.name}: size, image shape)')
 
   def _checked(self, variables: Any, dataset: data_lib.Dataset,
                widths: Sequence[int] | None) -> tuple[Any, tuple[int, int, int]]:
@@ -222,18 +289,19 @@ class Evaluator:
     """
     key, image_shape = self._checked(variables, dataset, widths)
     executable, compile_s = self.compiled(variables, key, image_shape)
+    self._same_data(dataset)
     t0 = time.perf_counter()
-    device_vars = jax.device_put(variables, self._replicated)
-    total = jax.device_put(np.zeros(3, np.int32), self._replicated)
+    device_vars = self._replicate(variables)
+    total = self._global(np.zeros(3, np.int32), self._replicated)
     with self._bar(dataset, progress) as bar:
       pending = 0
       for images, labels, valid, m in self._padded_batches(dataset):
         previous = total
         total = executable(
             device_vars,
-            jax.device_put(images, self._batch_sharding),
-            jax.device_put(labels, self._batch_sharding),
-            jax.device_put(valid, self._batch_sharding),
+            self._global(images, self._batch_sharding),
+            self._global(labels, self._batch_sharding),
+            self._global(valid, self._batch_sharding),
             total,
         )
         if progress and pending:  # this batch is queued; wait for the previous one to finish
@@ -265,8 +333,9 @@ class Evaluator:
     shape = tuple(self.spec.input_shape)
     executable, _ = self.compiled(variables, key, shape, kind='predict')
     images = np.random.default_rng(seed).integers(0, 256, (self.batch_size, *shape), np.uint8)
-    device_vars = jax.device_put(variables, self._replicated)
-    x = jax.device_put(images, self._batch_sharding)
+    lo = self.process_position * self.local_batch
+    device_vars = self._replicate(variables)
+    x = self._global(images[lo:lo + self.local_batch], self._batch_sharding)
     jax.block_until_ready(executable(device_vars, x))
     t0 = time.perf_counter()
     for _ in range(int(batches)):
@@ -288,19 +357,31 @@ class Evaluator:
     """
     key, image_shape = self._checked(variables, dataset, widths)
     executable, compile_s = self.compiled(variables, key, image_shape, kind='predict')
+    self._same_data(dataset)
     t0 = time.perf_counter()
-    device_vars = jax.device_put(variables, self._replicated)
-    preds, labels_all, bad = [], [], 0
+    device_vars = self._replicate(variables)
+    preds, labels_all, finite_all, valid_all = [], [], [], []
     with self._bar(dataset, progress) as bar:
-      for images, labels, _, m in self._padded_batches(dataset):
-        out, finite = executable(device_vars, jax.device_put(images, self._batch_sharding))
-        preds.append(np.asarray(out)[:m])
-        labels_all.append(labels[:m])
-        bad += int(np.sum(~np.asarray(finite)[:m]))
+      for images, labels, valid, m in self._padded_batches(dataset):
+        out, finite = executable(device_vars, self._global(images, self._batch_sharding))
+        preds.append(self._local_rows(out))
+        finite_all.append(self._local_rows(finite))
+        labels_all.append(labels)
+        valid_all.append(valid)
         bar.update(m)
+    # This process's rows in its part's order; then every process's rows in process order,
+    # which is the dataset's order (the parts are contiguous).
+    valid_g = distributed.allgather(np.concatenate(valid_all))
+
+    def gather(parts: list[np.ndarray]) -> np.ndarray:
+      rows = distributed.allgather(np.concatenate(parts))
+      return np.concatenate([rows[p][valid_g[p]] for p in range(len(rows))])
+
+    pred, labels, finite = gather(preds), gather(labels_all), gather(finite_all)
+    bad = int(np.sum(~finite))
     _refuse_nonfinite(bad, len(dataset), self.spec.name)
-    pred = np.concatenate(preds).astype(np.int32)
-    labels = np.concatenate(labels_all).astype(np.int32)
+    pred = pred.astype(np.int32)
+    labels = labels.astype(np.int32)
     return dict(pred=pred, labels=labels, correct=pred == labels,
                 seconds=time.perf_counter() - t0, compile_seconds=compile_s)
 

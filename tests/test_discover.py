@@ -13,6 +13,7 @@ pre-BN output shifted by scale * sum over taps / rows of V[:, P] c -- the fold o
 from __future__ import annotations
 
 import functools
+import json
 import sys
 import textwrap
 from collections.abc import Callable, Sequence
@@ -253,6 +254,17 @@ def discovered(built):
   return {name: discover_lib.discover(built[name][0], built[name][1], CASES[name][1],
                                apply_kwargs=CASES[name][2], policy=CASES[name][3])
           for name in CASES}
+
+
+def test_discovery_json_round_trip(discovered):
+  """What is kept on disk for the presets reads back equal, for every kind of unit (offsets,
+  flatten orders, through layers, geometry, couplings, exclusions, blocked producers)."""
+  assert any(c.through for d in discovered.values() for u in d.units for c in u.consumers)
+  for name, d in discovered.items():
+    data = units_lib.discovery_to_json(d)
+    back = units_lib.discovery_from_json(json.loads(json.dumps(data)))
+    assert back == d, name
+    assert units_lib.discovery_to_json(back) == data, name  # the geometry (compare=False) too
 
 
 # --------------------------------------------------------------------------------------------

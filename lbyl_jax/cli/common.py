@@ -9,12 +9,14 @@ argument parser exit with 2. ``--debug`` shows the traceback instead.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+from lbyl_jax.core import distributed
 from lbyl_jax.core.options import Options, flag_of
 from lbyl_jax.io import compile_cache
 from lbyl_jax.io import download as download_lib
@@ -46,17 +48,61 @@ def run_main(prog: str, make_parser: Callable[[bool], argparse.ArgumentParser],
     make_parser(True).print_help()
     raise SystemExit(0)
   args = make_parser(False).parse_args(argv)
+  where = ''
   try:
     compile_cache.enable(getattr(args, 'compile_cache', None))
+    if hasattr(args, 'coordinator_address'):
+      args.setup = distributed.initialize(args.coordinator_address, args.num_processes,
+                                          args.process_id)
+      if args.setup.process_count > 1:
+        where = f'[process {args.setup.process_index}/{args.setup.process_count}] '
+        if not args.setup.primary:  # one set of progress lines and tables: the primary's
+          args.no_progress = True
     return run(args)
   except KeyboardInterrupt:
-    log(f'{prog}: interrupted')
+    log(f'{prog}: {where}interrupted')
     raise SystemExit(130) from None
   except EXPECTED_ERRORS as e:
     if getattr(args, 'debug', False):
       raise
-    log(f'{prog}: error: {one_line(e)}')
+    log(f'{prog}: {where}error: {one_line(e)}')
     raise SystemExit(EXIT_ERROR) from None
+
+
+def add_distributed(p: argparse.ArgumentParser) -> None:
+  """--coordinator-address / --num-processes / --process-id (README, "Multi-host")."""
+  g = p.add_argument_group('multi-host (one process per host on jax.distributed)')
+  g.add_argument('--coordinator-address', metavar='HOST:PORT',
+                 help='address of process 0, the same on every process (default: detected on '
+                      'SLURM and Cloud TPU; otherwise a single process)')
+  g.add_argument('--num-processes', type=int, metavar='N', help='number of processes')
+  g.add_argument('--process-id', type=int, metavar='I', help='this process, in [0, N)')
+
+
+@contextlib.contextmanager
+def all_or_none(args: argparse.Namespace, what: str):
+  """Runs a step that may fail on some processes only (files, outputs): afterwards every process
+  knows whether all succeeded, and a failure anywhere is an error everywhere (no process is left
+  waiting in a collective). Plain execution with one process."""
+  setup = getattr(args, 'setup', None)
+  if setup is None or setup.process_count == 1:
+    yield
+    return
+  try:
+    yield
+  except EXPECTED_ERRORS:
+    try:
+      distributed.agree(False, what)
+    except ValueError:
+      pass
+    raise
+  distributed.agree(True, what)
+
+
+def is_primary(args: argparse.Namespace) -> bool:
+  """Whether this process writes outputs and prints results (always, with one process)."""
+  setup = getattr(args, 'setup', None)
+  return setup is None or setup.primary
 
 
 def add_common(p: argparse.ArgumentParser) -> None:

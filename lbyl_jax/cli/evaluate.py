@@ -18,8 +18,12 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from lbyl_jax import evaluation
 from lbyl_jax.cli import common
+from lbyl_jax.core import distributed
+from lbyl_jax.core import trees
 from lbyl_jax.io import checkpoint
 from lbyl_jax.io import data as data_lib
 from lbyl_jax.io import weights as weights_lib
@@ -59,7 +63,11 @@ def parser(show_advanced: bool = False) -> argparse.ArgumentParser:
   p.add_argument('--no-progress', action='store_true', help='no progress bars')
   p.add_argument('--json', action='store_true',
                  help='print the report as one JSON object on the last line of stdout')
+  p.add_argument('--per-example', metavar='FILE.npz',
+                 help='also write the per-example top-1 predictions, labels and correctness in'
+                      ' dataset order (with --compare: of both runs)')
   common.add_common(p)
+  common.add_distributed(p)
   return p
 
 
@@ -70,10 +78,29 @@ def _dataset(args, spec):
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
   """Resolves the checkpoint and the data, evaluates, returns the report."""
+  if args.per_example is not None and pathlib.Path(args.per_example).suffix != '.npz':
+    raise ValueError(f'--per-example: expected a .npz file name, got {args.per_example!r}')
   if args.compare:
     if args.run or args.weights:
       raise ValueError('--compare takes the two runs; give no RUN_DIR or --weights with it')
     return run_compare(args)
+  with common.all_or_none(args, 'loading the model and the data'):
+    spec, variables, widths, where, dataset = _model_and_data(args)
+  distributed.same_text(trees.digest(variables), 'the evaluated variables (digest)')
+  evaluator = evaluation.Evaluator(spec, batch_size=args.batch_size)
+  result = evaluator.evaluate(variables, dataset, widths=widths, progress=not args.no_progress)
+  if args.per_example:
+    per = evaluator.predictions(variables, dataset, widths=widths, progress=not args.no_progress)
+    _write_per_example(args, pred=per['pred'], labels=per['labels'], correct=per['correct'])
+  return dict(arch=spec.name, weights=where, data=dataset.source or dataset.name,
+              data_slice=None if args.data_slice is None else list(args.data_slice),
+              n=result['n'], top1=result['top1'], top5=result['top5'],
+              seconds=result['seconds'], compile_seconds=result['compile_seconds'],
+              devices=evaluator.num_devices, processes=evaluator.num_processes,
+              batch_size=evaluator.batch_size)
+
+
+def _model_and_data(args: argparse.Namespace):
   source = args.run or args.weights
   if source is not None and checkpoint.is_checkpoint(source):
     loaded = checkpoint.load(source)
@@ -92,33 +119,40 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     variables, where = weights_lib.load_weights(spec, args.weights, download=not args.no_download,
                                                 progress=not args.no_progress)
     widths = None
-  dataset = _dataset(args, spec)
-  evaluator = evaluation.Evaluator(spec, batch_size=args.batch_size)
-  result = evaluator.evaluate(variables, dataset, widths=widths, progress=not args.no_progress)
-  return dict(arch=spec.name, weights=where, data=dataset.source or dataset.name,
-              data_slice=None if args.data_slice is None else list(args.data_slice),
-              n=result['n'], top1=result['top1'], top5=result['top5'],
-              seconds=result['seconds'], compile_seconds=result['compile_seconds'],
-              devices=evaluator.num_devices, batch_size=evaluator.batch_size)
+  return spec, variables, widths, where, _dataset(args, spec)
 
 
 def run_compare(args: argparse.Namespace) -> dict[str, Any]:
   """Loads two saved checkpoints, evaluates both on the same examples, returns the comparison."""
-  run_a, run_b = (checkpoint.load(d) for d in args.compare)
-  if run_a.spec.name != run_b.spec.name:
-    raise ValueError(f'--compare needs two checkpoints of one architecture, got '
-                     f'{run_a.spec.name} ({args.compare[0]}) and {run_b.spec.name} ({args.compare[1]})')
-  if args.arch and archs.get(args.arch).name != run_a.spec.name:
-    raise ValueError(f'--arch {args.arch} does not match the checkpoints ({run_a.spec.name})')
-  spec = run_a.spec
-  dataset = _dataset(args, spec)
+  with common.all_or_none(args, 'loading the runs and the data'):
+    run_a, run_b = (checkpoint.load(d) for d in args.compare)
+    if run_a.spec.name != run_b.spec.name:
+      raise ValueError(f'--compare needs two checkpoints of one architecture, got '
+                       f'{run_a.spec.name} ({args.compare[0]}) and {run_b.spec.name} '
+                       f'({args.compare[1]})')
+    if args.arch and archs.get(args.arch).name != run_a.spec.name:
+      raise ValueError(f'--arch {args.arch} does not match the checkpoints ({run_a.spec.name})')
+    spec = run_a.spec
+    dataset = _dataset(args, spec)
+  for r in (run_a, run_b):
+    distributed.same_text(trees.digest(r.variables), f'the variables of {r.meta["arch"]} runs')
   evaluator = evaluation.Evaluator(spec, batch_size=args.batch_size)
-  correct = [evaluator.predictions(r.variables, dataset, widths=r.meta['widths'],
-                                   progress=not args.no_progress)['correct']
-             for r in (run_a, run_b)]
+  per = [evaluator.predictions(r.variables, dataset, widths=r.meta['widths'],
+                               progress=not args.no_progress) for r in (run_a, run_b)]
+  correct = [x['correct'] for x in per]
+  if args.per_example:
+    _write_per_example(args, pred_a=per[0]['pred'], pred_b=per[1]['pred'],
+                       labels=per[0]['labels'], correct_a=correct[0], correct_b=correct[1])
   return dict(arch=spec.name, a=str(pathlib.Path(args.compare[0]).absolute()),
               b=str(pathlib.Path(args.compare[1]).absolute()),
               data=dataset.source or dataset.name, **evaluation.paired_comparison(*correct))
+
+
+def _write_per_example(args: argparse.Namespace, **arrays) -> None:
+  """The per-example arrays as an .npz (process 0 only; every process waits for it)."""
+  with common.all_or_none(args, f'writing {args.per_example}'):
+    if common.is_primary(args):
+      np.savez(pathlib.Path(args.per_example), **arrays)
 
 
 def _print(args, report) -> None:
@@ -133,8 +167,9 @@ def _print(args, report) -> None:
   else:
     print(f'{report["arch"]} on {report["data"]} ({report["n"]} images, '
           f'weights {report["weights"]}):')
+    procs = f' of {report["processes"]} processes' if report.get('processes', 1) > 1 else ''
     print(f'  top-1 {report["top1"]:.2f}%  top-5 {report["top5"]:.2f}%  '
-          f'({report["seconds"]:.1f} s on {report["devices"]} device(s), '
+          f'({report["seconds"]:.1f} s on {report["devices"]} device(s){procs}, '
           f'compile {report["compile_seconds"]:.1f} s)')
   if args.json:
     print(json.dumps(report))
@@ -145,7 +180,8 @@ def main(argv: Sequence[str] | None = None) -> None:
 
   def go(args):
     report = run(args)
-    _print(args, report)
+    if common.is_primary(args):  # with several processes, process 0 reports
+      _print(args, report)
     return report
 
   common.run_main(PROG, parser, go, argv)

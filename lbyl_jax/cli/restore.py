@@ -25,11 +25,15 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+import jax
+
 from lbyl_jax import evaluation
 from lbyl_jax import pipeline
 from lbyl_jax import plan as plan_lib
 from lbyl_jax import report as report_lib
 from lbyl_jax.cli import common
+from lbyl_jax.core import distributed
+from lbyl_jax.core import trees
 from lbyl_jax.experimental import bn_reestimate as bn_lib
 from lbyl_jax.pruning import methods
 from lbyl_jax.pruning.selection import Selection
@@ -160,6 +164,7 @@ def parser(show_advanced: bool = False) -> argparse.ArgumentParser:
   o.add_argument('--json', action='store_true', help='print the report as one JSON line at the end')
   o.add_argument('--no-progress', action='store_true', help='no progress bars or phase lines')
   common.add_common(o)
+  common.add_distributed(p)
 
   r = p.add_argument_group('research and reproduction (listed by --help-all)')
   r.add_argument('--preset', choices=plan_lib.PRESETS,
@@ -255,7 +260,16 @@ def default_out(args: argparse.Namespace, plan: plan_lib.Plan) -> pathlib.Path:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-  """Executes the parsed command line; returns the report (single) or sweep summary."""
+  """Executes the parsed command line; returns the report (single) or sweep summary.
+
+  With several processes (README, "Multi-host"): every process loads the weights and computes
+  the same restore; evaluations are data-parallel over all processes' devices, each reading its
+  part of the data; a sweep's configurations are divided among the processes (each evaluates its
+  own on its local devices with all the data) and their rows merged on process 0; only process 0
+  checks and writes ``--out`` and prints results, and no process exits before it has written.
+  """
+  primary = common.is_primary(args)
+  say = common.log if primary else (lambda msg: None)
   phases = common.Phases(quiet=args.no_progress)
   progress = not args.no_progress
   factory = None
@@ -273,37 +287,45 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     spec = archs.get(args.arch)
   plans = _grid(args)
   recipe = bn_recipe(args)
-  if args.out is not None:
-    publish.recover(publish.resolve_out(args.out))  # a swap left half done by a killed run
-    out = publish.check_target(args.out, overwrite=args.overwrite, create_parents=True)
-  else:
-    if args.overwrite:
-      raise ValueError('--overwrite needs an explicit --out')
-    out = default_out(args, plans[0])
-    out = publish.check_target(out, overwrite=False, create_parents=True)
   if args.data is None and args.data_slice is not None:
     raise ValueError('--data-slice needs --data')
   if args.export and args.sweep:
     raise ValueError('--export applies to a single run, not to --sweep')
   for fmt in args.export:
     export_lib.check_available(fmt, spec)
+  out = None
+  with common.all_or_none(args, 'checking --out'):
+    if args.out is None and args.overwrite:
+      raise ValueError('--overwrite needs an explicit --out')
+    if primary:  # the only process that writes
+      if args.out is not None:
+        publish.recover(publish.resolve_out(args.out))  # a swap left half done by a killed run
+        out = publish.check_target(args.out, overwrite=args.overwrite, create_parents=True)
+      else:
+        out = default_out(args, plans[0])
+        out = publish.check_target(out, overwrite=False, create_parents=True)
 
-  if factory is not None:
-    variables, source = phases.run('load', f'loading the weights of {spec.name}',
-                                   weights_lib.load_custom_weights, spec, args.weights,
-                                   factory_variables=factory.variables, key_map=factory.key_map,
-                                   seed=args.init_seed)
-    common.log(spec.discovery.table())
-  else:
-    variables, source = phases.run('load', f'loading the weights of {spec.name}',
-                                   weights_lib.load_weights, spec, args.weights,
-                                   download=not args.no_download, progress=progress,
-                                   seed=args.init_seed)
+  with common.all_or_none(args, 'loading the weights'):
+    if factory is not None:
+      variables, source = phases.run('load', f'loading the weights of {spec.name}',
+                                     weights_lib.load_custom_weights, spec, args.weights,
+                                     factory_variables=factory.variables,
+                                     key_map=factory.key_map, seed=args.init_seed)
+      say(spec.discovery.table())
+    else:
+      variables, source = phases.run('load', f'loading the weights of {spec.name}',
+                                     weights_lib.load_weights, spec, args.weights,
+                                     download=not args.no_download, progress=progress,
+                                     seed=args.init_seed)
+  setup = getattr(args, 'setup', None)
+  nproc = 1 if setup is None else setup.process_count
+  if nproc > 1:  # every process must hold the same weights (same file, same seed)
+    distributed.same_text(trees.digest(variables), 'the loaded weights (digest)')
   random_weights = args.weights == weights_lib.RANDOM
   if random_weights:
-    common.log(f'weights: {source}: the accuracy of this run is meaningless')
+    say(f'weights: {source}: the accuracy of this run is meaningless')
   else:
-    common.log(f'weights: {source}')
+    say(f'weights: {source}')
 
   calib = None
   if recipe.calibrate_bn is not None:
@@ -315,9 +337,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
   dataset = evaluator = baseline = throughput_before = None
   if args.data:
-    dataset = phases.run('data', f'loading {args.data}', data_lib.load_dataset, args.data,
-                         arch=spec, download=not args.no_download, progress=progress,
-                         slice_=args.data_slice, limit=args.limit)
+    with common.all_or_none(args, 'loading the data'):
+      dataset = phases.run('data', f'loading {args.data}', data_lib.load_dataset, args.data,
+                           arch=spec, download=not args.no_download, progress=progress,
+                           slice_=args.data_slice, limit=args.limit)
     evaluator = evaluation.Evaluator(spec, batch_size=args.batch_size)
     baseline = phases.run('evaluate_original', f'evaluating the original model on {dataset.name}'
                           f' (n={len(dataset)})', evaluator.evaluate, variables, dataset,
@@ -326,62 +349,118 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
       throughput_before = phases.run('throughput', 'measuring the original inference throughput',
                                      evaluator.throughput, variables)
 
-  rows, results = [], []
-  for plan in plans:
-    p = plan
-    tag = (f'method={p.method.name} criterion={p.selection.criterion} ratio={p.selection.ratio}'
-           + (f' bits={p.quantizer.bits} quant={p.quantizer.name}' if p.quantizer else ''))
-    result = phases.run('compress', f'compressing: {tag}', pipeline.compress, spec, variables, plan)
-    if recipe.enabled:
-      result = phases.run('bn_reestimate', f're-estimating the BN statistics: {recipe.recipe}'
-                          + ('' if recipe.source != 'images' else ' (real images: not data-free)'),
-                          bn_lib.reestimate_compressed, result, variables, recipe, images=calib)
-      result.report['bn_reestimate']['calib_data'] = (
-          None if calib is None else dict(spec=args.calib_data, n=int(len(calib)),
-                                          slice=None if args.calib_slice is None
-                                          else list(args.calib_slice)))
-    report = result.report
-    report.update(weights=source, random_weights=random_weights, data=args.data,
-                  data_slice=None if args.data_slice is None else list(args.data_slice),
-                  top1_before=None, top5_before=None, top1_after=None, top5_after=None,
-                  n_eval=None)
-    if evaluator is not None:
-      after = phases.run('evaluate_compressed', 'evaluating the compressed model',
-                         evaluator.evaluate, result.variables, dataset, widths=result.widths,
-                         progress=progress)
-      report.update(top1_before=baseline['top1'], top5_before=baseline['top5'],
-                    top1_after=after['top1'], top5_after=after['top5'], n_eval=after['n'],
-                    eval_seconds=after['seconds'])
-      if throughput_before is not None:
-        t_after = phases.run('throughput', 'measuring the compressed inference throughput',
-                             evaluator.throughput, result.variables, widths=result.widths)
-        report.update(throughput_before=throughput_before['images_per_second'],
-                      throughput_after=t_after['images_per_second'],
-                      throughput_batch=t_after['batch_size'])
-    rows.append(report)
-    results.append(result)
-    if not args.sweep:
-      print(report_lib.layer_table(report))
+  # A sweep with several processes: each process takes every n-th configuration and evaluates
+  # it on its own devices with all the data; a single run is computed by every process alike.
+  mine = list(range(len(plans)))
+  local_evaluator = evaluator
+  if args.sweep and nproc > 1:
+    mine = [i for i in mine if i % nproc == setup.process_index]
+    if dataset is not None:
+      local_evaluator = evaluation.Evaluator(spec, batch_size=args.batch_size,
+                                             devices=jax.local_devices())
+  rows, results = {}, {}
+  for i in mine:
+    rows[i], results[i] = _one_config(args, spec, plans[i], variables, source, random_weights,
+                                      dataset, local_evaluator, baseline, throughput_before,
+                                      phases, progress, primary, recipe, calib)
 
   if not args.sweep:
     report = rows[0]
     report['phases'] = {**phases.seconds,
                         **{f'compress/{k}': v for k, v in report['phases'].items()}}
-    phases.run('save', f'saving to {out}', _save_run, out, spec, results[0], report,
-               overwrite=args.overwrite, exports=args.export)
-    report['phases']['save'] = phases.seconds['save']
+    with common.all_or_none(args, f'saving to {out}' if out else 'saving'):
+      if primary:
+        phases.run('save', f'saving to {out}', _save_run, out, spec, results[0], report,
+                   overwrite=args.overwrite, exports=args.export)
+    report['phases']['save'] = phases.seconds.get('save', 0.0)
     report['total_seconds'] = sum(phases.seconds.values())
-    print(report_lib.summary_text(report))
-    print(f'saved: {out}  (evaluate with: python -m lbyl_jax.evaluate {out} --data ...; '
-          f'reload with lbyl_jax.load({str(out)!r}))')
+    if primary:
+      print(report_lib.summary_text(report))
+      print(f'saved: {out}  (evaluate with: python -m lbyl_jax.evaluate {out} --data ...; '
+            f'reload with lbyl_jax.load({str(out)!r}))')
     final = report
   else:
-    final = phases.run('save', f'writing the sweep to {out}', _write_sweep, out, spec, rows,
-                       results if args.save_models else None, baseline, args)
+    all_rows = _merge_rows(rows, len(plans)) if nproc > 1 else [rows[i] for i in range(len(plans))]
+    final = None
+    with common.all_or_none(args, f'writing the sweep to {out}' if out else 'writing the sweep'):
+      if primary:
+        models = None
+        if args.save_models:  # configurations computed elsewhere are recomputed (deterministic)
+          models = [results[i] if i in results else _recompute(spec, variables, plans[i], recipe,
+                                                               calib)
+                    for i in range(len(plans))]
+        final = phases.run('save', f'writing the sweep to {out}', _write_sweep, out, spec,
+                           all_rows, models, baseline, args)
+    if final is None:
+      final = dict(arch=spec.name, baseline=baseline, rows=all_rows)
     final['total_seconds'] = sum(phases.seconds.values())
-  if args.json:
+  if args.json and primary:
     print(json.dumps(report_lib.jsonable(final)))
   return final
+
+
+def _recompute(spec, variables, plan, recipe, calib) -> pipeline.Compressed:
+  """A configuration another process computed, again (deterministic), with its BN stage."""
+  result = pipeline.compress(spec, variables, plan)
+  if recipe.enabled:
+    result = bn_lib.reestimate_compressed(result, variables, recipe, images=calib)
+  return result
+
+
+def _one_config(args, spec, plan, variables, source, random_weights, dataset, evaluator, baseline,
+                throughput_before, phases, progress, primary, recipe, calib):
+  """Compresses with one plan (and re-estimates the BN statistics if asked), evaluates the
+  result (with --data); (report, result)."""
+  p = plan
+  tag = (f'method={p.method.name} criterion={p.selection.criterion} ratio={p.selection.ratio}'
+         + (f' bits={p.quantizer.bits} quant={p.quantizer.name}' if p.quantizer else ''))
+  result = phases.run('compress', f'compressing: {tag}', pipeline.compress, spec, variables, plan)
+  if recipe.enabled:
+    result = phases.run('bn_reestimate', f're-estimating the BN statistics: {recipe.recipe}'
+                        + ('' if recipe.source != 'images' else ' (real images: not data-free)'),
+                        bn_lib.reestimate_compressed, result, variables, recipe, images=calib)
+    result.report['bn_reestimate']['calib_data'] = (
+        None if calib is None else dict(spec=args.calib_data, n=int(len(calib)),
+                                        slice=None if args.calib_slice is None
+                                        else list(args.calib_slice)))
+  setup = getattr(args, 'setup', None)
+  if not args.sweep and setup is not None and setup.process_count > 1:
+    # every process evaluates its own copy of the restored model: they must be the same
+    distributed.same_text(trees.digest(result.variables), 'the restored variables (digest)')
+  report = result.report
+  report.update(weights=source, random_weights=random_weights, data=args.data,
+                data_slice=None if args.data_slice is None else list(args.data_slice),
+                top1_before=None, top5_before=None, top1_after=None, top5_after=None,
+                n_eval=None)
+  if evaluator is not None:
+    after = phases.run('evaluate_compressed', 'evaluating the compressed model',
+                       evaluator.evaluate, result.variables, dataset, widths=result.widths,
+                       progress=progress)
+    report.update(top1_before=baseline['top1'], top5_before=baseline['top5'],
+                  top1_after=after['top1'], top5_after=after['top5'], n_eval=after['n'],
+                  eval_seconds=after['seconds'])
+    if throughput_before is not None:
+      t_after = phases.run('throughput', 'measuring the compressed inference throughput',
+                           evaluator.throughput, result.variables, widths=result.widths)
+      report.update(throughput_before=throughput_before['images_per_second'],
+                    throughput_after=t_after['images_per_second'],
+                    throughput_batch=t_after['batch_size'])
+  if not args.sweep and primary:
+    print(report_lib.layer_table(report))
+  return report, result
+
+
+def _merge_rows(rows: dict[int, dict[str, Any]], n: int) -> list[dict[str, Any]]:
+  """Every process's sweep rows (``{plan index: report}``), in plan order, on every process."""
+  mine = json.dumps([[i, report_lib.jsonable(r)] for i, r in sorted(rows.items())]).encode()
+  merged: dict[int, dict[str, Any]] = {}
+  for blob in distributed.allgather_bytes(mine):
+    for i, r in json.loads(blob.decode()):
+      merged[int(i)] = r
+  missing = sorted(set(range(n)) - set(merged))
+  if missing:
+    raise ValueError(f'sweep rows {missing} came back from no process')
+  return [merged[i] for i in range(n)]
 
 
 def _save_run(out: pathlib.Path, spec, result: pipeline.Compressed, report, *, overwrite: bool,

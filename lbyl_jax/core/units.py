@@ -333,3 +333,62 @@ def widths_of(variables: Mapping[str, Any], units) -> tuple[int, ...]:
   sequence of units or a :class:`Discovery`)."""
   unit_list = units.units if isinstance(units, Discovery) else tuple(units)
   return tuple(width_of(variables, u) for u in unit_list)
+
+
+# --------------------------------------------------------------------------------------------
+# A Discovery as plain JSON data (kept on disk next to the compilation cache for the presets,
+# :func:`lbyl_jax.models.trace.cached_on_disk`): every field is a string, a number, None, or a
+# tuple of those or of the dataclasses above, so the round trip is exact (Python floats print
+# their shortest exact repr).
+
+
+def _plain(x: Any) -> Any:
+  if dataclasses.is_dataclass(x):
+    return {f.name: _plain(getattr(x, f.name)) for f in dataclasses.fields(x)}
+  if isinstance(x, (tuple, list)):
+    return [_plain(v) for v in x]
+  if isinstance(x, (bool, np.bool_)):
+    return bool(x)
+  if isinstance(x, (int, np.integer)):
+    return int(x)
+  if isinstance(x, (float, np.floating)):
+    return float(x)
+  if x is None or isinstance(x, str):
+    return x
+  raise TypeError(f'cannot write {type(x).__name__} as discovery data')
+
+
+def _tuple(x: Any) -> Any:
+  return tuple(_tuple(v) for v in x) if isinstance(x, list) else x
+
+
+def _geometry(d: Mapping[str, Any] | None) -> ConvGeometry | None:
+  return None if d is None else ConvGeometry(**{k: _tuple(v) for k, v in d.items()})
+
+
+def _consumer(d: Mapping[str, Any]) -> Consumer:
+  return Consumer(**{**d, 'through': tuple(Through(**t) for t in d['through']),
+                     'geometry': _geometry(d['geometry'])})
+
+
+def _unit(d: Mapping[str, Any]) -> Unit:
+  return Unit(**{**d, 'consumers': tuple(_consumer(c) for c in d['consumers'])})
+
+
+def discovery_to_json(d: Discovery) -> dict[str, Any]:
+  """``d`` as JSON-ready data (:func:`discovery_from_json` reads it back equal, geometry
+  included)."""
+  return _plain(d)
+
+
+def discovery_from_json(d: Mapping[str, Any]) -> Discovery:
+  """The :class:`Discovery` written by :func:`discovery_to_json`."""
+  return Discovery(
+      units=tuple(_unit(u) for u in d['units']),
+      excluded=tuple(Excluded(_unit(e['unit']), e['rule']) for e in d['excluded']),
+      couplings=tuple(Coupling(c['kind'], tuple(c['members']), c['reason'])
+                      for c in d['couplings']),
+      blocked=tuple(Blocked(**b) for b in d['blocked']),
+      layers=tuple(Layer(**layer) for layer in d['layers']),
+      input_shape=tuple(d['input_shape']), policy=tuple(d['policy']),
+      other_macs=int(d['other_macs']))

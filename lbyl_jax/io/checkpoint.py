@@ -176,10 +176,21 @@ def _write_json(path: pathlib.Path, obj: Any) -> None:
     os.fsync(f.fileno())
 
 
+def _this_process_only(ocp) -> dict[str, Any]:
+  """Checkpointer options making this process the only participant: with several processes on
+  jax.distributed, orbax otherwise expects every process to join every save and restore (only
+  process 0 writes, README "Multi-host"; every process reads on its own)."""
+  if jax.process_count() == 1:
+    return {}
+  me = jax.process_index()
+  return dict(multiprocessing_options=ocp.options.MultiprocessingOptions(
+      primary_host=me, active_processes={me}, barrier_sync_key_prefix=f'lbyl_jax_p{me}_'))
+
+
 def _write_orbax(path: pathlib.Path, tree: Mapping[str, Any]) -> None:
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
 
-  with ocp.StandardCheckpointer() as ckptr:
+  with ocp.StandardCheckpointer(**_this_process_only(ocp)) as ckptr:
     ckptr.save(path, tree)
     # StandardCheckpointer saves asynchronously: the rename that publishes the directory must
     # not happen before every array is on disk.
@@ -357,7 +368,7 @@ def read_orbax(path: pathlib.Path) -> dict[str, Any]:
   if not path.is_dir():
     raise ValueError(f'{path.parent}: checkpoint has no {VARIABLES_DIR}/ directory')
   try:
-    with ocp.StandardCheckpointer() as ckptr:
+    with ocp.StandardCheckpointer(**_this_process_only(ocp)) as ckptr:
       tree = ckptr.restore(path)
   except (ValueError, OSError, KeyError, TypeError, AttributeError, RuntimeError) as e:
     raise ValueError(f'{path}: unreadable orbax checkpoint ({type(e).__name__}: {e})') from None

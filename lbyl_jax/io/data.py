@@ -49,7 +49,6 @@ import zlib
 from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
-from PIL import Image
 
 from converters import formats
 from converters import safe_pickle
@@ -110,6 +109,12 @@ class Dataset(abc.ABC):
     """Examples ``start .. stop - 1`` in the dataset's order (e.g. the development split 0:5000
     and the held-out split 5000:10000 of a 10,000-image test set)."""
 
+  @abc.abstractmethod
+  def shard(self, index: int, count: int) -> Dataset:
+    """Part ``index`` of ``count`` contiguous parts (:func:`shard_bounds`; one per process of a
+    multi-host evaluation). Nothing outside the part is decoded; a part may be empty when there
+    are fewer examples than parts."""
+
   def __repr__(self) -> str:
     return (f'{type(self).__name__}(name={self.name!r}, n={len(self)}, '
             f'image_shape={self.image_shape})')
@@ -131,6 +136,17 @@ def parse_slice(text: str) -> tuple[int, int]:
     return int(start), int(stop)
   except ValueError:
     raise ValueError(f'--data-slice: expected START:STOP (e.g. 0:5000), got {text!r}') from None
+
+
+def shard_bounds(n: int, index: int, count: int) -> tuple[int, int]:
+  """(start, stop) of part ``index`` of ``count`` contiguous parts of ``n`` examples: part i holds
+  ``i * n // count`` .. ``(i + 1) * n // count - 1``, so the parts follow the dataset's order and
+  their sizes differ by at most one."""
+  if int(count) != count or count < 1:
+    raise ValueError(f'shard count must be a positive integer, got {count!r}')
+  if int(index) != index or not 0 <= index < count:
+    raise ValueError(f'shard index must be an integer in [0, {count}), got {index!r}')
+  return int(index) * int(n) // int(count), (int(index) + 1) * int(n) // int(count)
 
 
 def _check_subset(n: int) -> int:
@@ -184,6 +200,11 @@ class ArrayDataset(Dataset):
     start, stop = _check_slice(start, stop, len(self), self.name)
     return ArrayDataset(self.images[start:stop], self.labels[start:stop],
                         name=f'{self.name}[{start}:{stop}]', source=self.source)
+
+  def shard(self, index: int, count: int) -> ArrayDataset:
+    start, stop = shard_bounds(len(self), index, count)
+    return ArrayDataset(self.images[start:stop], self.labels[start:stop],
+                        name=f'{self.name}[shard {index}/{count}]', source=self.source)
 
 
 class LazyDataset(Dataset):
@@ -263,6 +284,12 @@ class LazyDataset(Dataset):
     start, stop = _check_slice(start, stop, len(self), self.name)
     return LazyDataset(self._load, self._indices[start:stop], image_shape=self._image_shape,
                        name=f'{self.name}[{start}:{stop}]', source=self.source,
+                       workers=self.workers, labels=self._labels)
+
+  def shard(self, index: int, count: int) -> LazyDataset:
+    start, stop = shard_bounds(len(self), index, count)
+    return LazyDataset(self._load, self._indices[start:stop], image_shape=self._image_shape,
+                       name=f'{self.name}[shard {index}/{count}]', source=self.source,
                        workers=self.workers, labels=self._labels)
 
   def materialize(self, batch_size: int = 256) -> ArrayDataset:
@@ -698,7 +725,14 @@ def _is_idx_file(path: pathlib.Path) -> bool:
 # ImageNet-style image folders.
 
 
-def resize_center_crop(image: Image.Image, size: int, *, resize: int | None = None,
+def _pil_image():
+  """PIL.Image, imported on first use (only the image-folder and TFDS readers need it)."""
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+
+  return Image
+
+
+def resize_center_crop(image: PIL.Image.Image, size: int, *, resize: int | None = None,
                        channels: int = 3) -> np.ndarray:
   """torchvision's ``Resize(resize)`` (PIL bilinear, shorter side) + ``CenterCrop(size)``.
 
@@ -714,7 +748,7 @@ def resize_center_crop(image: Image.Image, size: int, *, resize: int | None = No
   else:
     ow, oh = int(resize * w / h), resize
   if (ow, oh) != (w, h):
-    image = image.resize((ow, oh), Image.BILINEAR)
+    image = image.resize((ow, oh), _pil_image().BILINEAR)
   if ow < size or oh < size:
     raise ValueError(f'resize {resize} is smaller than crop {size}')
   top = int(round((oh - size) / 2.0))
@@ -806,6 +840,8 @@ def load_image_folder(root: str | os.PathLike, *, image_shape: tuple[int, int, i
   paths = [p for p, _ in items]
   labels = np.asarray([class_index[cls] for _, cls in items], np.int32)
 
+  Image = _pil_image()  # pylint: disable=invalid-name
+
   def load(i: int) -> tuple[np.ndarray, int]:
     try:
       with Image.open(paths[i]) as im:
@@ -855,7 +891,7 @@ def load_tfds(name: str, split: str | None = None, *,
     if image.ndim == 2:
       image = image[..., None]
     if image.shape != target:
-      pil = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+      pil = _pil_image().fromarray(image[..., 0] if image.shape[-1] == 1 else image)
       image = resize_center_crop(pil, target[0], channels=target[2])
     return image, int(ex['label'])
 

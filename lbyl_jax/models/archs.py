@@ -87,10 +87,19 @@ class ArchSpec:
 
   @functools.cached_property
   def discovery(self) -> units_lib.Discovery:
-    """What tracing the model found (units, couplings, unprunable layers); cached."""
+    """What tracing the model found (units, couplings, unprunable layers); cached, and for the
+    presets also on disk next to the compilation cache
+    (:func:`lbyl_jax.models.trace.discovery_on_disk`)."""
     module = self.discover_module if self.discover_module is not None else self.model
-    return discover_lib.discover(module, self.abstract_variables(), (1, *self.input_shape),
-                                 apply_kwargs=dict(self.apply_kwargs), policy=self.policy)
+
+    def compute() -> units_lib.Discovery:
+      return discover_lib.discover(module, self.abstract_variables(), (1, *self.input_shape),
+                                   apply_kwargs=dict(self.apply_kwargs), policy=self.policy)
+
+    if (self.discover_module is None and self.builder is None and self.fixed_units is None
+        and self.family != 'custom'):
+      return trace.discovery_on_disk(self, compute)
+    return compute()
 
   @property
   def units(self) -> tuple[units_lib.Unit, ...]:
@@ -146,7 +155,14 @@ class ArchSpec:
     return jnp.zeros((batch, *self.input_shape), jnp.float32)
 
   def abstract_variables(self, widths: tuple[int, ...] | None = None) -> Any:
-    """ShapeDtypeStructs of the variables for the given widths (cached per widths)."""
+    """ShapeDtypeStructs of the variables for the given widths (cached per widths).
+
+    The original widths come from the model's one abstract trace of ``init``
+    (:func:`lbyl_jax.models.trace.trace_layers`, kept on disk for the presets); for a preset,
+    other widths are derived from it and the discovered units without tracing
+    (:func:`lbyl_jax.models.trace.abstract_variables_at`); users' models and hand-built test
+    networks are traced at those widths.
+    """
     if widths is not None:
       widths = tuple(int(w) for w in widths)
     return _abstract_variables(self, widths)
@@ -167,19 +183,27 @@ class ArchSpec:
     def _draw(path, leaf):
       if path[-1].key == 'kernel':
         fan_in = int(np.prod(leaf.shape[:-1]))
-        return (rs.standard_normal(leaf.shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+        x = rs.standard_normal(leaf.shape)
+        x *= np.sqrt(2.0 / fan_in)  # in place: the same products, no second float64 copy
+        return x.astype(np.float32)
       if path[-1].key == 'bias':
         return (0.1 * rs.standard_normal(leaf.shape)).astype(np.float32)
       return np.ones(leaf.shape, np.float32)  # BN scale / var before randomization
 
     variables = jax.tree_util.tree_map_with_path(_draw, shapes)
     bns = {layer.path for layer in self.discovery.layers if layer.kind == 'bn'}
-    return randomize_batch_stats(variables, int(rs.integers(2**31 - 1)), bn_paths=bns)
+    return _randomize_batch_stats(dict(variables), int(rs.integers(2**31 - 1)), bn_paths=bns)
 
 
 @functools.lru_cache(maxsize=256)
 def _abstract_variables(spec: ArchSpec, widths: tuple[int, ...] | None) -> Any:
-  model = spec.model if widths is None else spec.build(widths)
+  if widths is None:
+    return trace.trace_layers(spec).abstract
+  if widths == spec.default_widths():
+    return _abstract_variables(spec, None)
+  if spec.builder is None and spec.fixed_units is None and spec.family != 'custom':
+    return trace.abstract_variables_at(spec, widths)
+  model = spec.build(widths)
   return jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), spec.dummy_input()))
 
 
@@ -190,8 +214,15 @@ def randomize_batch_stats(variables: Any, seed: int, *, bn_paths=None) -> Any:
 
   mean ~ N(0, 0.1), var ~ U(0.5, 1.5), scale ~ U(0.5, 1.5), bias ~ N(0, 0.1).
   """
+  return _randomize_batch_stats(jax.tree_util.tree_map(np.array, dict(variables)), seed,
+                                bn_paths=bn_paths)
+
+
+def _randomize_batch_stats(variables: dict[str, Any], seed: int, *, bn_paths=None
+                           ) -> dict[str, Any]:
+  """:func:`randomize_batch_stats` on a tree the caller owns (its dict is updated, BN leaves
+  replaced, the other arrays kept without a copy)."""
   rs = np.random.default_rng(seed)
-  variables = jax.tree_util.tree_map(np.array, dict(variables))
   if 'batch_stats' not in variables:
     return variables
 

@@ -23,6 +23,7 @@ import numpy as np
 from lbyl_jax.core import trees
 from lbyl_jax.core.bn import BN_EPS
 from lbyl_jax.pruning import moments as moments_lib
+from lbyl_jax.pruning import solvers
 from lbyl_jax.pruning.problem import UnitProblem, UnitSolution
 
 FOLDS = ('padding_aware', 'all_taps')
@@ -112,6 +113,16 @@ def absorbs(variables: Mapping[str, Any], consumer) -> bool:
   return consumer.bn is not None or 'bias' in trees.get_path(variables['params'], consumer.path)
 
 
+def needs_fold(consumer) -> bool:
+  """Whether :func:`fold_constant` can change a constant for this consumer
+  (:class:`lbyl_jax.core.units.Consumer`): a conv whose traced taps read zero padding somewhere.
+  For the others the constant is folded unchanged, so their :class:`ConsumerTerms` (a float64
+  copy of the kernel) are never built."""
+  if consumer.kind != 'conv' or consumer.geometry is None:
+    return False
+  return not np.all(consumer.geometry.tap_fractions() == 1.0)
+
+
 def fold_constant(consumer: ConsumerTerms, prune: np.ndarray, c: np.ndarray) -> np.ndarray:
   """The constant c' whose fold, sum over ALL taps V[:, P] c' (how surgery shifts the consumer's
   BN mean), best matches the position-averaged effect of c under zero padding,
@@ -199,6 +210,12 @@ def constants(spec, variables: Mapping[str, Any], problems: Sequence[UnitProblem
   if fold not in FOLDS:
     raise ValueError(f'fold must be one of {FOLDS}, got {fold!r}')
   skipped = [] if skipped is None else skipped
+  with solvers.single_threaded_blas():  # small host solves of the fold (see there)
+    return _constants(spec, variables, problems, solutions, fold=fold, rule=rule,
+                      cov_model=cov_model, skipped=skipped)
+
+
+def _constants(spec, variables, problems, solutions, *, fold, rule, cov_model, skipped):
   padding_aware = fold == 'padding_aware'
   custom = spec is not None and spec.family == 'custom'
   out: list[Any] = [None] * len(problems)
@@ -235,13 +252,6 @@ def constants(spec, variables: Mapping[str, Any], problems: Sequence[UnitProblem
     cons = consumer_terms(spec, variables, probs, moments)
     S_list = [np.asarray(solutions[i].S_P, np.float64) for i in todo]
     weight = list(rule(probs, mom2, [[(S, None), (S, c)] for S, c in zip(S_list, consts)], cons))
-  per_consumer = {}
-  if need_geo:
-    n_cons = max(len(p.unit.consumers) for p in probs)
-    for index in range(n_cons):
-      sub = [k for k, p in enumerate(probs) if len(p.unit.consumers) > index]
-      terms_ = consumer_terms(spec, variables, [probs[k] for k in sub], moments, index=index)
-      per_consumer.update({(k, index): t for k, t in zip(sub, terms_)})
   for k, (i, p, c) in enumerate(zip(todo, probs, consts)):
     if weight[k] <= 0:
       continue
@@ -253,8 +263,12 @@ def constants(spec, variables: Mapping[str, Any], problems: Sequence[UnitProblem
                             reason='the consumer has neither a following BatchNorm nor a bias'))
         folded[con.path] = None
         continue
-      folded[con.path] = (fold_constant(per_consumer[(k, index)], p.prune, c)
-                          if (need_geo and padding_aware) else c)
+      if need_geo and padding_aware and c.size and needs_fold(con):
+        # One consumer's float64 kernel at a time, and none where no tap reads padding.
+        terms_ = consumer_terms(spec, variables, [p], moments, index=index)[0]
+        folded[con.path] = fold_constant(terms_, p.prune, c)
+      else:
+        folded[con.path] = c
     if len(p.unit.consumers) == 1:
       out[i] = folded[p.unit.consumers[0].path]
     elif any(v is not None for v in folded.values()):

@@ -12,7 +12,6 @@ import math
 from collections.abc import Callable
 
 import numpy as np
-import scipy.spatial.distance
 
 from lbyl_jax.core.registry import Registry
 
@@ -45,6 +44,8 @@ def l2_gm(W: np.ndarray, *, seed: int = 0, index: int = 0) -> np.ndarray:
   del seed, index
   W = np.asarray(W, np.float64)
   # Pairwise differences (not the Gram identity), so duplicate filters are exactly 0 apart.
+  import scipy.spatial.distance  # pylint: disable=import-outside-toplevel  (0.1-0.2 s to import)
+
   return scipy.spatial.distance.cdist(W, W, 'euclidean').sum(axis=1)
 
 

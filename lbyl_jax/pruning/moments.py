@@ -37,7 +37,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import scipy.special
 
 from lbyl_jax.core import trees
 from lbyl_jax.pruning import terms
@@ -281,17 +280,38 @@ _cross_jit = jax.jit(relu_cross_moment)
 PAIR_CHUNK = 1 << 15
 
 
+# Elements per call of the elementwise ReLU-moment kernel: every width of every network reuses ONE
+# executable (inputs zero-padded to this length; elementwise, so the padding changes no value).
+RELU_CHUNK = 2048
+
+
 def rectified_moments(mean: np.ndarray, var: np.ndarray, pool_k: int = 1
                       ) -> tuple[np.ndarray, np.ndarray]:
-  """NumPy float64 E[a] and E[a^2] of a = ReLU(y) (or the max of pool_k iid copies), y ~ N(mean, var)."""
+  """NumPy float64 E[a] and E[a^2] of a = ReLU(y) (or the max of pool_k iid copies), y ~ N(mean, var).
+
+  The standard deviation sqrt(max(var, 0)) is taken in NumPy (IEEE square root: the same bits as
+  on the device). Plain ReLU moments run in chunks of :data:`RELU_CHUNK` zero-padded elements, so
+  all widths share one compiled executable; the max-pool moments reduce over a quadrature axis,
+  whose vectorization depends on the length, so they run at the exact length.
+  """
+  mean, std = np.broadcast_arrays(np.asarray(mean, np.float64),
+                                  np.sqrt(np.maximum(np.asarray(var, np.float64), 0.0)))
   with jax.enable_x64(True):
-    mean = jnp.asarray(mean, jnp.float64)
-    std = jnp.sqrt(jnp.maximum(jnp.asarray(var, jnp.float64), 0.0))
-    if pool_k == 1:
-      e1, e2 = _relu_moments_jit(mean, std)
-    else:
-      e1, e2 = _max_relu_moments_jit(mean, std, pool_k)
-    return np.asarray(e1), np.asarray(e2)
+    if pool_k != 1:
+      e1, e2 = _max_relu_moments_jit(jnp.asarray(mean), jnp.asarray(std), pool_k)
+      return np.asarray(e1), np.asarray(e2)
+    flat_m, flat_s = mean.reshape(-1), std.reshape(-1)
+    n = flat_m.size
+    e1, e2 = np.empty(n), np.empty(n)
+    for lo in range(0, n, RELU_CHUNK):
+      hi = min(lo + RELU_CHUNK, n)
+      m_chunk, s_chunk = np.zeros(RELU_CHUNK), np.zeros(RELU_CHUNK)
+      m_chunk[:hi - lo] = flat_m[lo:hi]
+      s_chunk[:hi - lo] = flat_s[lo:hi]
+      a, b = _relu_moments_jit(m_chunk, s_chunk)
+      e1[lo:hi] = np.asarray(a)[:hi - lo]
+      e2[lo:hi] = np.asarray(b)[:hi - lo]
+    return e1.reshape(mean.shape), e2.reshape(mean.shape)
 
 
 def relu_mean(mean, std) -> np.ndarray:
@@ -302,6 +322,8 @@ def relu_mean(mean, std) -> np.ndarray:
   The host-side twin of :func:`relu_moments`' mean (the tests compare them), for callers that
   evaluate it hundreds of times on small arrays (bisection in UDFC's mean match, DFQ's bias
   correction), where a jitted call would pay dispatch on each call and a compile per shape."""
+  import scipy.special  # pylint: disable=import-outside-toplevel  (0.1-0.3 s to import)
+
   m = np.asarray(mean, np.float64)
   sd = np.abs(np.asarray(std, np.float64))
   pos = sd > 0

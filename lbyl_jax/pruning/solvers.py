@@ -30,17 +30,17 @@ from the returned Gram matrices (see :func:`_condition` for why not on the devic
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import ctypes
 import dataclasses
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import scipy.linalg
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 _JITTER = 1e-6
@@ -97,16 +97,50 @@ class Result:
 System = SharedSystem | RowSystem
 
 
-def bucket_key(system: System) -> tuple[str, int, int]:
+@dataclasses.dataclass(frozen=True)
+class Deferred:
+  """A system built only when its bucket is solved, so the float64 arrays of one bucket at a
+  time exist instead of those of the whole network (:func:`solve` accepts it anywhere a system
+  goes). ``build`` must return a system of kind ``kind`` with m kept rows, p pruned rows and
+  filter length d (checked).
+  """
+
+  kind: str
+  m: int
+  p: int
+  d: int
+  build: Callable[[], SharedSystem | RowSystem]
+  name: str = ''
+
+  def built(self) -> System:
+    s = self.build()
+    if _dims(s) != (self.kind, self.m, self.p, self.d):
+      raise ValueError(f'{self.name}: the system built has (kind, m, p, D) {_dims(s)}, declared'
+                       f' {(self.kind, self.m, self.p, self.d)}')
+    return s
+
+
+def _dims(system: System | Deferred) -> tuple[str, int, int, int]:
+  """(kind, m, p, D) of a system, without building a deferred one."""
+  if isinstance(system, Deferred):
+    return system.kind, system.m, system.p, system.d
+  if isinstance(system, SharedSystem):
+    return 'shared', system.F.shape[0], system.FP.shape[0], system.F.shape[1]
+  return 'row', system.X.shape[0], system.Y.shape[0], system.X.shape[1]
+
+
+def _built(system: System | Deferred) -> System:
+  return system.built() if isinstance(system, Deferred) else system
+
+
+def bucket_key(system: System | Deferred) -> tuple[str, int, int]:
   """(kind, m, p): systems with equal keys are stacked and share one compiled executable.
 
   The filter length D is not part of the key: shorter filters are zero-padded to the longest in
   the bucket, which leaves every Gram product (F F^T, F F_P^T) unchanged. A uniformly pruned
   ResNet thus needs one executable per stage (conv1 and conv2 of a stage share m and p).
   """
-  if isinstance(system, SharedSystem):
-    return ('shared', system.F.shape[0], system.FP.shape[0])
-  return ('row', system.X.shape[0], system.Y.shape[0])
+  return _dims(system)[:3]
 
 
 # --------------------------------------------------------------------------------------------
@@ -190,25 +224,26 @@ def _make_row_kernel(jitter: bool):
   return kernel
 
 
-def _pad_d(a: np.ndarray, d: int, dtype) -> np.ndarray:
-  a = np.asarray(a, dtype)
-  return a if a.shape[1] == d else np.pad(a, ((0, 0), (0, d - a.shape[1])))
-
-
 def _stack(bucket: Sequence[System], dtype) -> tuple[np.ndarray, ...]:
-  """The bucket's arrays stacked along a new leading layer axis, filters zero-padded in D."""
+  """The bucket's arrays stacked along a new leading layer axis, filters zero-padded in D.
+
+  Filters are written straight into the zero-filled stack (the float64 -> dtype rounding of an
+  assignment is that of ``astype``), without a padded copy per layer."""
+
+  def filters(rows: Sequence[np.ndarray]) -> np.ndarray:
+    out = np.zeros((len(rows), *np.shape(rows[0])[:1], max(np.shape(r)[1] for r in rows)), dtype)
+    for n, r in enumerate(rows):
+      out[n, :, :np.shape(r)[1]] = r
+    return out
+
   if isinstance(bucket[0], SharedSystem):
-    d = max(s.F.shape[1] for s in bucket)
-    fields = (
-        [_pad_d(s.F, d, dtype) for s in bucket], [_pad_d(s.FP, d, dtype) for s in bucket],
-        [s.b for s in bucket], [s.bP for s in bucket], [s.lam1 for s in bucket],
-        [s.lam2 for s in bucket],
-    )
-  else:
-    d = max(s.X.shape[1] for s in bucket)
-    fields = ([_pad_d(s.X, d, dtype) for s in bucket], [_pad_d(s.Y, d, dtype) for s in bucket],
-              [s.d for s in bucket], [s.e for s in bucket])
-  return tuple(np.stack([np.asarray(a, dtype) for a in f]) for f in fields)
+    return (filters([s.F for s in bucket]), filters([s.FP for s in bucket]),
+            *(np.stack([np.asarray(a, dtype) for a in f]) for f in (
+                [s.b for s in bucket], [s.bP for s in bucket], [s.lam1 for s in bucket],
+                [s.lam2 for s in bucket])))
+  return (filters([s.X for s in bucket]), filters([s.Y for s in bucket]),
+          *(np.stack([np.asarray(a, dtype) for a in f]) for f in (
+              [s.d for s in bucket], [s.e for s in bucket])))
 
 
 def _openblas_thread_setters() -> list[tuple[Any, Any]]:
@@ -234,17 +269,27 @@ def _openblas_thread_setters() -> list[tuple[Any, Any]]:
 
 
 @contextlib.contextmanager
-def _single_threaded_lapack():
+def single_threaded_blas():
   """Runs the block with every loaded OpenBLAS limited to one thread (CPU backend only).
 
   jaxlib's CPU LAPACK kernels call SciPy's OpenBLAS and the host diagnostics NumPy's. Their
   spinning worker threads next to XLA's own thread pool made small eigen-decompositions 100-200x
   slower (0.8 s instead of 5 ms for 8 x 89 x 89 on a 2-core machine with jaxlib 0.10.2;
-  ``OPENBLAS_NUM_THREADS=1`` gives the same cure). The previous counts are restored on exit.
+  ``OPENBLAS_NUM_THREADS=1`` gives the same cure). The host-side small solves of the bias
+  correction gain the same way (16 solves of at most 154 unknowns: 1.3 s with two threads on a
+  loaded 2-core machine, 30 ms with one). One thread also makes the host results independent
+  of the machine's core count: OpenBLAS's threaded Gram products (syrk) and LU solves round
+  differently from its single-threaded ones in the last bits for n >= 100.
+
+  SciPy's OpenBLAS is loaded first (jaxlib's LAPACK kernels load it on their first call, which
+  would otherwise come after the thread counts were set, leaving it multi-threaded: measured
+  0.5-9 s instead of 0.6 s for the first ResNet-50 solve). The previous counts are restored on
+  exit.
   """
   if jax.default_backend() != 'cpu':
     yield
     return
+  import scipy.linalg.cython_lapack  # pylint: disable=import-outside-toplevel,unused-import
   setters = _openblas_thread_setters()
   saved = [get() for get, _ in setters]
   for _, put in setters:
@@ -256,25 +301,58 @@ def _single_threaded_lapack():
       put(n)
 
 
-def _device_solve(bucket, dtype: str, timing: dict[str, float]):
-  """Solves one bucket on the device; returns host float64 arrays (one leading layer axis)."""
-  kind = 'shared' if isinstance(bucket[0], SharedSystem) else 'row'
-  args = _stack(bucket, np.float64 if dtype == 'float64' else np.float32)
-  key = (kind, dtype, tuple(a.shape for a in args))
+def _stacked_shapes(bucket: Sequence[System | Deferred], dtype) -> list[jax.ShapeDtypeStruct]:
+  """The shapes :func:`_stack` gives, without building the systems or the stacked arrays."""
+  n = len(bucket)
+  kind, m, p, _ = _dims(bucket[0])
+  d = max(_dims(s)[3] for s in bucket)
+  if kind == 'shared':
+    shapes = [(n, m, d), (n, p, d), (n, m), (n, p), (n,), (n,)]
+  else:
+    shapes = [(n, m, d), (n, p, d), (n, p, m), (n, p, m)]
+  return [jax.ShapeDtypeStruct(s, dtype) for s in shapes]
+
+
+def _executable(kind: str, dtype: str, shapes: Sequence[jax.ShapeDtypeStruct]) -> tuple[Any, float]:
+  """The compiled executable of one bucket shape, lowered from the shapes alone (the same HLO as
+  with the stacked arrays), and the seconds it took (JAX's persistent cache, when on, turns the
+  compile into a load)."""
+  t = time.perf_counter()
+  make = _make_shared_kernel if kind == 'shared' else _make_row_kernel
   with jax.enable_x64(dtype == 'float64'):
-    dev = [jax.device_put(a) for a in args]
-    compiled = _CACHE.get(key)
-    if compiled is None:
-      make = _make_shared_kernel if kind == 'shared' else _make_row_kernel
-      t0 = time.perf_counter()
-      compiled = jax.jit(make(dtype == 'float32')).lower(*dev).compile()
-      timing['compile'] = time.perf_counter() - t0
-      _CACHE[key] = compiled
+    exe = jax.jit(make(dtype == 'float32')).lower(*shapes).compile()
+  return exe, time.perf_counter() - t
+
+
+def _compile_all(todo: Sequence[tuple[str, str, Sequence[jax.ShapeDtypeStruct]]]
+                 ) -> tuple[list[Any], list[float]]:
+  """:func:`_executable` of every (kind, dtype, shapes), concurrently (XLA compiles outside the
+  GIL; a cold ResNet-50 has 4 buckets); returns the executables and each one's share of the wall
+  time (the shares add up to the wall time, split in proportion to each one's own duration)."""
+  if not todo:
+    return [], []
+  t0 = time.perf_counter()
+  if len(todo) == 1:
+    done = [_executable(*todo[0])]
+  else:
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(todo)) as pool:
+      done = list(pool.map(lambda item: _executable(*item), todo))
+  wall = time.perf_counter() - t0
+  own = sum(d for _, d in done) or 1.0
+  return [e for e, _ in done], [wall * d / own for _, d in done]
+
+
+def _run(compiled, bucket: Sequence[System], dtype: str) -> tuple[list[np.ndarray], float]:
+  """Stacks one bucket, runs its executable; host float64 outputs (one leading layer axis) and
+  the seconds of the run (the stacked arrays live only for this bucket)."""
+  with jax.enable_x64(dtype == 'float64'):
+    dev = [jax.device_put(a) for a in _stack(bucket, np.float64 if dtype == 'float64'
+                                             else np.float32)]
     jax.block_until_ready(dev)
     t0 = time.perf_counter()
     out = jax.block_until_ready(compiled(*dev))
-    timing['solve'] = time.perf_counter() - t0
-    return [np.asarray(o, np.float64) for o in out]
+    seconds = time.perf_counter() - t0
+    return [np.asarray(o, np.float64) for o in out], seconds
 
 
 def _host_system(system: System) -> tuple[np.ndarray, np.ndarray]:
@@ -302,6 +380,8 @@ def solve_host(system: SharedSystem) -> np.ndarray:
   if system.FP.shape[1] != system.F.shape[1]:
     raise ValueError(f'{system.name}: kept rows have D={system.F.shape[1]}, pruned rows '
                      f'D={system.FP.shape[1]}')
+  import scipy.linalg  # pylint: disable=import-outside-toplevel  (0.1 s to import)
+
   A, R = _host_system(system)
   try:
     if system.lam2 <= 0:
@@ -385,22 +465,38 @@ def solve(
           bucket=None, compile_seconds=0.0, solve_seconds=0.0))
       continue
     buckets.setdefault(key, []).append(i)
-  with _single_threaded_lapack():
+  with single_threaded_blas():
     _solve_buckets(systems, buckets, results, dtype, with_cond)
   return results  # type: ignore[return-value]
 
 
 def _solve_buckets(systems, buckets, results, dtype: str, with_cond: bool) -> None:
   tol = _RESIDUAL_TOL[dtype]
+  # Every new bucket shape gets its executable first (all of them together), then each bucket is
+  # stacked and solved in turn: one bucket's stacked arrays at a time.
+  cache_keys, todo = {}, {}
   for key, idx in buckets.items():
     bucket = [systems[i] for i in idx]
-    timing = {'compile': 0.0, 'solve': 0.0}
-    X, res, rn, jit_val, piv, gram = _device_solve(bucket, dtype, timing)
+    kind = _dims(bucket[0])[0]
+    shapes = _stacked_shapes(bucket, np.float64 if dtype == 'float64' else np.float32)
+    cache_keys[key] = (kind, dtype, tuple(s.shape for s in shapes))
+    if cache_keys[key] not in _CACHE:
+      todo[key] = (kind, dtype, shapes)
+  executables, shares = _compile_all(list(todo.values()))
+  compile_seconds = dict.fromkeys(buckets, 0.0)
+  for k, exe, share in zip(todo, executables, shares):
+    _CACHE[cache_keys[k]] = exe
+    compile_seconds[k] = share
+  for key, idx in buckets.items():
+    bucket = [_built(systems[i]) for i in idx]  # this bucket's float64 systems only
+    outs, solve_seconds = _run(_CACHE[cache_keys[key]], bucket, dtype)
+    timing = {'compile': compile_seconds[key], 'solve': solve_seconds}
+    X, res, rn, jit_val, piv, gram = outs
     dpad = max((s.F if key[0] == 'shared' else s.X).shape[1] for s in bucket)
     # float64 runs without jitter: a Cholesky that only "succeeded" on a numerically singular A
     # returns huge coefficients, so such layers go to the pseudo-inverse as well.
     piv_tol = key[1] * np.finfo(np.float64).eps if dtype == 'float64' else 0.0
-    for n, i in enumerate(idx):
+    for n, (i, system) in enumerate(zip(idx, bucket)):
       S = X[n].T if key[0] == 'shared' else X[n]
       rel = float(res[n] / rn[n]) if rn[n] > 0 else float(res[n])
       diag = dict(
@@ -413,7 +509,7 @@ def _solve_buckets(systems, buckets, results, dtype: str, with_cond: bool) -> No
       )
       if with_cond:
         t0 = time.perf_counter()
-        diag['cond'] = _condition(systems[i], gram[n])
+        diag['cond'] = _condition(system, gram[n])
         diag['cond_seconds'] = time.perf_counter() - t0
       if not (np.all(np.isfinite(S)) and np.isfinite(rel) and rel <= tol and piv[n] > piv_tol):
         if not np.all(np.isfinite(S)):
@@ -423,7 +519,7 @@ def _solve_buckets(systems, buckets, results, dtype: str, with_cond: bool) -> No
         else:
           reason = f'numerically singular (pivot ratio {piv[n]:.3g})'
         t0 = time.perf_counter()
-        S, rel = _host_fallback(systems[i])
+        S, rel = _host_fallback(system)
         diag.update(solver='eigh_pinv_fallback', fallback_reason=reason, rel_residual=rel,
                     solve_seconds=diag['solve_seconds'] + time.perf_counter() - t0)
       results[i] = Result(np.ascontiguousarray(S), diag)

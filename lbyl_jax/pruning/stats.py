@@ -2,8 +2,8 @@
 
 MACs are counted from the traced forward pass: discovery records every layer's output positions
 once (:meth:`lbyl_jax.core.units.Discovery.macs`), and the kernels of the variables give the
-widths, so a pruned tree needs no new trace (:func:`traced_macs` walks a fresh jaxpr instead, as
-a cross-check):
+widths, so a pruned tree needs no new trace (:func:`traced_macs` walks a fresh jaxpr instead with
+:func:`lbyl_jax.models.trace.jaxpr_macs`, as a cross-check):
 conv MACs = H_out * W_out * C_out * kh * kw * C_in / groups; dense MACs = out * fan_in.
 Only convolutions and matrix products are counted (BN, ReLU, pooling and adds are not), the usual
 convention of the pruning papers; FLOPs = 2 * MACs.
@@ -18,37 +18,7 @@ from typing import Any
 import jax
 import numpy as np
 
-
-
-def _sub_jaxprs(value: Any):
-  if isinstance(value, jax.extend.core.ClosedJaxpr):
-    yield value.jaxpr
-  elif isinstance(value, jax.extend.core.Jaxpr):
-    yield value
-  elif isinstance(value, (tuple, list)):
-    for v in value:
-      yield from _sub_jaxprs(v)
-
-
-def _jaxpr_macs(jaxpr) -> int:
-  total = 0
-  for eqn in jaxpr.eqns:
-    name = eqn.primitive.name
-    if name == 'conv_general_dilated':
-      out = eqn.outvars[0].aval.shape
-      rhs = eqn.invars[1].aval.shape
-      o_dim = eqn.params['dimension_numbers'].rhs_spec[0]
-      total += math.prod(out) * (math.prod(rhs) // rhs[o_dim])
-    elif name == 'dot_general':
-      (lhs_contract, _), _ = eqn.params['dimension_numbers']
-      lhs = eqn.invars[0].aval.shape
-      total += math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in lhs_contract)
-    elif name in ('scan', 'while'):
-      raise NotImplementedError(f'MAC counting through {name} is not supported')
-    for v in eqn.params.values():
-      for sub in _sub_jaxprs(v):
-        total += _jaxpr_macs(sub)
-  return total
+from lbyl_jax.models import trace
 
 
 _MACS: dict[tuple, int] = {}
@@ -66,7 +36,7 @@ def _trace_macs(spec, widths: tuple[int, ...] | None) -> int:
   abstract = spec.abstract_variables(widths)
   x = jax.ShapeDtypeStruct((1, *spec.input_shape), np.float32)
   closed = jax.make_jaxpr(model.apply)(abstract, x)
-  return _jaxpr_macs(closed.jaxpr)
+  return trace.jaxpr_macs(closed.jaxpr)
 
 
 def traced_macs(spec, widths: tuple[int, ...] | None = None) -> int:

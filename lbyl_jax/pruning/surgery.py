@@ -29,6 +29,7 @@ import numpy as np
 
 from lbyl_jax.core import trees
 from lbyl_jax.core.units import Discovery, Unit, widths_of
+from lbyl_jax.pruning import solvers
 
 
 def apply(spec, variables: Mapping[str, Any], solutions: Mapping[str, tuple[Any, Any, Any]]
@@ -80,7 +81,16 @@ def apply_plan(variables: Mapping[str, Any], units: Discovery | Sequence[Unit],
 
   Returns:
     The new variable tree (new dicts; untouched leaves are shared with ``variables``).
+
+  The host-side products run with single-threaded BLAS (:func:`lbyl_jax.pruning.solvers.
+  single_threaded_blas`): on a shared 2-core CPU a ResNet-50's consumer rewrites took 0.4-0.6 s
+  with OpenBLAS threads and 0.27-0.32 s with one, with the same bits.
   """
+  with solvers.single_threaded_blas():
+    return _apply_plan(variables, units, plan)
+
+
+def _apply_plan(variables, units, plan) -> dict[str, Any]:
   unit_list = units.units if isinstance(units, Discovery) else tuple(units)
   by_name = {u.name: u for u in unit_list}
   unknown = sorted(set(plan) - set(by_name))

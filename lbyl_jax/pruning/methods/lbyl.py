@@ -17,6 +17,7 @@ Build systems here, solve them batched in :mod:`lbyl_jax.pruning.solvers`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -89,8 +90,15 @@ def solve_problems(
     problems: Sequence[UnitProblem], *, lam1: float, lam2: float, mode: str = 'consistent',
     dtype: str = 'float32', with_cond: bool = True,
 ) -> list[UnitSolution]:
-  """LBYL rows S_P for every unit (batched across units of equal shapes)."""
-  systems = [build_system(p, lam1=lam1, lam2=lam2, mode=mode) for p in problems]
+  """LBYL rows S_P for every unit (batched across units of equal shapes; each unit's system is
+  built when its bucket is solved, :class:`~lbyl_jax.pruning.solvers.Deferred`)."""
+  if mode not in ('consistent', 'reference_code'):
+    raise ValueError(f"lbyl_mode must be 'consistent' or 'reference_code', got {mode!r}")
+  systems = [solvers.Deferred(
+      'row' if mode == 'reference_code' and p.unit.bn is not None else 'shared', p.m,
+      int(p.prune.size), int(np.shape(p.W)[1]),
+      functools.partial(build_system, p, lam1=lam1, lam2=lam2, mode=mode), p.unit.name)
+             for p in problems]
   results = solvers.solve(systems, dtype=dtype, with_cond=with_cond)
   out = []
   for r in results:

@@ -1,0 +1,226 @@
+"""The shortcuts behind the whole-command speed (issue 16) give exactly what they replace.
+
+- variable shapes at pruned widths derived from ONE original-width trace and the discovered units
+  equal those of a fresh trace at those widths, and the discovered MAC count on them equals the
+  count on a fresh jaxpr (every preset family);
+- the trace and the discovery kept on disk next to the compilation cache read back equal, are
+  rebuilt when unreadable, and are not kept with the cache off;
+- the consumer geometry discovery records equals the one an interceptor on ``model.apply``
+  records (the implementation before discovery);
+- ReLU moments computed in fixed-length chunks equal the exact-length computation bitwise;
+- the default bias correction (no moment propagation, one consumer kernel at a time, none for
+  consumers without padded taps) equals the path that builds every consumer's terms and uses
+  propagated moments, bitwise;
+- deferred solver systems give the same rows as eager ones, and a wrong declaration is an error;
+- the single-threaded BLAS context reaches SciPy's OpenBLAS, which jaxlib's LAPACK kernels use.
+
+The timings themselves are measured by ``python -m benchmarks.command_speed``, not here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lbyl_jax.core import units as units_lib
+from lbyl_jax.models import archs
+from lbyl_jax.models import discover as discover_lib
+from lbyl_jax.models import trace
+from lbyl_jax.pruning import bias as bias_lib
+from lbyl_jax.pruning import moments
+from lbyl_jax.pruning import selection
+from lbyl_jax.pruning import solvers
+from lbyl_jax.pruning import stats
+from lbyl_jax.pruning.methods import lbyl
+
+PRESETS = ('resnet20', 'resnet56_b', 'resnet18', 'resnet50', 'vgg16_bn_cifar', 'vgg16_bn',
+           'lenet_300_100')
+
+
+def _shapes(tree):
+  return jax.tree_util.tree_map(lambda s: (tuple(s.shape), np.dtype(s.dtype).name), tree)
+
+
+@pytest.mark.parametrize('name', PRESETS)
+def test_derived_shapes_and_macs_equal_a_fresh_trace(name):
+  spec = archs.get(name)
+  rs = np.random.default_rng(len(name))
+  widths = tuple(int(rs.integers(1, w + 1)) for w in spec.default_widths())
+  model = spec.build(widths)
+  fresh = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), spec.dummy_input()))
+  derived = spec.abstract_variables(widths)
+  assert _shapes(derived) == _shapes(fresh)
+  x = jax.ShapeDtypeStruct((1, *spec.input_shape), np.float32)
+  jaxpr_count = trace.jaxpr_macs(jax.make_jaxpr(model.apply)(fresh, x).jaxpr)
+  assert spec.discovery.macs(derived) == jaxpr_count == stats.traced_macs(spec, widths)
+  assert stats.summary(spec, spec.init(0, widths))['macs'] == jaxpr_count
+  assert spec.discovery.macs(spec.abstract_variables()) == stats.traced_macs(spec)
+
+
+def test_derived_shapes_refuse_bad_widths():
+  spec = archs.get('resnet20')
+  with pytest.raises(ValueError, match='expected 9 widths'):
+    trace.abstract_variables_at(spec, (4,) * 8)
+  with pytest.raises(ValueError, match='has 16 channels, asked for 17'):
+    trace.abstract_variables_at(spec, (17,) + (4,) * 8)
+
+
+def test_trace_on_disk_reads_back_equal(tmp_path):
+  spec = archs.get('resnet20')
+  previous = jax.config.jax_compilation_cache_dir
+  jax.config.update('jax_compilation_cache_dir', str(tmp_path))
+  try:
+    trace.trace_layers.cache_clear()
+    first = trace.trace_layers(spec)
+    (path,) = (tmp_path / trace.DISK_SUBDIR).iterdir()
+    trace.trace_layers.cache_clear()
+    again = trace.trace_layers(spec)
+    assert again is not first
+    assert (again.order, dict(again.bn)) == (first.order, dict(first.bn))
+    assert _shapes(again.abstract) == _shapes(first.abstract)
+    path.write_text('{"order": [')  # unreadable: traced again and replaced
+    trace.trace_layers.cache_clear()
+    assert trace.trace_layers(spec).order == first.order
+    assert path.read_text().startswith('{"order"') and len(path.read_text()) > 100
+    jax.config.update('jax_compilation_cache_dir', None)
+    assert trace._disk_path(spec) is None  # pylint: disable=protected-access  (cache off)
+  finally:
+    jax.config.update('jax_compilation_cache_dir', previous)
+    trace.trace_layers.cache_clear()
+
+
+@pytest.mark.parametrize('name', ('resnet20', 'resnet50', 'vgg16_bn', 'lenet_300_100'))
+def test_discovery_on_disk_reads_back_equal(name, tmp_path, monkeypatch):
+  spec = archs.get(name)
+  fresh = discover_lib.discover(spec.model, spec.abstract_variables(), (1, *spec.input_shape),
+                                policy=spec.policy)
+  previous = jax.config.jax_compilation_cache_dir
+  jax.config.update('jax_compilation_cache_dir', str(tmp_path))
+  try:
+    first = dataclasses.replace(spec).discovery  # a new instance: nothing cached in memory
+    assert first == fresh
+    (path,) = (tmp_path / trace.DISK_SUBDIR).glob(f'{name}-discovery-*.json')
+
+    def refuse(*args, **kwargs):
+      raise AssertionError('discovered again instead of reading the file')
+
+    with monkeypatch.context() as m:
+      m.setattr(discover_lib, 'discover', refuse)
+      again = dataclasses.replace(spec).discovery
+    assert again == fresh
+    assert units_lib.discovery_to_json(again) == units_lib.discovery_to_json(fresh)
+    path.write_text('{"units": [')  # unreadable: discovered again and replaced
+    assert dataclasses.replace(spec).discovery == fresh
+    assert len(path.read_text()) > 100
+    jax.config.update('jax_compilation_cache_dir', None)
+    assert trace._disk_path(spec, 'discovery') is None  # pylint: disable=protected-access
+  finally:
+    jax.config.update('jax_compilation_cache_dir', previous)
+
+
+def _tap_fraction(size: int, k: int, stride: int, pad: tuple[int, int]) -> np.ndarray:
+  out = (size + pad[0] + pad[1] - k) // stride + 1
+  idx = np.arange(out)[:, None] * stride - pad[0] + np.arange(k)[None, :]
+  return ((idx >= 0) & (idx < size)).mean(axis=0)
+
+
+def _geometry_from_apply(spec):
+  """The implementation before discovery: tap fractions recorded by an interceptor on
+  model.apply."""
+  consumers = {u.consumer: u.name for u in spec.units if u.consumer_kind == 'conv'}
+  geo = {}
+
+  def interceptor(next_fun, args, kwargs, ctx):
+    path = '/'.join(ctx.module.path)
+    if ctx.method_name == '__call__' and path in consumers and isinstance(ctx.module, nn.Conv):
+      mod, shape = ctx.module, args[0].shape
+      fr = [_tap_fraction(shape[1 + a], mod.kernel_size[a], mod.strides[a], tuple(mod.padding[a]))
+            for a in range(2)]
+      geo[consumers[path]] = np.outer(fr[0], fr[1])
+    return next_fun(*args, **kwargs)
+
+  abstract = spec.abstract_variables()
+  with nn.intercept_methods(interceptor):
+    jax.eval_shape(lambda v, x: spec.model.apply(v, x), abstract, spec.dummy_input())
+  return geo
+
+
+@pytest.mark.parametrize('name', ('resnet20', 'resnet50', 'vgg16_bn_cifar'))
+def test_consumer_geometry_equals_the_apply_interceptor(name):
+  spec = archs.get(name)
+  new = {u.name: u.consumers[0].geometry.tap_fractions().reshape(
+      u.consumers[0].geometry.window) for u in spec.units if u.consumer_kind == 'conv'}
+  old = _geometry_from_apply(spec)
+  assert new.keys() == old.keys() and len(new) > 0
+  for k in new:
+    np.testing.assert_array_equal(new[k], old[k], err_msg=k)
+
+
+def test_chunked_relu_moments_equal_exact_length_bitwise():
+  rs = np.random.default_rng(0)
+  for n in (1, 7, 64, 300, moments.RELU_CHUNK, moments.RELU_CHUNK + 5, 3 * moments.RELU_CHUNK):
+    mean = rs.normal(size=n) * rs.choice([0.01, 1.0, 10.0])
+    var = rs.uniform(0, 2, size=n) ** 2
+    var[::5] = 0.0
+    e1, e2 = moments.rectified_moments(mean, var)
+    with jax.enable_x64(True):
+      r1, r2 = jax.jit(moments.relu_moments)(
+          jnp.asarray(mean), jnp.sqrt(jnp.maximum(jnp.asarray(var), 0.0)))
+    np.testing.assert_array_equal(e1, np.asarray(r1))
+    np.testing.assert_array_equal(e2, np.asarray(r2))
+
+
+@pytest.fixture(scope='module')
+def r20():
+  spec = archs.get('resnet20')
+  variables = spec.init(0)
+  problems = selection.build_problems(spec, variables, selection.Selection(ratio=0.4))
+  sols = lbyl.solve_problems(problems, lam1=1e-5, lam2=1e-3)
+  return spec, variables, problems, sols
+
+
+def test_default_bias_correction_equals_the_full_consumer_path(r20):
+  spec, variables, problems, sols = r20
+  got = bias_lib.constants(spec, variables, problems, sols)
+  # The eager path: propagated moments, every consumer's terms built, every constant folded.
+  mom = moments.propagate(spec, variables)
+  means = moments.activation_means(spec, variables, problems, moments=mom)
+  cons = bias_lib.consumer_terms(spec, variables, problems, mom)
+  folded = 0
+  for p, s, E, con, c in zip(problems, sols, means, cons, got):
+    ref = 1.0 * (E[p.prune] - np.asarray(s.S_P, np.float64) @ E[p.keep])
+    ref = bias_lib.fold_constant(con, p.prune, ref)
+    np.testing.assert_array_equal(c, ref, err_msg=p.unit.name)
+    folded += bool(np.any(con.tap_weight != 1.0))
+  assert folded == len(problems)  # 3x3 consumers: every constant was made padding-aware
+  assert all(bias_lib.needs_fold(p.unit.consumers[0]) for p in problems)
+  all_taps = bias_lib.constants(spec, variables, problems, sols, fold='all_taps')
+  assert any(not np.array_equal(a, b) for a, b in zip(all_taps, got))
+
+
+def test_deferred_systems_solve_like_eager_ones(r20):
+  _, _, problems, _ = r20
+  eager = [lbyl.build_system(p, lam1=1e-5, lam2=1e-3, mode='consistent') for p in problems]
+  a = solvers.solve(eager)
+  b = lbyl.solve_problems(problems, lam1=1e-5, lam2=1e-3)
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x.S_P, y.S_P)
+  p = problems[0]
+  wrong = solvers.Deferred('shared', p.m, int(p.prune.size), int(p.W.shape[1]) + 1,
+                           lambda: eager[0], 'wrong')
+  with pytest.raises(ValueError, match='wrong: the system built has'):
+    solvers.solve([wrong])
+
+
+def test_single_threaded_blas_reaches_scipys_openblas():
+  if jax.default_backend() != 'cpu':
+    pytest.skip('the context only acts on the CPU backend')
+  with solvers.single_threaded_blas():
+    setters = solvers._openblas_thread_setters()  # pylint: disable=protected-access
+    assert setters, 'no OpenBLAS found in the process'
+    assert all(get() == 1 for get, _ in setters)
