@@ -18,6 +18,7 @@ import pathlib
 import re
 
 from benchmarks import bn_reestimate as bn_heldout
+from benchmarks import command_speed
 
 RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5)
 LENET_RATIOS = (0.5, 0.6, 0.7, 0.8)
@@ -769,6 +770,28 @@ def heldout_section(results_dir: pathlib.Path) -> list[str]:
   return lines
 
 
+def command_speed_section(results_dir: pathlib.Path) -> list[str]:
+  """Whole-command wall time, CPU time, peak RSS and phases, paired with the import baseline."""
+  lines = ['## Whole-command speed and memory', '']
+  for name in ('command_speed.json', 'command_speed_resnet152.json'):
+    path = results_dir / name
+    if not path.exists():
+      continue
+    res = json.loads(path.read_text())
+    cmd = 'python -m benchmarks.command_speed' + ('' if name == 'command_speed.json' else
+                                                  f' --out benchmarks/results/{name}')
+    archs = ','.join(dict.fromkeys(r['arch'] for r in res['rows']))
+    repeats = len(res['rows'][0]['warm']['runs'])
+    lines += [f"`{cmd} --archs {archs} --repeats {repeats}` ({res['started']}, {res['cpus']} "
+              f"CPUs; the load column is the 1-minute load average around the runs: other jobs "
+              f"shared the machine where it is above ~1). The command: `{res['command']}`; the "
+              f"baseline: `{res['import_baseline']}`. Seconds; phases are medians of the runs.", '',
+              command_speed.table(res['rows']), '']
+    lines += [f'- {key}: ' + '; '.join(t) for key, t in res['targets'].items()]
+    lines.append('')
+  return lines if len(lines) > 2 else []
+
+
 def render(results_dir: pathlib.Path, out_md: pathlib.Path, machine: str) -> None:
   rows = _load(results_dir)
   plots = out_md.parent / 'plots'
@@ -794,4 +817,5 @@ def render(results_dir: pathlib.Path, out_md: pathlib.Path, machine: str) -> Non
   lines += significance_section(results_dir, plots)
   lines += solver_section(results_dir)
   lines += throughput_section(results_dir)
+  lines += command_speed_section(results_dir)
   out_md.write_text('\n'.join(lines).rstrip('\n') + '\n')
