@@ -359,3 +359,36 @@ def test_real_whole_module_pickle_reproduces_9161(shared):
     np.testing.assert_array_equal(sd[k], v, err_msg=k)
   variables = converters.load_variables(path, spec)
   _check_full_accuracy(spec, variables, shared)
+
+
+def test_results_section_renders_the_selected_rows():
+  """benchmarks/report.py's MobileNetV2 section reads the probe's rows: the dev selection picks
+  which rows are shown; nothing is shown before the probe has run."""
+  from benchmarks import report
+
+  arch = 'mobilenet_v2_cifar10'
+  chosen = {'prune': {'bias_correction': 'on'}, 'nm': {'nm_lam': 0.85},
+            'lbyl': {'lambda1': 0.01, 'lambda2': 0.01}, 'bnm': {'spatial': 'calibrated'}}
+  rows = [dict(arch=arch, method='unpruned', split='full', top1=91.61, top1_heldout=91.5)]
+  assert report.mobilenet_section(rows) == []
+  rows.append(dict(arch=arch, method='selection', chosen=chosen, select_ratios=[0.2, 0.4]))
+  for i, (m, opts) in enumerate(chosen.items()):
+    rows.append(dict(arch=arch, method=m, ratio=0.3, split='full', top1=50.0 + i,
+                     top1_heldout=40.0 + i, options=[list(p) for p in sorted(opts.items())]))
+  rows.append(dict(arch=arch, method='bnm', ratio=0.1, split='full', top1=1.0, top1_heldout=1.0,
+                   options=[['spatial', 'independent']]))  # not the selected option: not shown
+  text = '\n'.join(report.mobilenet_section(rows))
+  assert '| bnm | spatial=calibrated | - | - | 43.00 / 53.00 | - | - |' in text
+  assert '| prune | bias_correction=on | - | - | 40.00 / 50.00 |' in text
+  assert 'unpruned 91.61' in text
+
+
+def test_probe_options_are_plan_options():
+  """The probe's row options (bnm's 'spatial') translate to valid compress options."""
+  from benchmarks.probes import mobilenet_v2 as probe
+  from lbyl_jax.plan import Plan
+
+  plan = Plan.from_options(method='bnm', **probe._plan_options(  # pylint: disable=protected-access
+      {'spatial': 'independent', 'bias_correction': 'off'}))
+  assert plan.method.bnm_spatial == 'independent'
+  assert plan.method.depthwise_options(archs.get('mobilenet_v2_cifar10'))['spatial'] == 'independent'
