@@ -5,7 +5,7 @@ type and message a user sees) and all of them again in a child process whose add
 grow by at most 512 MiB (``tests/reader_harness.py``), whose peak-RSS growth is reported. Also
 times the reads of the real checkpoints in ``../shared/weights`` (min of 5).
 
-  python benchmarks/reader_bounds.py [--out benchmarks/results/reader_bounds.json]
+  python -m benchmarks.reader_bounds [--out benchmarks/results/reader_bounds.json]
 
 Prints a Markdown table; writes JSON with the same rows.
 """
@@ -13,6 +13,7 @@ Prints a Markdown table; writes JSON with the same rows.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import pathlib
 import platform
@@ -21,8 +22,17 @@ import tempfile
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / 'tests'))
+
+
+def _test_module(name: str):
+  """Imports ``tests/<name>.py`` (the crafted cases live with the tests that pin them)."""
+  if name in sys.modules:
+    return sys.modules[name]
+  spec = importlib.util.spec_from_file_location(name, ROOT / 'tests' / f'{name}.py')
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[name] = module
+  spec.loader.exec_module(module)
+  return module
 
 
 def main(argv=None) -> int:
@@ -31,8 +41,8 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
 
   import converters  # pylint: disable=import-outside-toplevel
-  import reader_harness as rh  # pylint: disable=import-outside-toplevel
-  import test_reader_bounds as trb  # pylint: disable=import-outside-toplevel
+  rh = _test_module('reader_harness')
+  trb = _test_module('test_reader_bounds')
 
   rows = []
   with tempfile.TemporaryDirectory() as d:

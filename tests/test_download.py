@@ -236,8 +236,8 @@ def test_search_order(clean_env, monkeypatch, tmp_path, server, dead_url):
   # Nothing local: the download goes into the user cache, and is then found there offline. A failed
   # download says where it looked and why the download failed.
   with pytest.raises(weights.WeightsNotFoundError,
-                     match=r'no local weights \(looked for --weights, .*\) and the download of .*'
-                           r' failed \(.*offline\?'):
+                     match=r'no \S+ \(looked in --weights \(not given\), \$LBYL_JAX_WEIGHTS .*, user'
+                           r' cache .*, torch hub cache .*\) and the download of .* failed \(.*offline\?'):
     weights.resolve_weights(spec)
   got = weights.resolve_weights(_spec(f'{server}/file.bin'), progress=False)
   assert got == locations[1] and got.read_bytes() == PAYLOAD

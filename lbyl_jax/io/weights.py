@@ -166,11 +166,13 @@ def resolve_weights(
 
   searched = []
   if filename is not None:
-    for _, d in search_dirs():
+    for what, d in search_dirs():
       candidate = d / filename
-      searched.append(str(candidate))
+      searched.append(f'{what} {candidate}')
       if candidate.is_file():
         return _checked(spec, candidate)
+  if filename is not None and not os.environ.get('LBYL_JAX_WEIGHTS'):
+    searched.insert(0, '$LBYL_JAX_WEIGHTS (not set)')
 
   if spec.weights is None:
     where = (
@@ -184,17 +186,17 @@ def resolve_weights(
   dest = user_weights_dir() / filename
   if not download:
     raise WeightsNotFoundError(
-        f'{spec.name}: no local weights (looked for {", ".join(searched)}) and downloading is '
-        f'disabled; fetch {spec.weights.url} to {dest} or pass --weights PATH'
+        f'{spec.name}: no {filename} (looked in --weights (not given), {", ".join(searched)}) and'
+        f' downloading is disabled; fetch {spec.weights.url} to {dest} or pass --weights PATH'
     )
   try:
     path = download_lib.fetch(spec.weights.url, dest, sha256=spec.weights.sha256,
                               progress=progress)
   except download_lib.DownloadError as e:
     raise WeightsNotFoundError(
-        f'{spec.name}: no local weights (looked for --weights, {", ".join(searched)}) and the'
-        f' download of {spec.weights.url} failed ({_first_line(e)}); put {filename} into one of'
-        ' those places or pass --weights PATH') from None
+        f'{spec.name}: no {filename} (looked in --weights (not given), {", ".join(searched)}) and'
+        f' the download of {spec.weights.url} failed ({_first_line(e)}); put the file into one'
+        ' of those places or pass --weights PATH') from None
   st = path.stat()
   _VERIFIED.add((str(path.resolve()), st.st_size, st.st_mtime_ns,
                  download_lib.normalize_sha256(spec.weights.sha256)))
