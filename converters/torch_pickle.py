@@ -482,7 +482,8 @@ def _select_weights(obj: Any) -> Any:
     if isinstance(obj, ModuleStub):
       return module_state_dict(obj)
     if type(obj) not in _DICTS:
-      return obj
+      raise CheckpointError(f'the checkpoint holds {sp.describe(obj)}, not a state dict of tensors'
+                            ' (nor a model, nor a container with a state_dict entry)')
     inner = next((obj[k] for k in CONTAINER_KEYS
                   if k in obj and (type(obj[k]) in _DICTS or isinstance(obj[k], ModuleStub))),
                  None)
@@ -629,7 +630,8 @@ def load_weights(path: str | os.PathLike, *, module_prefixes: Sequence[str] = ()
   (``state_dict`` / ``model_state_dict`` / ``model`` / ``net`` / ``params`` wrappers), and a
   pickled ``nn.Module`` (at the top or under such a key) is turned into its ``state_dict()``.
   Other entries (optimizer state, arguments, ...) are never copied: values of the state dict that
-  are not tensors are returned as they are, for the caller to refuse.
+  are plain numbers, strings or None are returned as they are; any other value, or a top-level
+  object that is neither a tensor nor (something holding) a state dict, is refused.
 
   Args:
     path: the checkpoint file.
@@ -646,7 +648,8 @@ def load_weights(path: str | os.PathLike, *, module_prefixes: Sequence[str] = ()
     if isinstance(obj, _TensorRef):
       return reader.tensor(obj, memo)
     if type(obj) not in _DICTS:
-      return obj
+      raise CheckpointError(f'the checkpoint holds {sp.describe(obj)}, not a state dict of tensors'
+                            ' (nor a model, nor a container with a state_dict entry)')
     out = collections.OrderedDict()
     for key, value in obj.items():
       if isinstance(value, _TensorRef):

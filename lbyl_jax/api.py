@@ -9,6 +9,7 @@ import flax.linen as nn
 import numpy as np
 
 from lbyl_jax import pipeline
+from lbyl_jax.experimental import bn_reestimate as bn_lib
 from lbyl_jax.core.units import DEFAULT_POLICY, Discovery
 from lbyl_jax.models import custom
 from lbyl_jax.models import discover as discover_lib
@@ -21,7 +22,9 @@ from lbyl_jax.plan import Plan
 def compress(arch: str | archs.ArchSpec | nn.Module, variables: Mapping[str, Any] | None = None,
              example_shape: Sequence[int] | None = None, *, weights: str | None = None,
              plan: Plan | None = None, download: bool = True,
-             model_options: Mapping[str, Any] | None = None, **options) -> pipeline.Compressed:
+             model_options: Mapping[str, Any] | None = None,
+             bn_reestimate: str | bn_lib.BNReestimation | None = None,
+             calib_images: np.ndarray | None = None, **options) -> pipeline.Compressed:
   """Prunes, compensates and optionally quantizes a preset, or any flax.linen CNN, in one call.
 
   Args:
@@ -38,6 +41,12 @@ def compress(arch: str | archs.ArchSpec | nn.Module, variables: Mapping[str, Any
     plan: a :class:`~lbyl_jax.plan.Plan`; or flat options instead, e.g. ``method='nm',
       ratio=0.4, quant_method='udfc', bits=4`` (see ``python -m lbyl_jax.restore --help-all``).
     download: allow a verified download of the preset's weights.
+    bn_reestimate: opt-in, after compression: 'moments' or 'distilled' (data-free; the
+      development-split defaults of :class:`~lbyl_jax.experimental.bn_reestimate.BNReestimation`)
+      or a ``BNReestimation`` (e.g. ``BNReestimation(calibrate_bn=1000)``, real images: not
+      data-free); the new BN statistics fold into the variables, the report gets
+      ``bn_reestimate`` (recipe, ``data_free``, seconds). None: off.
+    calib_images: uint8 images for ``calibrate_bn`` only.
 
   Returns:
     :class:`~lbyl_jax.pipeline.Compressed`: ``.model`` (the same class with smaller widths, or an
@@ -55,7 +64,16 @@ def compress(arch: str | archs.ArchSpec | nn.Module, variables: Mapping[str, Any
     variables, _ = weights_lib.load_weights(spec, weights, download=download, progress=False)
   elif weights is not None:
     raise ValueError('pass weights or variables, not both')
-  return pipeline.compress(spec, variables, plan)
+  if isinstance(bn_reestimate, str):
+    bn_reestimate = bn_lib.BNReestimation(bn_reestimate=bn_reestimate)
+  elif bn_reestimate is not None and not isinstance(bn_reestimate, bn_lib.BNReestimation):
+    raise ValueError(f'bn_reestimate must be a recipe name or a BNReestimation, got '
+                     f'{type(bn_reestimate).__name__}')
+  result = pipeline.compress(spec, variables, plan)
+  if bn_reestimate is None and calib_images is None:
+    return result
+  return bn_lib.reestimate_compressed(result, variables,
+                                      bn_reestimate or bn_lib.BNReestimation(), images=calib_images)
 
 
 def _spec(arch, variables, example_shape, model_options) -> archs.ArchSpec:

@@ -73,6 +73,11 @@ def summary_text(report: Mapping[str, Any]) -> str:
     if top:
       lines.append('  time: ' + fmt(top))
     lines.append('  compress: ' + fmt(inner) + ' (solve and compile are part of delivery)')
+  bn = report.get('bn_reestimate')
+  if bn:
+    lines.append(f"  BN re-estimation: {bn['recipe']} "
+                 f"({'data-free' if bn['data_free'] else 'NOT data-free: real images'}), "
+                 f"{bn['seconds']:.2f} s")
   if report.get('top1_before') is not None:
     lines.append(f"  top-1 {report['top1_before']:.2f} -> {report['top1_after']:.2f}   "
                  f"top-5 {report['top5_before']:.2f} -> {report['top5_after']:.2f}"

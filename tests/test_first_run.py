@@ -61,7 +61,23 @@ def test_headline_command_offline_says_where_it_looked(tmp_path):
   for want in ('resnet50-0676ba61.pth', 'https://download.pytorch.org/models/resnet50-0676ba61.pth',
                '--weights', '$LBYL_JAX_WEIGHTS', 'user cache', 'torch hub cache'):
     assert want in line, (want, line)
-  assert not (tmp_path / 'work' / 'runs').exists() or not any((tmp_path / 'work' / 'runs').iterdir())
+  assert not (tmp_path / 'work' / 'runs').exists()  # nothing created by a run that failed
+
+
+def test_explicit_out_gets_its_missing_parents_only_when_it_writes(tmp_path):
+  proc = _run(['--arch', 'lenet_300_100', '--weights', 'missing.pth', '--out', 'a/b/run',
+               '--no-progress'], tmp_path)
+  assert proc.returncode == 1 and 'Traceback' not in proc.stderr, proc.stderr
+  assert not (tmp_path / 'work' / 'a').exists()  # a failed run creates nothing
+  (tmp_path / 'work' / 'file').write_text('x')
+  proc = _run(['--arch', 'lenet_300_100', '--weights', 'random', '--out', 'file/b/run',
+               '--no-progress'], tmp_path)
+  assert proc.returncode == 1 and 'is not a directory' in proc.stderr, proc.stderr
+  assert '[load]' not in proc.stderr
+  proc = _run(['--arch', 'lenet_300_100', '--weights', 'random', '--out', 'a/b/run',
+               '--no-progress'], tmp_path)
+  assert proc.returncode == 0, proc.stderr
+  assert (tmp_path / 'work' / 'a' / 'b' / 'run' / 'meta.json').is_file()
 
 
 def test_typo_is_refused_before_any_work(tmp_path):

@@ -59,6 +59,19 @@ def test_refuses_empty_dot_home_root_and_cwd_parents(tmp_path, monkeypatch):
   assert _tree_state(tmp_path) == {**before, 'home': b'<dir>'}
 
 
+def test_missing_parents_are_checked_not_created(tmp_path):
+  target = tmp_path / 'a' / 'b' / 'run'
+  with pytest.raises(FileNotFoundError, match='parent directory .* does not exist'):
+    publish.check_target(target, overwrite=False)
+  assert publish.check_target(target, overwrite=False, create_parents=True) == target
+  assert not (tmp_path / 'a').exists()
+  (tmp_path / 'f').write_text('x')
+  with pytest.raises(FileNotFoundError, match='is not a directory'):
+    publish.check_target(tmp_path / 'f' / 'b' / 'run', overwrite=False, create_parents=True)
+  publish.make_parents(target)
+  assert target.parent.is_dir() and not target.exists()
+
+
 def test_refuses_files_symlinks_and_foreign_directories(tmp_path):
   f = tmp_path / 'file.bin'
   f.write_bytes(b'data')

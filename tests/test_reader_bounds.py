@@ -158,6 +158,10 @@ def _crafted(tmp: pathlib.Path) -> dict[str, tuple[str, pathlib.Path, type, str]
              r'sets the state of collections.OrderedDict', error=UE)
   torch_case('build_on_storage_type', G('torch', 'FloatStorage') + state + b'b', {},
              r'sets the state of torch.FloatStorage', error=UE)
+  for legacy in (True, False):  # a mutated zip checkpoint found by the fuzzer
+    torch_case(f'top_object_is_a_function_{"legacy" if legacy else "zip"}',
+               G('torch._utils', '_rebuild_tensor_v2'), {},
+               r'holds .*_rebuild_tensor_v2.*, not a state dict of tensors', legacy=legacy)
   torch_case('build_on_list', L() + state + b'b', {}, r'sets the state of a list', error=UE)
   conv = G('torch.nn.modules.conv', 'Conv2d') + rh.EMPTY_TUPLE + b'\x81'
   torch_case('second_build_on_a_module', conv + D() + b'b' + D() + b'b', {},

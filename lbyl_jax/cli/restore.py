@@ -30,6 +30,7 @@ from lbyl_jax import pipeline
 from lbyl_jax import plan as plan_lib
 from lbyl_jax import report as report_lib
 from lbyl_jax.cli import common
+from lbyl_jax.experimental import bn_reestimate as bn_lib
 from lbyl_jax.pruning import methods
 from lbyl_jax.pruning.selection import Selection
 from lbyl_jax.io import data as data_lib
@@ -119,6 +120,15 @@ def parser(show_advanced: bool = False) -> argparse.ArgumentParser:
   common.add_options(q, [quant.get(n) for n in quant.names()], advanced=False,
                      show_advanced=show_advanced, seen=seen)
 
+  b = p.add_argument_group('BN re-estimation after compression (opt-in)')
+  common.add_options(b, [bn_lib.BNReestimation], advanced=False, show_advanced=show_advanced,
+                     seen=seen)
+  b.add_argument('--calib-data', metavar='SPEC',
+                 help='--calibrate-bn: unlabelled images (any --data spec; labels are ignored)')
+  b.add_argument('--calib-slice', metavar='START:STOP', type=_slice,
+                 help='--calibrate-bn: take the images from examples START..STOP-1 of --calib-data'
+                      ' (e.g. 0:1000 of the development split)')
+
   e = p.add_argument_group('evaluation')
   e.add_argument('--data', help='cifar10 | fashion_mnist | path (npz, CIFAR batches dir/tar.gz, '
                  'IDX dir, ImageNet folder) | tfds:NAME[:SPLIT]')
@@ -156,8 +166,24 @@ def parser(show_advanced: bool = False) -> argparse.ArgumentParser:
                  help=argparse.SUPPRESS if not show_advanced else
                  "'reference_code': the official codes' forms (LBYL / NM reference normal "
                  'equations, raw running variance, rounded kept count)')
-  common.add_options(r, _stage_classes(), advanced=True, show_advanced=show_advanced, seen=seen)
+  common.add_options(r, _stage_classes() + [bn_lib.BNReestimation], advanced=True,
+                     show_advanced=show_advanced, seen=seen)
   return p
+
+
+def bn_recipe(args: argparse.Namespace) -> bn_lib.BNReestimation:
+  """The BN re-estimation options of the command line, checked before any work."""
+  recipe = bn_lib.BNReestimation.from_flat(common.given_options(args, [bn_lib.BNReestimation]))
+  if recipe.calibrate_bn is not None and args.calib_data is None:
+    raise ValueError('--calibrate-bn needs --calib-data SPEC (the unlabelled images)')
+  if recipe.calibrate_bn is None and (args.calib_data is not None or args.calib_slice is not None):
+    raise ValueError('--calib-data / --calib-slice apply to --calibrate-bn N')
+  given = common.given_options(args, [bn_lib.BNReestimation])
+  distill_only = [k for k in ('bn_distill_inputs', 'bn_distill_steps', 'bn_distill_lr', 'bn_seed')
+                  if k in given]
+  if distill_only and recipe.source != 'distilled':
+    raise ValueError(f'--{distill_only[0].replace("_", "-")} applies to --bn-reestimate distilled')
+  return recipe
 
 
 # --------------------------------------------------------------------------------------------
@@ -246,15 +272,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f'--{flag.replace("_", "-")} applies to --model, not to a preset')
     spec = archs.get(args.arch)
   plans = _grid(args)
+  recipe = bn_recipe(args)
   if args.out is not None:
     publish.recover(publish.resolve_out(args.out))  # a swap left half done by a killed run
-    out = publish.check_target(args.out, overwrite=args.overwrite)
+    out = publish.check_target(args.out, overwrite=args.overwrite, create_parents=True)
   else:
     if args.overwrite:
       raise ValueError('--overwrite needs an explicit --out')
     out = default_out(args, plans[0])
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out = publish.check_target(out, overwrite=False)
+    out = publish.check_target(out, overwrite=False, create_parents=True)
   if args.data is None and args.data_slice is not None:
     raise ValueError('--data-slice needs --data')
   if args.export and args.sweep:
@@ -279,6 +305,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   else:
     common.log(f'weights: {source}')
 
+  calib = None
+  if recipe.calibrate_bn is not None:
+    calib_set = phases.run('calib_data', f'loading {args.calib_data} (BN calibration images)',
+                           data_lib.load_dataset, args.calib_data, arch=spec,
+                           download=not args.no_download, progress=progress,
+                           slice_=args.calib_slice, limit=recipe.calibrate_bn)
+    calib = next(iter(calib_set.batches(recipe.calibrate_bn)))[0]
+
   dataset = evaluator = baseline = throughput_before = None
   if args.data:
     dataset = phases.run('data', f'loading {args.data}', data_lib.load_dataset, args.data,
@@ -298,6 +332,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     tag = (f'method={p.method.name} criterion={p.selection.criterion} ratio={p.selection.ratio}'
            + (f' bits={p.quantizer.bits} quant={p.quantizer.name}' if p.quantizer else ''))
     result = phases.run('compress', f'compressing: {tag}', pipeline.compress, spec, variables, plan)
+    if recipe.enabled:
+      result = phases.run('bn_reestimate', f're-estimating the BN statistics: {recipe.recipe}'
+                          + ('' if recipe.source != 'images' else ' (real images: not data-free)'),
+                          bn_lib.reestimate_compressed, result, variables, recipe, images=calib)
+      result.report['bn_reestimate']['calib_data'] = (
+          None if calib is None else dict(spec=args.calib_data, n=int(len(calib)),
+                                          slice=None if args.calib_slice is None
+                                          else list(args.calib_slice)))
     report = result.report
     report.update(weights=source, random_weights=random_weights, data=args.data,
                   data_slice=None if args.data_slice is None else list(args.data_slice),
@@ -348,10 +390,12 @@ def _save_run(out: pathlib.Path, spec, result: pipeline.Compressed, report, *, o
   for fmt in exports:
     files.update(export_lib.export(spec, result.widths, result.variables, fmt,
                                    qmeta=result.qmeta))
+  publish.make_parents(out)
   result.save(out, overwrite=overwrite, files=files, report=report)
 
 
 def _write_sweep(out, spec, rows, results, baseline, args) -> dict[str, Any]:
+  publish.make_parents(out)
   with publish.staging_dir(out, kind='sweep', overwrite=args.overwrite) as tmp:
     slim = [{k: v for k, v in r.items() if k not in ('layers', 'quant_report', 'quant_errors')}
             for r in rows]

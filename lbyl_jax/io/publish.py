@@ -102,8 +102,12 @@ def resolve_out(out: str | os.PathLike, *, flag: str = '--out') -> pathlib.Path:
 
 
 def check_target(out: str | os.PathLike, *, overwrite: bool, flag: str = '--out',
-                 overwrite_flag: str = '--overwrite') -> pathlib.Path:
+                 overwrite_flag: str = '--overwrite', create_parents: bool = False) -> pathlib.Path:
   """Validates an output directory before any work; returns its absolute path.
+
+  With ``create_parents`` a missing parent is allowed when its nearest existing ancestor is a
+  writable directory (the caller creates the parents when it writes, see :func:`make_parents`);
+  nothing is created here.
 
   Raises:
     UnsafeOutputError: a path that must never be written or replaced (module docstring), or an
@@ -131,11 +135,21 @@ def check_target(out: str | os.PathLike, *, overwrite: bool, flag: str = '--out'
           f'refusing to replace {path}: it is not a directory this tool wrote (no {MARKER}); '
           f'{overwrite_flag} only replaces earlier results')
   parent = path.parent
+  if not parent.is_dir() and create_parents:
+    while not (parent.exists() or parent.is_symlink()) and parent != parent.parent:
+      parent = parent.parent
+    if not parent.is_dir():
+      raise FileNotFoundError(f'cannot write {flag} {path}: {parent} is not a directory')
   if not parent.is_dir():
     raise FileNotFoundError(f'cannot write {flag} {path}: parent directory {parent} does not exist')
   if not os.access(parent, os.W_OK | os.X_OK):
     raise PermissionError(f'cannot write {flag} {path}: parent directory {parent} is not writable')
   return path
+
+
+def make_parents(path: pathlib.Path) -> None:
+  """Creates the missing parent directories of an output checked with ``create_parents``."""
+  path.parent.mkdir(parents=True, exist_ok=True)
 
 
 # --------------------------------------------------------------------------------------------
