@@ -619,6 +619,46 @@ def _goal_summary(rows, arch, ratios) -> list[str]:
   return lines + [''] if lines else []
 
 
+def mobilenet_section(rows) -> list[str]:
+  """MobileNetV2 CIFAR-10 (benchmarks/probes/mobilenet_v2.py, its rows in
+  benchmarks/results/probes/, apart from the suites' rows): the dev-selected settings per method
+  on the held-out split and the full set; nothing before the probe has written its selection."""
+  arch = 'mobilenet_v2_cifar10'
+  mine = [r for r in rows if r.get('arch') == arch]
+  sel = [r for r in mine if r.get('method') == 'selection']
+  base = next((r for r in mine if r.get('method') == 'unpruned' and r.get('split') == 'full'), None)
+  if not sel or base is None:
+    return []
+  chosen = sel[-1]['chosen']
+
+  def row(method, ratio, options):
+    want = [list(p) for p in sorted(options.items())]
+    return next((r for r in mine if r.get('method') == method and r.get('ratio') == ratio
+                 and r.get('split') == 'full' and r.get('options') == want), None)
+
+  out = ['## MobileNetV2 on CIFAR-10', '',
+         'The channel-pruned torchvision-layout MobileNetV2 of ../shared (224x224 inputs upsampled '
+         f'from 32x32; unpruned {base["top1"]:.2f} on the full set, {base["top1_heldout"]:.2f} on '
+         'the held-out split). The expanded channels of all 16 inverted residuals are pruned (L2 '
+         'on the expansion filters; the depthwise channel and its BNs go with them) and compensated '
+         'into the projection with the forms derived in docs/mobilenet_v2.md. Each method\'s '
+         'options were chosen on the development split (test images 0-1999, mean of ratios '
+         f'{sel[-1]["select_ratios"]}); cells: top-1 % on the held-out split (images 5000-9999) / '
+         'the full set. `python -m benchmarks.probes.mobilenet_v2`.', '',
+         '| method | options (chosen on dev) | ' + ' | '.join(f'{r:.0%}' for r in RATIOS) + ' |',
+         '|---|---|' + '---|' * len(RATIOS)]
+  shown = [(m, chosen[m], m) for m in ('prune', 'nm', 'lbyl', 'bnm')]
+  shown.append(('prune', {'bias_correction': 'off'}, 'prune as published (S_P = 0, no constant)'))
+  for method, options, label in shown:
+    cells = []
+    for r in RATIOS:
+      x = row(method, r, options)
+      cells.append('-' if x is None else f"{x['top1_heldout']:.2f} / {x['top1']:.2f}")
+    opts = ', '.join(f'{k}={v}' for k, v in sorted(options.items()))
+    out.append(f'| {label} | {opts} | ' + ' | '.join(cells) + ' |')
+  return out + ['']
+
+
 def quant_section(rows) -> list[str]:
   out = ['## Weight quantization', '',
          f'Top-1 % on {SPLIT} of CIFAR-10. Weights only, per-channel symmetric (A8), first conv '
@@ -813,6 +853,7 @@ def render(results_dir: pathlib.Path, out_md: pathlib.Path, machine: str) -> Non
   lines += restore_section(rows, plots)
   lines += lenet_section(rows)
   lines += bnm_section(rows, plots)
+  lines += mobilenet_section(_load(results_dir / 'probes'))
   lines += quant_section(rows)
   lines += significance_section(results_dir, plots)
   lines += solver_section(results_dir)

@@ -4,7 +4,9 @@ Layouts: conv OIHW -> HWIO, Linear (out, in) -> (in, out), BN weight/bias -> par
 running_mean/var -> batch_stats mean/var. Module names: ``layer1.0.conv1`` -> ``layer1_0/conv1``,
 ``downsample.{0,1}`` / ``shortcut.{0,1}`` -> ``downsample_conv`` / ``downsample_bn``, akamaster's
 ``linear`` -> ``fc``; VGG ``features.N`` / ``feature.N`` are numbered conv0.., bn0.. in order and
-the classifier's Linear layers fc1.., its BatchNorm1d bn_fc1.
+the classifier's Linear layers fc1.., its BatchNorm1d bn_fc1; torchvision MobileNetV2
+``features.i.conv.j[.k]`` -> ``features_i/conv_j[_k]``, ``features.i.{0,1}`` ->
+``features_i/{conv,bn}``, ``classifier.1`` -> ``classifier_1``.
 """
 
 from __future__ import annotations
@@ -70,6 +72,16 @@ _RESNET_RULES = (
     (re.compile(r'^(?:linear|fc)$'), 'fc'),
 )
 _LENET_RULES = ((re.compile(r'^(ip\d)$'), r'\1'),)
+# torchvision MobileNetV2 (lbyl_jax/models/mobilenet.py): blocks features.i.conv.* ->
+# features_i/conv_*, the conv + BN + ReLU6 stages features.{0,18}.{0,1} -> features_i/{conv,bn},
+# classifier.1 (the Linear after the Dropout).
+_MOBILENET_RULES = (
+    (re.compile(r'^features\.(\d+)\.conv\.(\d+)\.(\d+)$'), r'features_\1/conv_\2_\3'),
+    (re.compile(r'^features\.(\d+)\.conv\.(\d+)$'), r'features_\1/conv_\2'),
+    (re.compile(r'^features\.(\d+)\.0$'), r'features_\1/conv'),
+    (re.compile(r'^features\.(\d+)\.1$'), r'features_\1/bn'),
+    (re.compile(r'^classifier\.(\d+)$'), r'classifier_\1'),
+)
 
 
 def _rule_names(mods: Mapping[str, Any], rules) -> dict[str, str]:
@@ -117,6 +129,8 @@ def flax_names(naming: str, mods: Mapping[str, Mapping[str, np.ndarray]]) -> dic
     return _rule_names(mods, _RESNET_RULES)
   if naming == 'lenet':
     return _rule_names(mods, _LENET_RULES)
+  if naming == 'mobilenet_v2':
+    return _rule_names(mods, _MOBILENET_RULES)
   if naming in ('vgg_cifar', 'vgg'):
     return _vgg_names(mods)
   raise ValueError(f'unknown torch naming {naming!r}')

@@ -262,10 +262,10 @@ class Evaluator:
     if len(dataset) == 0:
       raise ValueError(f'dataset {dataset.name} is empty')
     image_shape = tuple(dataset.image_shape)
-    if image_shape != tuple(self.spec.input_shape):
+    if not self.spec.accepts_image_shape(image_shape):
       raise ValueError(
           f'dataset {dataset.name} has images of shape {image_shape}, {self.spec.name} expects '
-          f'{tuple(self.spec.input_shape)}'
+          f'{self.spec.image_shape}'
       )
     return key, image_shape
 
@@ -320,7 +320,8 @@ class Evaluator:
                  batches: int = 5, seed: int = 0) -> dict[str, Any]:
     """Warm inference throughput of the compiled forward at this evaluator's batch size.
 
-    Random uint8 images of the preset's input shape go through the 'predict' executable: one call
+    Random uint8 images of the preset's image shape (its dataset's; the pipeline's resize is
+    included) go through the 'predict' executable: one call
     to warm up (its compile is excluded), then ``batches`` timed calls.
 
     Returns:
@@ -330,7 +331,7 @@ class Evaluator:
       raise ValueError(f'batches must be a positive integer, got {batches!r}')
     selection.check_finite(variables, where=f'{self.spec.name} variables')
     key = self.widths_key(variables, widths)
-    shape = tuple(self.spec.input_shape)
+    shape = self.spec.image_shape
     executable, _ = self.compiled(variables, key, shape, kind='predict')
     images = np.random.default_rng(seed).integers(0, 256, (self.batch_size, *shape), np.uint8)
     lo = self.process_position * self.local_batch

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from lbyl_jax.pruning import bias as bias_lib
+from lbyl_jax.pruning import depthwise as depthwise_lib
 from lbyl_jax.pruning import selection as selection_lib
 from lbyl_jax.pruning import stats
 from lbyl_jax.pruning import surgery
@@ -121,17 +122,25 @@ def compress(spec, variables: Mapping[str, Any], plan: Plan | None = None, **opt
                           bias_fold=plan.corrections.bias_fold)
     new = None
   else:
-    sols = _timed(phases, 'delivery', _deliver, plan, spec, variables, problems, bc)
-    if plan.corrections.guard != 'off':
-      sols = _timed(phases, 'guard', guard_lib.guard, spec, variables, problems, sols,
-                    cov_model=plan.corrections.moment_cov)
-      check_solutions(problems, sols, plan.method.name)
-    if bc != 'off':
+    sols = _timed(phases, 'delivery', _deliver, plan, spec, variables, problems, bc,
+                  bias_skipped)
+    # Depthwise units got their guard and constants in the delivery (pruning.depthwise).
+    generic = [i for i, p in enumerate(problems) if p.unit.compensation != 'depthwise']
+    gp = [problems[i] for i in generic]
+    if plan.corrections.guard != 'off' and generic:
+      got = _timed(phases, 'guard', guard_lib.guard, spec, variables, gp,
+                   [sols[i] for i in generic], cov_model=plan.corrections.moment_cov)
+      check_solutions(gp, got, plan.method.name)
+      for i, sol in zip(generic, got):
+        sols[i] = sol
+    if bc != 'off' and generic:
       rule = rules_lib.weights(bc) if bc in rules_lib.RULE_MODES else None
-      consts = _timed(phases, 'bias_correction', bias_lib.constants, spec, variables, problems,
-                      sols, fold=plan.corrections.bias_fold, rule=rule, skipped=bias_skipped,
+      gs = [sols[i] for i in generic]
+      consts = _timed(phases, 'bias_correction', bias_lib.constants, spec, variables, gp,
+                      gs, fold=plan.corrections.bias_fold, rule=rule, skipped=bias_skipped,
                       cov_model=plan.corrections.moment_cov)
-      sols = bias_lib.apply(problems, sols, consts)
+      for i, sol in zip(generic, bias_lib.apply(gp, gs, consts)):
+        sols[i] = sol
     deliveries = {p.unit.name: (p.keep, s.S_P, s.bias) for p, s in zip(problems, sols)}
     widths, new = _timed(phases, 'surgery', surgery.apply, spec, variables, deliveries)
     if plan.quantizer is not None:
@@ -162,11 +171,27 @@ def compress(spec, variables: Mapping[str, Any], plan: Plan | None = None, **opt
   return Compressed(tuple(widths), new, report, qtree, qmeta, spec, deliveries)
 
 
-def _deliver(plan: Plan, spec, variables, problems, bc: str) -> list:
+def _deliver(plan: Plan, spec, variables, problems, bc: str,
+             skipped: list[dict[str, str]] | None = None) -> list:
   """The method's rows for every unit it can compensate; S_P = 0 (plain pruning) for units whose
-  compensation is 'prune_only' (a non-ReLU activation or a non-linear path, named in the report)."""
-  active = [i for i, p in enumerate(problems) if p.unit.compensation != 'prune_only']
+  compensation is 'prune_only' (a non-ReLU activation or a non-linear path, named in the report).
+  Units whose compensation is 'depthwise' get the method's form through the depthwise conv, with
+  their guard and constants (:func:`lbyl_jax.pruning.depthwise.deliver`, docs/mobilenet_v2.md)."""
+  kinds = [p.unit.compensation for p in problems]
+  active = [i for i, k in enumerate(kinds) if k not in ('prune_only', 'depthwise')]
+  dw = [i for i, k in enumerate(kinds) if k == 'depthwise']
+  if getattr(plan.method, 'bnm_spatial', None) is not None and not dw:
+    raise ValueError(f'--bnm-spatial applies to depthwise units; {spec.name} has none')
   sols: list = [None] * len(problems)
+  if dw:
+    dw_options = plan.method.depthwise_options(spec)
+    got = depthwise_lib.deliver(
+        spec, variables, [problems[i] for i in dw], plan.method.name, dw_options,
+        bias_correction=bc, guard=plan.corrections.guard, moment_cov=plan.corrections.moment_cov,
+        bias_fold=plan.corrections.bias_fold, sigma=plan.selection.bn_sigma, skipped=skipped)
+    check_solutions([problems[i] for i in dw], got, plan.method.name)
+    for i, sol in zip(dw, got):
+      sols[i] = sol
   if active:
     got = plan.method.deliver(spec, variables, [problems[i] for i in active],
                               Context(bias_correction=bc, bias_fold=plan.corrections.bias_fold))
@@ -201,7 +226,7 @@ def _discovery_report(spec) -> dict[str, Any]:
       prune_only=[dict(unit=u.name, reason=u.reason) for u in d.units
                   if u.compensation == 'prune_only'],
       approximations=[dict(unit=u.name, reason=u.reason) for u in d.units
-                      if u.compensation == 'maxpool_approx'],
+                      if u.compensation in ('maxpool_approx', 'depthwise')],
       excluded=[dict(unit=e.unit.name, rule=e.rule) for e in d.excluded],
       couplings=[dict(kind=c.kind, members=list(c.members)) for c in d.couplings],
       blocked=[dict(producer=b.producer, reason=b.reason) for b in d.blocked])

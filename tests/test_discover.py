@@ -382,13 +382,18 @@ def test_discover_gelu_silu(discovered):
 
 def test_discover_depthwise_and_residual(discovered):
   d = discovered['mobile']
+  # The inverted residual's expanded channels: ReLU6 -> depthwise -> BN -> ReLU6 -> projection is
+  # the path lbyl_jax.pruning.depthwise compensates (docs/mobilenet_v2.md); the last conv's ReLU6
+  # before a linear head has no derived form (plain pruning).
   assert summary(d) == [
-      ('Conv_1', 'BatchNorm_1', 'relu6', 'prune_only',
+      ('Conv_1', 'BatchNorm_1', 'relu6', 'depthwise',
        (('Conv_3', 'conv', 0, 1, 'nchw', 0, None, 'BatchNorm_3',
          (('depthwise', 'Conv_2', 0), ('bn', 'BatchNorm_2', 0))),)),
       ('Conv_4', 'BatchNorm_4', 'relu6', 'prune_only',
        (('Dense_0', 'dense', 0, 1, 'nchw', 0, 'avg', None, ()),)),
   ]
+  assert d.units[0].through_activation == 'relu6' and d.units[1].through_activation is None
+  assert 'depthwise conv Conv_2' in d.units[0].reason
   assert [c.members for c in d.couplings] == [('Conv_0', 'Conv_3')]
   assert dict((b.producer, b.reason.split(':')[0]) for b in d.blocked) == {
       'Conv_2': 'grouped or depthwise conv', 'Dense_0': 'reaches the network output'}

@@ -3,7 +3,8 @@
 - Discovery on every preset returns exactly the units the papers prune (the lists that used to be
   written by hand, kept here as the expected values): conv1 of every basic block, conv1 and conv2
   of every bottleneck, every VGG conv (the last one feeds the classifier), the MLP's hidden layers;
-  each with one plain consumer.
+  each with one plain consumer; the MobileNetV2 presets: the expansion conv of every inverted
+  residual (blocks 2..17), read by the projection through the depthwise conv and its BN.
 - A preset's module compressed as a user's module (:func:`lbyl_jax.models.custom.custom_spec`, the
   equivalent-module path) gives bitwise the variables of the preset path, the same widths, params
   and MACs, and the same class with the new widths.
@@ -27,6 +28,10 @@ from lbyl_jax.pruning import stats
 def expected_units(spec) -> list[tuple]:
   """(name, producer, bn, consumer, kind, flatten, pool) of the papers' units of a preset."""
   fam = spec.family
+  if fam == 'mobilenet_v2':
+    return [(f'features_{b.index}/conv_0_0', f'features_{b.index}/conv_0_0',
+             f'features_{b.index}/conv_0_1', f'features_{b.index}/conv_2', 'conv', 1, None)
+            for b in spec.model.blocks() if b.expand]
   if fam == 'mlp':
     return [(f'ip{i + 1}', f'ip{i + 1}', None, f'ip{i + 2}', 'dense', 1, None) for i in range(2)]
   if fam in ('cifar_resnet', 'resnet'):
@@ -65,6 +70,14 @@ def test_discovery_returns_the_papers_units(name):
          for u in spec.units]
   assert got == expected_units(spec)
   for u in spec.units:
+    if spec.family == 'mobilenet_v2':
+      blk = u.name.split('/')[0]
+      assert len(u.consumers) == 1 and u.consumers[0].offset == 0
+      assert [(t.path, t.kind) for t in u.through] == [(f'{blk}/conv_1_0', 'depthwise'),
+                                                       (f'{blk}/conv_1_1', 'bn')]
+      assert (u.activation, u.through_activation, u.compensation) == ('relu6', 'relu6',
+                                                                      'depthwise')
+      continue
     assert len(u.consumers) == 1 and not u.through and u.consumers[0].offset == 0
     assert u.activation == 'relu' and u.compensation in ('exact', 'maxpool_approx')
   assert spec.default_widths() == tuple(u.width for u in spec.units)

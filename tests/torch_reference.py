@@ -15,6 +15,10 @@ compares two independent implementations:
   ``feature.{0,1,3,4,7,...}.*`` and ``classifier.{0,1,3}.*``.
 * ``TVResNet`` / ``TVVGG16BN``: torchvision ResNet-18..152 (v1.5: stride on the bottleneck 3x3) and
   ``vgg16_bn`` (``features.N``, ``AdaptiveAvgPool2d((7, 7))``, ``classifier.{0,3,6}``).
+* ``TVMobileNetV2``: torchvision's ``mobilenetv2.py`` layout (``features.0`` conv-BN-ReLU6,
+  ``InvertedResidual`` blocks with ``self.conv`` and ``use_res_connect``, ``features.18``,
+  adaptive average pool, ``classifier = (Dropout, Linear)``) with every width an argument, as a
+  channel-pruned network has them; depthwise convs are real grouped ``nn.Conv2d``.
 
 Every constructor takes optional pruned inner widths, mirroring the ``cfg`` arguments of the
 original pruning codes. :func:`randomize` gives every model random weights *and* random BN
@@ -346,6 +350,66 @@ class TVVGG16BN(nn.Module):
     x = self.avgpool(self.features(x))
     x = torch.flatten(x, 1)
     return self.classifier(x)
+
+
+# --------------------------------------------------------------------------------------------
+# torchvision MobileNetV2 (mobilenetv2.py), arbitrary widths
+
+
+def _conv_bn_relu6(cin, cout, kernel, stride=1, groups=1):
+  """torchvision's Conv2dNormActivation(..., activation_layer=ReLU6): keys .0 (conv), .1 (BN)."""
+  return nn.Sequential(
+      nn.Conv2d(cin, cout, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
+      nn.BatchNorm2d(cout),
+      nn.ReLU6(inplace=True),
+  )
+
+
+class TVInvertedResidual(nn.Module):
+  """``expand=False`` is torchvision's expand_ratio 1 (block 1): no expansion conv."""
+
+  def __init__(self, inp, oup, stride, hidden, expand=True):
+    super().__init__()
+    self.stride = stride
+    self.use_res_connect = stride == 1 and inp == oup
+    layers = [_conv_bn_relu6(inp, hidden, 1)] if expand else []
+    layers += [
+        _conv_bn_relu6(hidden, hidden, 3, stride, groups=hidden),
+        nn.Conv2d(hidden, oup, 1, 1, 0, bias=False),
+        nn.BatchNorm2d(oup),
+    ]
+    self.conv = nn.Sequential(*layers)
+
+  def forward(self, x):
+    if self.use_res_connect:
+      return x + self.conv(x)
+    return self.conv(x)
+
+
+TV_MOBILENET_STRIDES = (1, 2, 1, 2, 1, 1, 2, 1, 1, 1, 1, 1, 1, 2, 1, 1, 1)
+
+
+class TVMobileNetV2(nn.Module):
+  """``expand``: expanded widths of blocks 2..17; ``out``: projection widths of blocks 1..17."""
+
+  def __init__(self, stem, expand, out, last, num_classes=10, strides=TV_MOBILENET_STRIDES):
+    super().__init__()
+    features = [_conv_bn_relu6(3, stem, 3, 2)]
+    inp = stem
+    for i, (oup, stride) in enumerate(zip(out, strides)):
+      if i == 0:
+        features.append(TVInvertedResidual(inp, oup, stride, inp, expand=False))
+      else:
+        features.append(TVInvertedResidual(inp, oup, stride, expand[i - 1]))
+      inp = oup
+    features.append(_conv_bn_relu6(inp, last, 1))
+    self.features = nn.Sequential(*features)
+    self.classifier = nn.Sequential(nn.Dropout(p=0.2), nn.Linear(last, num_classes))
+
+  def forward(self, x):
+    x = self.features(x)
+    x = F.adaptive_avg_pool2d(x, (1, 1))
+    return self.classifier(torch.flatten(x, 1))
 
 
 # --------------------------------------------------------------------------------------------

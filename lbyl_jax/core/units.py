@@ -21,8 +21,8 @@ import numpy as np
 from lbyl_jax.core import trees
 
 DEFAULT_POLICY = ('head', 'residual_stem')
-POLICY_RULES = ('head', 'residual_stem')
-COMPENSATIONS = ('exact', 'maxpool_approx', 'prune_only')
+POLICY_RULES = ('head', 'residual_stem', 'compensable')
+COMPENSATIONS = ('exact', 'maxpool_approx', 'depthwise', 'prune_only')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,9 +145,13 @@ class Unit:
       'identity', 'mixed' when paths differ).
     consumers: the linear layers reading the channels, in call order.
     width: the producer's output channels.
-    compensation: 'exact', 'maxpool_approx' (A5) or 'prune_only'.
+    compensation: 'exact', 'maxpool_approx' (A5), 'depthwise' (the path (BN) -> ReLU / ReLU6 ->
+      depthwise conv -> BN -> ReLU / ReLU6 -> consumer of an inverted residual, compensated by
+      :mod:`lbyl_jax.pruning.depthwise`, docs/mobilenet_v2.md) or 'prune_only'.
     reason: why the compensation is not 'exact'.
     producer_kind: 'conv' or 'dense'.
+    through_activation: 'depthwise' units: the activation after the through layers (the one
+      the consumers read: 'relu' or 'relu6'); None otherwise.
   """
 
   name: str
@@ -159,6 +163,7 @@ class Unit:
   compensation: str = 'exact'
   reason: str = ''
   producer_kind: str = 'conv'
+  through_activation: str | None = None
 
   @classmethod
   def of(cls, name: str, producer: str, bn: str | None, consumer: str, consumer_kind: str,

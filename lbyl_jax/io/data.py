@@ -1021,10 +1021,10 @@ def _load_path(path: pathlib.Path, *, name: str | None, arch: archs.ArchSpec | N
 
 
 def _check_arch(ds: Dataset, arch: archs.ArchSpec) -> None:
-  if ds.image_shape != tuple(arch.input_shape):
+  if not arch.accepts_image_shape(ds.image_shape):
     raise ValueError(
         f'data {ds.source or ds.name} has images of shape {ds.image_shape} but {arch.name} expects '
-        f'{tuple(arch.input_shape)}'
+        f'{arch.image_shape}'
     )
   labels = getattr(ds, 'labels', None)
   if labels is not None and len(labels) and labels.max() >= arch.num_classes:
@@ -1073,7 +1073,7 @@ def load_dataset(
     if m is None:
       raise ValueError(f'expected tfds:NAME[:SPLIT], got {spec!r}')
     ds = load_tfds(m.group(1), m.group(2),
-                   image_shape=arch.input_shape if arch is not None else None, workers=workers)
+                   image_shape=arch.image_shape if arch is not None else None, workers=workers)
   elif spec.lower() in _ALIASES and not pathlib.Path(spec).exists():
     name = _ALIASES[spec.lower()]
     path = find_local(name)

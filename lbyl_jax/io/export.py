@@ -1,7 +1,7 @@
 """Exports of a (compressed) preset for deployment outside lbyl_jax.
 
-- ``stablehlo``: the whole inference function, uint8 NHWC images (any batch size) -> float32
-  logits, normalization included and the variables baked in as constants, serialized with
+- ``stablehlo``: the whole inference function, uint8 NHWC images of the preset's image shape (any
+  batch size) -> float32 logits, the preset's resize and normalization included and the variables baked in as constants, serialized with
   :mod:`jax.export` (``model.stablehlo``; reload with :func:`load_stablehlo`, or
   ``jax.export.deserialize``), plus its StableHLO text (``model.stablehlo.mlir``).
 - ``safetensors``: flat float32 tensors named and shaped as the PyTorch module of the preset with
@@ -42,7 +42,7 @@ def stablehlo(spec: archs.ArchSpec, widths, variables: Mapping[str, Any]) -> jax
     return model.apply(consts, normalize(images)).astype(jnp.float32)
 
   (b,) = jax.export.symbolic_shape('b')
-  arg = jax.ShapeDtypeStruct((b, *spec.input_shape), jnp.uint8)
+  arg = jax.ShapeDtypeStruct((b, *spec.image_shape), jnp.uint8)
   return jax.export.export(jax.jit(infer))(arg)
 
 
@@ -71,6 +71,25 @@ def torch_names(spec: archs.ArchSpec, variables: Mapping[str, Any]) -> dict[str,
     return out
   if spec.torch_naming == 'lenet':
     return {m: m for m in modules}
+  if spec.torch_naming == 'mobilenet_v2':
+    # converters.mapping's MobileNetV2 rules, inverted: features_i/conv_j_k -> features.i.conv.j.k,
+    # features_i/{conv,bn} -> features.i.{0,1}, classifier_1 -> classifier.1.
+    for m in modules:
+      g = re.fullmatch(r'features_(\d+)/conv_(\d+)(?:_(\d+))?', m)
+      if g:
+        out[m] = f'features.{g.group(1)}.conv.{g.group(2)}' + (
+            f'.{g.group(3)}' if g.group(3) is not None else '')
+        continue
+      g = re.fullmatch(r'features_(\d+)/(conv|bn)', m)
+      if g:
+        out[m] = f'features.{g.group(1)}.{0 if g.group(2) == "conv" else 1}'
+        continue
+      g = re.fullmatch(r'classifier_(\d+)', m)
+      if g:
+        out[m] = f'classifier.{g.group(1)}'
+        continue
+      raise ValueError(f'{spec.name}: no PyTorch name for module {m!r}')
+    return out
   if spec.torch_naming in ('vgg_cifar', 'vgg'):
     cifar = spec.torch_naming == 'vgg_cifar'
     cfg = nets.VGG16_CFG[:-1] if cifar else nets.VGG16_CFG

@@ -41,6 +41,8 @@ from lbyl_jax.models import archs
 UNHOSTED_FILENAMES: dict[str, str] = {
     'resnet56_b': 'nm_resnet56.cifar10.pth.tar',  # Neuron Merging's ResNet-56 (shortcut B).
     'lenet_300_100': 'lbyl_lenet_300_100.fashionmnist.pth.tar',  # LBYL / NM FashionMNIST LeNet.
+    # The channel-pruned CIFAR-10 MobileNetV2 of ../shared (a student's model, not hosted).
+    'mobilenet_v2_cifar10': 'mobilenet_v2_pruned.cifar10_224.state_dict.pt',
 }
 
 # (resolved path, size, mtime_ns, expected) of files already verified in this process.

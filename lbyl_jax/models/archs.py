@@ -21,7 +21,9 @@ from lbyl_jax.core import units as units_lib
 from lbyl_jax.core.bn import BN_EPS
 from lbyl_jax.core.registry import Registry
 from lbyl_jax.models import discover as discover_lib
+from lbyl_jax.models import mobilenet
 from lbyl_jax.models import nets as models
+from lbyl_jax.models import resize as resize_lib
 from lbyl_jax.models import trace
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -48,14 +50,15 @@ class ArchSpec:
 
   Attributes:
     name: registry key.
-    family: 'mlp', 'cifar_resnet', 'resnet', 'vgg_cifar', 'vgg', or 'custom' (a user's model).
+    family: 'mlp', 'cifar_resnet', 'resnet', 'vgg_cifar', 'vgg', 'mobilenet_v2', or 'custom' (a
+      user's model).
     model: the module with original widths (``widths=None``).
     input_shape: (H, W, C) the weights expect.
     mean, std: per-channel normalization applied after scaling pixels to [0, 1].
     num_classes: classifier outputs.
     dataset: default evaluation dataset name ('cifar10', 'fashion_mnist', 'imagenet').
     torch_naming: key of the converter's name map ('cifar_resnet', 'resnet', 'vgg_cifar', 'vgg',
-      'lenet').
+      'lenet', 'mobilenet_v2').
     weights: public download source, or None if the weights are not publicly hosted.
     hparams: per-method default hyper-parameters.
     policy: discovery policy (which structurally prunable units are left out).
@@ -65,6 +68,11 @@ class ArchSpec:
       inside its wrapper); apply_kwargs: keyword arguments of its calls.
     fixed_units: units stated instead of discovered (hand-built test networks); None for
       presets and users' models.
+    data_shape: (H, W, C) of the images the preset's dataset stores when the weights expect
+      another size (the CIFAR-10 MobileNetV2: 32x32 images, 224x224 input); None: ``input_shape``.
+    resize: how images of ``data_shape`` are brought to ``input_shape`` on device before the
+      normalization (:data:`lbyl_jax.models.resize.RESIZES`: 'bilinear', or 'bilinear_round' =
+      then rounded to integer pixels); needed when ``data_shape`` is given.
   """
 
   name: str
@@ -84,6 +92,32 @@ class ArchSpec:
   discover_module: nn.Module | None = None
   apply_kwargs: tuple[tuple[str, Any], ...] = ()
   fixed_units: tuple[units_lib.Unit, ...] | None = None
+  data_shape: tuple[int, ...] | None = None
+  resize: str | None = None
+
+  def __post_init__(self):
+    if self.resize is not None and self.resize not in resize_lib.RESIZES:
+      raise ValueError(f'{self.name}: resize must be one of {resize_lib.RESIZES}, got'
+                       f' {self.resize!r}')
+    if self.data_shape is not None:
+      data, inp = tuple(self.data_shape), tuple(self.input_shape)
+      if len(data) != len(inp) or data[-1] != inp[-1]:
+        raise ValueError(f'{self.name}: data_shape {data} must differ from input_shape {inp} in'
+                         ' its spatial size only')
+      if data != inp and self.resize is None:
+        raise ValueError(f'{self.name}: data_shape {data} differs from input_shape {inp}; say how'
+                         f' the images are resized (resize, one of {resize_lib.RESIZES})')
+
+  @property
+  def image_shape(self) -> tuple[int, ...]:
+    """The (H, W, C) of the uint8 images the preset's pipeline takes (its dataset's)."""
+    return tuple(self.data_shape if self.data_shape is not None else self.input_shape)
+
+  def accepts_image_shape(self, shape) -> bool:
+    """Whether uint8 images of this (H, W, C) can feed the model: the dataset's shape, or the
+    model input itself (then nothing is resized)."""
+    shape = tuple(int(d) for d in shape)
+    return shape in (tuple(self.input_shape), self.image_shape)
 
   @functools.cached_property
   def discovery(self) -> units_lib.Discovery:
@@ -352,9 +386,24 @@ for _name, (_sizes, _bottleneck, _file) in _TV_RESNETS.items():
 
 
 def normalize_fn(spec: ArchSpec) -> Callable[[jnp.ndarray], jnp.ndarray]:
-  """uint8 (or [0, 255] float) NHWC images -> the normalized float input the weights expect."""
+  """uint8 (or [0, 255] float) NHWC images -> the normalized float input the weights expect:
+  resized on device first when the preset says so (``spec.resize``, images of another size than
+  ``input_shape``), then /255 and (x - mean) / std."""
   mean = jnp.asarray(spec.mean, jnp.float32)
   std = jnp.asarray(spec.std, jnp.float32)
+  if spec.resize is not None:
+    out_hw = tuple(int(d) for d in spec.input_shape[:2])
+    mode = spec.resize
+
+    def resized(x: jnp.ndarray) -> jnp.ndarray:
+      x = x.astype(jnp.float32)
+      if x.ndim == 3:
+        x = x[..., None]
+      if tuple(x.shape[1:3]) != out_hw:
+        x = resize_lib.resize(x, out_hw, mode)
+      return (x / 255.0 - mean) / std
+
+    return resized
 
   def fn(x: jnp.ndarray) -> jnp.ndarray:
     x = x.astype(jnp.float32) / 255.0
@@ -363,3 +412,81 @@ def normalize_fn(spec: ArchSpec) -> Callable[[jnp.ndarray], jnp.ndarray]:
     return (x - mean) / std
 
   return fn
+
+
+# --------------------------------------------------------------------------------------------
+# MobileNetV2 (lbyl_jax/models/mobilenet.py; compensation of its units: docs/mobilenet_v2.md).
+
+# ../shared/weights/mobilenet_v2_pruned.cifar10_224.* (../shared/DATA.md):
+# mobilenet.fields_from_state_dict of that file gives exactly these (tests/test_mobilenet.py).
+MOBILENET_V2_CIFAR10 = dict(
+    stem=11,
+    expand=(35, 53, 53, 71, 71, 71, 142, 142, 142, 142, 213, 213, 213, 355, 355, 355),
+    out=(5, 24, 24, 11, 11, 11, 23, 23, 23, 23, 35, 35, 35, 59, 59, 59, 75),
+    last=208, num_classes=10)
+
+# NM (t, lam) and LBYL's lambdas on this family, chosen on the development split of CIFAR-10 with
+# the shared checkpoint (benchmarks/probes/mobilenet_v2.py, test images 0-1999, mean top-1 at
+# ratios 0.2 and 0.4; docs/mobilenet_v2.md#measured): NM lam in {0.85, 0.5, 1.0} kept the
+# published 0.85 (t = 0.1, docs/neuron_merging.md#hyper-parameters); LBYL (lambda1, lambda2)
+# over {1e-5, 1e-2} x {1e-4, 1e-3, 1e-2, 1e-1} chose (1e-2, 1e-2). BN-moments' spatial model
+# ('calibrated') is the bnm method's default. The ImageNet preset uses the same values (no
+# ImageNet data here to choose with).
+MOBILENET_V2_HPARAMS: dict[str, dict[str, Any]] = {
+    'nm': {'t': 0.1, 'lam': 0.85},
+    'lbyl': {'lambda1': 1e-2, 'lambda2': 1e-2},
+}
+# Only the expanded channels are pruned: the linear-bottleneck projections and features.18 would
+# get no compensation ('compensable'), the stem reads the input of a residual network.
+MOBILENET_V2_POLICY = units_lib.DEFAULT_POLICY + ('compensable',)
+
+
+def mobilenet_v2_spec(name: str, fields: Mapping[str, Any], *,
+                      input_shape: tuple[int, int, int] = (224, 224, 3),
+                      mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD,
+                      dataset: str | None = 'imagenet',
+                      data_shape: tuple[int, int, int] | None = None, resize: str | None = None,
+                      weights: WeightsSource | None = None,
+                      hparams: Mapping[str, Mapping[str, Any]] | None = None,
+                      description: str = '') -> ArchSpec:
+  """An (unregistered) :class:`ArchSpec` of a :class:`~lbyl_jax.models.mobilenet.MobileNetV2` with
+  these width fields (``stem``, ``expand``, ``out``, ``last``, ``num_classes``, optionally
+  ``strides`` / ``residual``). Discovery traces the model with plain grouped convolutions
+  (``discover_module``), execution uses the fast depthwise path.
+
+  Args:
+    data_shape, resize: the dataset's stored image size and how it is resized to ``input_shape``
+      (see :class:`ArchSpec`).
+    hparams: per-method defaults; None: :data:`MOBILENET_V2_HPARAMS`.
+  """
+  model = mobilenet.MobileNetV2(**{k: (tuple(v) if isinstance(v, (list, tuple)) else v)
+                                   for k, v in fields.items()})
+  return ArchSpec(
+      name=name, family='mobilenet_v2', model=model, input_shape=tuple(input_shape),
+      mean=tuple(mean), std=tuple(std), num_classes=int(model.num_classes), dataset=dataset,
+      torch_naming='mobilenet_v2', weights=weights,
+      hparams=dict(MOBILENET_V2_HPARAMS if hparams is None else hparams),
+      description=description, policy=MOBILENET_V2_POLICY,
+      discover_module=model.clone(fast_depthwise=False),
+      data_shape=None if data_shape is None else tuple(data_shape), resize=resize)
+
+
+def mobilenet_v2_spec_from_state_dict(state_dict: Mapping[str, np.ndarray],
+                                      name: str = 'mobilenet_v2_custom', **kwargs) -> ArchSpec:
+  """:func:`mobilenet_v2_spec` with the widths of a torchvision-layout state dict
+  (:func:`lbyl_jax.models.mobilenet.fields_from_state_dict`); ``kwargs`` go to
+  :func:`mobilenet_v2_spec`."""
+  return mobilenet_v2_spec(name, mobilenet.fields_from_state_dict(state_dict), **kwargs)
+
+
+register(mobilenet_v2_spec(
+    'mobilenet_v2_cifar10', MOBILENET_V2_CIFAR10, dataset='cifar10', data_shape=(32, 32, 3),
+    resize='bilinear_round',
+    description='torchvision-layout MobileNetV2 with channel-pruned widths, CIFAR-10 upsampled to'
+    ' 224x224 (bilinear, half-pixel centres, rounded; weights not hosted)'))
+
+register(mobilenet_v2_spec(
+    'mobilenet_v2', mobilenet.torchvision_widths(),
+    weights=WeightsSource(_TORCHVISION + 'mobilenet_v2-b0353104.pth', 'mobilenet_v2-b0353104.pth',
+                          'b0353104'),
+    description='torchvision mobilenet_v2 (ImageNet, IMAGENET1K_V1)'))

@@ -23,7 +23,8 @@ What a walk understands (docs/README.md, "Which layers are pruned"):
   axis, after a flatten or not);
 - channels a depthwise ``nn.Conv`` (groups == input channels) or a BatchNorm receives after the
   producer's activation are "through" layers, pruned with the unit (input channel j is output
-  channel j); the unit then has a non-linear path and gets plain pruning;
+  channel j); the unit then has a non-linear path: the 'depthwise' compensation when it is an
+  inverted residual's (below), else plain pruning;
 - residual adds (two data tensors added) tie the channels of every producer reaching the add
   (union-find over add sites): such producers form a :class:`Coupling` and are not pruned (pruning
   a whole tied group is not implemented);
@@ -39,15 +40,20 @@ Compensation ('exact', 'maxpool_approx', 'prune_only'): the closed forms (NM, LB
 bias correction) need producer -> (BN) -> ReLU -> linear consumer. A max-pool between the ReLU and
 the consumer is ignored as the reference codes do ('maxpool_approx', a stated approximation);
 an average pool, a global mean, a flatten or a concatenation is linear ('exact': the delivery
-a_P ~ S_P a_K + c folded into the consumer is the same algebra). Every other activation, a BN or
-depthwise conv between the activation and the consumer, or a second activation gives
-'prune_only' (S_P = 0) with the reason. "exact" is about the algebra of the fold; the delivery
+a_P ~ S_P a_K + c folded into the consumer is the same algebra). The path of an inverted residual,
+(BN) -> ReLU / ReLU6 -> depthwise conv (multiplier 1) -> BN -> ReLU / ReLU6 -> linear consumer(s),
+exactly that and nothing else, is 'depthwise': its compensation is derived through the depthwise
+conv in docs/mobilenet_v2.md and computed by :mod:`lbyl_jax.pruning.depthwise`. Every other
+activation, a BN or depthwise conv between the activation and the consumer, or a second
+activation gives 'prune_only' (S_P = 0) with the reason. "exact" is about the algebra of the fold; the delivery
 itself is the method's fit.
 
 Policy (the papers' convention that the presets follow): ``'head'`` excludes Dense producers
 that run after the network's last convolution (classifier layers of a CNN; an MLP keeps its hidden
 layers), ``'residual_stem'`` excludes, in a network with residual adds, the producers that read
-the network input (the stem). With both (the default) discovery on every preset of
+the network input (the stem), ``'compensable'`` excludes units whose compensation would be
+'prune_only' (the MobileNetV2 presets: their linear-bottleneck projections and the last 1x1 conv
+are not pruned, only the expanded channels). With both (the default) discovery on every preset of
 :mod:`lbyl_jax.models.archs` returns exactly the units the papers prune (a test pins them). ``policy=()`` keeps
 everything structurally prunable.
 
@@ -541,6 +547,7 @@ class _State:
   through: tuple[Through, ...] = ()
   issues: tuple[str, ...] = ()
   tied: bool = False
+  steps: tuple[tuple[str, ...], ...] = ()  # ('act', name), ('bn',), ('depthwise',), ('pool',)
 
   def but(self, **kw) -> '_State':
     return dataclasses.replace(self, first=False, **kw)
@@ -668,9 +675,10 @@ class _Analyzer:
       issues = st.issues
       if st.pool is not None:
         issues += (f'{st.pool}-pool before the activation',)
-      return st.but(act=name, act_key=key, scale=st.scale * gain, issues=issues)
+      return st.but(act=name, act_key=key, scale=st.scale * gain, issues=issues,
+                    steps=st.steps + (('act', name),))
     return st.but(issues=st.issues + (f'a further activation ({name}) on the path',),
-                  scale=st.scale * gain)
+                  scale=st.scale * gain, steps=st.steps + (('act', name),))
 
   def _node(self, node: _Node, var: int, st: _State, stack: list, result: _Walk) -> str | None:
     prog = self.prog
@@ -691,7 +699,8 @@ class _Analyzer:
         return f'{node.path}: channels reach a BatchNorm in an unsupported layout'
       issue = f'BatchNorm {node.path} between the channels and a consumer'
       stack.append((node.output, st.but(through=st.through + (Through(node.path, 'bn', off),),
-                                         issues=st.issues + (issue,), act=st.act or 'identity')))
+                                         issues=st.issues + (issue,), act=st.act or 'identity',
+                                         steps=st.steps + (('bn',),))))
       return None
     if node.kind == 'conv':
       conv = node.conv
@@ -734,7 +743,7 @@ class _Analyzer:
         issue = f'depthwise conv {node.path} between the channels and a consumer'
         stack.append((node.output, st.but(lab=lab, through=st.through + (
             Through(node.path, 'depthwise', off),), issues=st.issues + (issue,),
-            act=st.act or 'identity')))
+            act=st.act or 'identity', steps=st.steps + (('depthwise',),))))
         return None
       if groups == c_in:
         return f'{node.path}: depthwise conv with depth multiplier {out_c // c_in} (unsupported)'
@@ -876,7 +885,8 @@ class _Analyzer:
 
   def _pool(self, out, st: _State, lab, kind: str, scale: float, stack) -> None:
     pool = 'max' if 'max' in (st.pool, kind) else 'avg'
-    stack.append((out, st.but(lab=lab, pool=pool, scale=st.scale * scale)))
+    stack.append((out, st.but(lab=lab, pool=pool, scale=st.scale * scale,
+                              steps=st.steps + (('pool',),))))
     return None
 
 
@@ -942,7 +952,34 @@ def _consumer_bn(prog: _Program, node: _Node) -> str | None:
   return None
 
 
+_DW_ACTS = ('relu', 'relu6')
+
+
+def _depthwise_route(routes) -> str | None:
+  """The reason text of a 'depthwise' unit when every route is exactly (BN) -> ReLU / ReLU6 ->
+  depthwise conv (multiplier 1) -> BN -> ReLU / ReLU6 -> linear consumer, through the same two
+  layers, with no pooling and unit scale; None otherwise."""
+  states = [st for _, st, _ in routes]
+  first = states[0]
+  steps = first.steps
+  if (len(steps) != 4 or steps[0][0] != 'act' or steps[0][1] not in _DW_ACTS
+      or steps[1] != ('depthwise',) or steps[2] != ('bn',) or steps[3][0] != 'act'
+      or steps[3][1] not in _DW_ACTS):
+    return None
+  for st in states:
+    if (st.steps != steps or st.through != first.through or st.act_key != first.act_key
+        or st.pool is not None or _snap(st.scale) != 1.0):
+      return None
+  dw, bn = first.through
+  return (f'{steps[0][1]} -> depthwise conv {dw.path} -> BatchNorm {bn.path} -> {steps[3][1]}:'
+          ' NM / LBYL on the filter-space surrogate, BN moments through the depthwise window'
+          ' (docs/mobilenet_v2.md)')
+
+
 def _compensation(unit_act: str, routes) -> tuple[str, str]:
+  depthwise = _depthwise_route(routes)
+  if depthwise is not None:
+    return 'depthwise', depthwise
   reasons = []
   keys = {st.act_key for _, st, _ in routes}
   acts = {st.act for _, st, _ in routes}
@@ -1105,13 +1142,16 @@ def discover(module: nn.Module, variables: Mapping[str, Any], example_shape, *,
     act = acts.pop() if len(acts) == 1 else 'mixed'
     act = 'identity' if act is None else act
     comp, reason = _compensation(act, w.routes)
+    post = w.routes[0][1].steps[-1][1] if comp == 'depthwise' else None
     unit = Unit(node.path, node.path, bn, act, tuple(consumers), an.node_width(node), comp, reason,
-                node.kind)
+                node.kind, post)
     rule = None
     if 'head' in policy and node.kind == 'dense' and last_conv is not None and node.index > last_conv:
       rule = 'head: a Dense layer after the last convolution (classifier)'
     elif 'residual_stem' in policy and has_residual and node.input not in after_layer:
       rule = 'residual_stem: reads the network input of a residual network (stem)'
+    elif 'compensable' in policy and comp == 'prune_only':
+      rule = f'compensable: no compensation applies ({reason})'
     if rule:
       excluded.append(Excluded(unit, rule))
     else:

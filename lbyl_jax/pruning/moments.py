@@ -465,7 +465,11 @@ def propagate(spec, variables: Mapping[str, Any], *, input_mean: float = 0.0,
     inequality);
   - MLP (no BN): y = W x + b propagated exactly in mean and full covariance
     (:func:`dense_preactivation`), the input covariance ``input_var`` * I; the activation moments
-    come from the bivariate closed form, so Cov(a) is full.
+    come from the bivariate closed form, so Cov(a) is full;
+  - MobileNetV2 (units: the expansion convs ``features_i/conv_0_0``): every block's output is its
+    projection BN, N(beta, gamma^2) per channel (linear bottleneck: no activation), plus the
+    block input's moments when the block is residual (branches independent); a block's input is
+    the previous block's output (docs/mobilenet_v2.md#expansion-pre-activations).
 
   Returns:
     {unit name: InputMoments of the producer's input}.
@@ -492,6 +496,8 @@ def propagate(spec, variables: Mapping[str, Any], *, input_mean: float = 0.0,
       beta, gamma = _bn(variables, u.bn)
       mom = InputMoments(*relu_mean_var(beta, gamma ** 2, 4 if u.pool == 'max' else 1))
     return out
+  if fam == 'mobilenet_v2':
+    return _mobilenet_inputs(spec, variables)
   if fam not in ('cifar_resnet', 'resnet'):
     raise ValueError(f'{spec.name}: the network-level BN-moment model exists for the preset families'
                      f' only (not {fam!r}); use options that need no moment propagation')
@@ -506,6 +512,27 @@ def propagate(spec, variables: Mapping[str, Any], *, input_mean: float = 0.0,
       b1, g1 = _bn(variables, f'{blk}/bn1')
       out[f'{blk}/conv2'] = InputMoments(*relu_mean_var(b1, g1 ** 2))
     x = _residual_out(variables, blk, out_bn, *x)
+  missing = [u.name for u in spec.units if u.name not in out]
+  if missing:
+    raise ValueError(f'{spec.name}: no propagated moments for units {missing}')
+  return out
+
+
+def _mobilenet_inputs(spec, variables: Mapping[str, Any]) -> dict[str, InputMoments]:
+  """:func:`propagate` for the MobileNetV2 presets (``spec.model.blocks()``)."""
+  by_block = {u.producer.split('/')[0]: u for u in spec.units}
+  out: dict[str, InputMoments] = {}
+  mean = var = None
+  for b in spec.model.blocks():
+    if b.name in by_block:
+      if mean is None:
+        raise ValueError(f'{spec.name}: block {b.name} has no modelled input')
+      out[by_block[b.name].name] = InputMoments(mean.copy(), var.copy())
+    beta, gamma = _bn(variables, b.output_bn)
+    if b.residual and mean is not None:
+      mean, var = beta + mean, gamma ** 2 + var
+    else:
+      mean, var = beta, gamma ** 2
   missing = [u.name for u in spec.units if u.name not in out]
   if missing:
     raise ValueError(f'{spec.name}: no propagated moments for units {missing}')

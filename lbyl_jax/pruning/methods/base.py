@@ -47,6 +47,14 @@ class Method(Options):
     """The bias-correction mode this method gets when the plan does not set one."""
     return 'off'
 
+  def depthwise_options(self, spec) -> dict[str, Any]:
+    """This method's options on units whose compensation is 'depthwise' (an inverted residual's
+    expanded channels, compensated by :mod:`lbyl_jax.pruning.depthwise`, docs/mobilenet_v2.md).
+    A method without a form derived there raises ValueError naming it."""
+    del spec
+    raise ValueError(f'method {self.name!r} has no form for depthwise units (docs/mobilenet_v2.md'
+                     ' derives prune, nm, lbyl and bnm)')
+
   def preset(self, name: str) -> dict[str, Any]:
     """Option values of a named preset (e.g. 'reference_code'); {} when it does not apply."""
     del name

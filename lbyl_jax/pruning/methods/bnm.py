@@ -34,6 +34,7 @@ import numpy as np
 
 from lbyl_jax.core.options import option
 from lbyl_jax.pruning import bias as bias_lib
+from lbyl_jax.pruning import depthwise as depthwise_lib
 from lbyl_jax.pruning import moments as moments_lib
 from lbyl_jax.pruning.methods.base import Method, register
 from lbyl_jax.pruning.problem import UnitProblem, UnitSolution, coefficient_stats
@@ -213,6 +214,11 @@ class BNM(Method):
 
   bnm_cov: str = option('diag', help='input-patch covariance model',
                     choices=moments_lib.COV_MODELS, advanced=True)
+  bnm_spatial: str | None = option(
+      None, choices=(None,) + depthwise_lib.SPATIAL_MODELS, advanced=True,
+      help='spatial correlation of the depthwise window (depthwise units only,'
+           ' docs/mobilenet_v2.md): calibrated on the BN running variances, independent or'
+           ' constant positions', default_text="'calibrated'")
 
   def deliver(self, spec, variables, problems, context):
     t0 = time.perf_counter()
@@ -228,3 +234,8 @@ class BNM(Method):
       diag.setdefault('compile_seconds', 0.0)
       out.append(dataclasses.replace(sol, diag=diag))
     return out
+
+  def depthwise_options(self, spec):
+    """BN moments through the depthwise window (docs/mobilenet_v2.md#bn-moments-through-relu6-and-the-depthwise-conv)."""
+    del spec
+    return dict(cov=self.bnm_cov, spatial=self.bnm_spatial or 'calibrated')

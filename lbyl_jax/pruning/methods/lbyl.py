@@ -145,5 +145,14 @@ class LBYL(Method):
   def default_bias_correction(self) -> str:
     return 'on' if self.lbyl_mode == 'consistent' else 'off'
 
+  def depthwise_options(self, spec):
+    """LBYL's consistent form on the composite filters (docs/mobilenet_v2.md#lbyl-on-the-composite-channel);
+    the official code's normal equations have no derivation there."""
+    if self.lbyl_mode != 'consistent':
+      raise ValueError(f'--lbyl-mode {self.lbyl_mode} has no form for depthwise units'
+                       f' ({spec.name}); use --lbyl-mode consistent')
+    lam1, lam2 = self.resolved_lambdas(spec)
+    return dict(lambda1=lam1, lambda2=lam2, dtype=self.dtype)
+
   def preset(self, name):
     return {'lbyl_mode': 'reference_code'} if name == 'reference_code' else {}

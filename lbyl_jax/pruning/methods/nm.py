@@ -156,5 +156,14 @@ class NeuronMerging(Method):
   def default_bias_correction(self) -> str:
     return 'on' if self.nm_mode == 'exact' else 'off'
 
+  def depthwise_options(self, spec):
+    """NM on the composite channel (docs/mobilenet_v2.md#neuron-merging-on-the-composite-channel):
+    the same t and lam; the official code's form has no derivation there."""
+    if self.nm_mode != 'exact':
+      raise ValueError(f'--nm-mode {self.nm_mode} has no form for depthwise units'
+                       f' ({spec.name}); use --nm-mode exact')
+    t, lam = self.resolved(spec)
+    return dict(t=t, lam=lam)
+
   def preset(self, name):
     return {'nm_mode': 'reference_code'} if name == 'reference_code' else {}

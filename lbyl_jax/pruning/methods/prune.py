@@ -25,3 +25,7 @@ class Prune(Method):
       S = np.zeros((p.prune.size, p.m))
       out.append(UnitSolution(S, None, dict(method='prune', **coefficient_stats(S))))
     return out
+
+  def depthwise_options(self, spec):
+    del spec
+    return {}
