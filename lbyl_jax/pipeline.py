@@ -183,7 +183,7 @@ def _deliver(plan: Plan, spec, variables, problems, bc: str) -> list:
 
 def _check_units(spec, plan: Plan) -> None:
   """Refuses a quantizer that assumes the presets' one-consumer units on other units."""
-  if plan.quantizer is None or plan.quantizer.name == 'rtn':
+  if plan.quantizer is None or plan.quantizer.per_layer:
     return
   odd = [u.name for u in spec.units
          if len(u.consumers) != 1 or u.through or u.consumers[0].offset
@@ -191,7 +191,8 @@ def _check_units(spec, plan: Plan) -> None:
   if odd:
     raise ValueError(f'--quant-method {plan.quantizer.name} handles units with one plain consumer;'
                      f' {spec.name} has units with several consumers, channel offsets or per-channel'
-                     f' layers in between ({", ".join(odd[:4])}); use --quant-method rtn')
+                     f' layers in between ({", ".join(odd[:4])}); use --quant-method rtn, omse'
+                     f' or squant')
 
 
 def _discovery_report(spec) -> dict[str, Any]:
