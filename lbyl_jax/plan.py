@@ -8,7 +8,7 @@ Each stage owns its options (a frozen dataclass, :mod:`lbyl_jax.core.options`):
 - the method, a registered :class:`~lbyl_jax.pruning.methods.Method` (prune, nm, lbyl, bnm) with
   its own hyper-parameters;
 - :class:`Corrections`: the data-free bias correction and its fold, the research guard;
-- the quantizer, a registered :class:`~lbyl_jax.quant.Quantizer` (rtn, omse, squant, dfq,
+- the quantizer, a registered :class:`~lbyl_jax.quant.Quantizer` (rtn, omse, squant, dfq, dfmpc,
   udfc), or None.
 
 :meth:`Plan.from_options` builds a plan from flat ``name=value`` options (the command line's, a
