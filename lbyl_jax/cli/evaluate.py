@@ -24,6 +24,7 @@ from lbyl_jax.io import checkpoint
 from lbyl_jax.io import data as data_lib
 from lbyl_jax.io import weights as weights_lib
 from lbyl_jax.models import archs
+from lbyl_jax.quant import actquant
 
 PROG = 'python -m lbyl_jax.evaluate'
 
@@ -76,11 +77,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return run_compare(args)
   source = args.run or args.weights
   if source is not None and checkpoint.is_checkpoint(source):
-    loaded = checkpoint.load(source)
+    loaded = actquant.restore(checkpoint.load(source))
     if args.arch and args.arch != loaded.spec.name:
       raise ValueError(f'--arch {args.arch} does not match {source} ({loaded.spec.name})')
-    spec, variables, widths, where = loaded.spec, loaded.variables, loaded.widths, str(
-        pathlib.Path(source).absolute())
+    variables = (loaded.act_variables() if isinstance(loaded, actquant.ActLoaded)
+                 else loaded.variables)
+    spec, widths, where = loaded.spec, loaded.widths, str(pathlib.Path(source).absolute())
   else:
     if args.run is not None:
       raise ValueError(f'{args.run}: not an lbyl_jax checkpoint directory (no meta.json); pass a '
@@ -93,7 +95,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                                 progress=not args.no_progress)
     widths = None
   dataset = _dataset(args, spec)
-  evaluator = evaluation.Evaluator(spec, batch_size=args.batch_size)
+  evaluator = evaluation.Evaluator(spec, batch_size=args.batch_size, forward=actquant.forward)
   result = evaluator.evaluate(variables, dataset, widths=widths, progress=not args.no_progress)
   return dict(arch=spec.name, weights=where, data=dataset.source or dataset.name,
               data_slice=None if args.data_slice is None else list(args.data_slice),
@@ -104,7 +106,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_compare(args: argparse.Namespace) -> dict[str, Any]:
   """Loads two saved checkpoints, evaluates both on the same examples, returns the comparison."""
-  run_a, run_b = (checkpoint.load(d) for d in args.compare)
+  run_a, run_b = (actquant.restore(checkpoint.load(d)) for d in args.compare)
   if run_a.spec.name != run_b.spec.name:
     raise ValueError(f'--compare needs two checkpoints of one architecture, got '
                      f'{run_a.spec.name} ({args.compare[0]}) and {run_b.spec.name} ({args.compare[1]})')
@@ -112,8 +114,9 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
     raise ValueError(f'--arch {args.arch} does not match the checkpoints ({run_a.spec.name})')
   spec = run_a.spec
   dataset = _dataset(args, spec)
-  evaluator = evaluation.Evaluator(spec, batch_size=args.batch_size)
-  correct = [evaluator.predictions(r.variables, dataset, widths=r.meta['widths'],
+  evaluator = evaluation.Evaluator(spec, batch_size=args.batch_size, forward=actquant.forward)
+  correct = [evaluator.predictions(r.act_variables() if isinstance(r, actquant.ActLoaded)
+                                   else r.variables, dataset, widths=r.meta['widths'],
                                    progress=not args.no_progress)['correct']
              for r in (run_a, run_b)]
   return dict(arch=spec.name, a=str(pathlib.Path(args.compare[0]).absolute()),

@@ -39,6 +39,7 @@ from lbyl_jax.io import weights as weights_lib
 from lbyl_jax.models import archs
 from lbyl_jax.models import custom
 from lbyl_jax import quant
+from lbyl_jax.quant import actquant
 
 PROG = 'python -m lbyl_jax.restore'
 
@@ -69,8 +70,8 @@ def _names(text: str) -> list[str]:
 
 
 def _stage_classes() -> list:
-  return [Selection, plan_lib.Corrections] + [methods.get(n) for n in methods.names()] + [
-      quant.get(n) for n in quant.names()]
+  return [Selection, plan_lib.Corrections, actquant.ActQuant] + [
+      methods.get(n) for n in methods.names()] + [quant.get(n) for n in quant.names()]
 
 
 def parser(show_advanced: bool = False) -> argparse.ArgumentParser:
@@ -118,6 +119,9 @@ def parser(show_advanced: bool = False) -> argparse.ArgumentParser:
                  help='quantizer (default: rtn when --weight-bits is given)')
   common.add_options(q, [quant.get(n) for n in quant.names()], advanced=False,
                      show_advanced=show_advanced, seen=seen)
+  a = p.add_argument_group('activation quantization')
+  common.add_options(a, [actquant.ActQuant], advanced=False, show_advanced=show_advanced,
+                     seen=seen)
 
   e = p.add_argument_group('evaluation')
   e.add_argument('--data', help='cifar10 | fashion_mnist | path (npz, CIFAR batches dir/tar.gz, '
@@ -183,7 +187,7 @@ def _grid(args: argparse.Namespace) -> list[plan_lib.Plan]:
   plans, used = [], set()
   for m, c, r, b in itertools.product(methods_, crits, ratios, bits_list):
     quant_method = None if b is None else (args.quant_method or 'rtn')
-    owners = [Selection, plan_lib.Corrections, methods.get(m)] + (
+    owners = [Selection, plan_lib.Corrections, methods.get(m), actquant.ActQuant] + (
         [quant.get(quant_method)] if quant_method else [])
     names = {n for cls in owners for n in cls.option_fields()}
     mine = {k: v for k, v in given.items() if k in names}
@@ -216,6 +220,8 @@ def default_out(args: argparse.Namespace, plan: plan_lib.Plan) -> pathlib.Path:
     stem = f'{name}-{plan.method.name}-r{plan.selection.ratio:g}'
     if plan.quantizer is not None:
       stem += f'-w{plan.quantizer.bits}{plan.quantizer.name}'
+    if plan.activations.enabled:
+      stem += f'-a{plan.activations.act_bits}'
   base = pathlib.Path('runs')
   out, k = base / stem, 1
   while out.exists() or out.is_symlink():
@@ -246,6 +252,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         raise ValueError(f'--{flag.replace("_", "-")} applies to --model, not to a preset')
     spec = archs.get(args.arch)
   plans = _grid(args)
+  if args.export and plans[0].activations.enabled:
+    raise ValueError('--export does not carry the activation quantization of --act-bits yet; '
+                     'the saved checkpoint does (lbyl_jax.load applies it)')
   if args.out is not None:
     publish.recover(publish.resolve_out(args.out))  # a swap left half done by a killed run
     out = publish.check_target(args.out, overwrite=args.overwrite)
@@ -284,7 +293,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     dataset = phases.run('data', f'loading {args.data}', data_lib.load_dataset, args.data,
                          arch=spec, download=not args.no_download, progress=progress,
                          slice_=args.data_slice, limit=args.limit)
-    evaluator = evaluation.Evaluator(spec, batch_size=args.batch_size)
+    evaluator = evaluation.Evaluator(spec, batch_size=args.batch_size, forward=actquant.forward)
     baseline = phases.run('evaluate_original', f'evaluating the original model on {dataset.name}'
                           f' (n={len(dataset)})', evaluator.evaluate, variables, dataset,
                           progress=progress)
@@ -305,14 +314,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                   n_eval=None)
     if evaluator is not None:
       after = phases.run('evaluate_compressed', 'evaluating the compressed model',
-                         evaluator.evaluate, result.variables, dataset, widths=result.widths,
+                         evaluator.evaluate, result.eval_variables(), dataset, widths=result.widths,
                          progress=progress)
       report.update(top1_before=baseline['top1'], top5_before=baseline['top5'],
                     top1_after=after['top1'], top5_after=after['top5'], n_eval=after['n'],
                     eval_seconds=after['seconds'])
       if throughput_before is not None:
         t_after = phases.run('throughput', 'measuring the compressed inference throughput',
-                             evaluator.throughput, result.variables, widths=result.widths)
+                             evaluator.throughput, result.eval_variables(),
+                             widths=result.widths)
         report.update(throughput_before=throughput_before['images_per_second'],
                       throughput_after=t_after['images_per_second'],
                       throughput_batch=t_after['batch_size'])

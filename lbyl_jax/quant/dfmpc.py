@@ -27,7 +27,7 @@ non-positive or non-finite c_k falls back to 1. ``target='preact'`` fits the pre
 instead, ``c_k = (E[z_k zhat_k] / E[zhat_k^2] + lam) / (1 + lam)`` (ridge relative to each
 channel's own energy): the least-squares coefficient of the pre-activation is an attenuation
 (``E[z^2] / (E[z^2] + E[e^2])`` for independent rounding noise e) that also shrinks the feature
-map's mean, and it lost accuracy on the development split (benchmarks/probes/quant_methods.py,
+map's mean, and it lost accuracy on the development split (branch h-quant, benchmarks/probes/quant_methods.py,
 ResNet-20), whereas the feature-map fit carries the rectified mean.
 
 The expectations are data-free, under the project's BN-moments input model
@@ -92,7 +92,8 @@ TARGETS = ('relu', 'preact')
 BASES = ('rtn', 'omse', 'squant')
 DEFAULT_TARGET = 'relu'
 # Chosen on the development split (CIFAR-10 test images 0-4999, the three CIFAR ResNets, W4A32:
-# highest mean top-1 among the candidates of benchmarks/probes/quant_methods.py --phase dev). For
+# highest mean top-1 among the candidates of branch h-quant commit 88a9803,
+# benchmarks/probes/quant_methods.py --phase dev). For
 # mixed precision (3-bit producers, 8-bit rest) the same selection chose mode='full', lam=10.
 DEFAULT_MODE = 'diag'
 DEFAULT_LAM = 1.0
@@ -436,9 +437,9 @@ def _high_bits(v):
 class DFMPC(Quantizer):
   """DF-MPC (Chen et al., Pattern Recognition 2023): every unit producer's quantization error is
   compensated in closed form by its consumer (module docstring); uniform bits, or mixed precision
-  with ``dfmpc_high_bits``. Defaults from the development split (h-quant's probe,
-  benchmarks/results/quant_methods_dev.log): 'diag', lam = 1 for uniform bits; 'full', lam = 10
-  for mixed precision."""
+  with ``dfmpc_high_bits``. Defaults from the development split (h-quant's probe, branch h-quant
+  commit 88a9803, benchmarks/results/quant_methods_dev.log): 'diag', lam = 1 for uniform bits;
+  'full', lam = 10 for mixed precision."""
 
   name = 'dfmpc'
   summary = 'DF-MPC: closed-form compensation of each producer by its consumer'
