@@ -313,3 +313,28 @@ def test_cli_act_bits_reload_and_evaluate(shared, tmp_path, capsys):
     cli.main(common + ['--out', str(tmp_path / 'x'), '--act-bits', '4', '--export', 'stablehlo'])
   assert exc.value.code == 1 and 'activation quantization' in capsys.readouterr().err
   assert not (tmp_path / 'x').exists()
+
+
+def test_stage_distilled_ranges_through_the_pipeline(resnet20, lenet, monkeypatch):
+  from lbyl_jax import pipeline  # pylint: disable=import-outside-toplevel
+  spec, v = resnet20
+  real = actquant.distilled_ranges
+  calls = []
+
+  def short(spec_, variables):  # the real distillation, 2 images and 2 steps (speed)
+    calls.append(variables)
+    return real(spec_, variables, n=2, steps=2, batch_size=2)
+
+  monkeypatch.setattr(actquant, 'distilled_ranges', short)
+  res = pipeline.compress(spec, v, method='prune', ratio=0.3, act_bits=6,
+                          act_ranges='distilled')
+  ranges, bits, keep = actquant.act_from_meta(res.act_meta)
+  assert len(calls) == 1 and calls[0] is res.variables  # ranges of the pruned network
+  assert ranges.source == 'distilled' and ranges.data_free and bits == 6
+  assert keep == sorted(trace.first_and_last_layers(spec))
+  assert set(ranges.layers) == set(quant.kernel_paths(res.variables))
+  assert res.report['act_quant']['source'] == 'distilled'
+  monkeypatch.setattr(actquant, 'distilled_ranges', real)
+  with pytest.raises(ValueError, match='no BatchNorm'):
+    pipeline.compress(lenet[0], lenet[1], method='prune', ratio=0.5, act_bits=6,
+                      act_ranges='distilled')

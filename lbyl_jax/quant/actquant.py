@@ -302,7 +302,7 @@ def bn_ranges(spec, variables: Mapping[str, Any], *, k: float | None = None,
     sources = _mlp_sources(spec, variables)
   else:
     raise ValueError(f'{spec.name}: the BN range rule does not know family {fam!r}; use '
-                     'distilled_ranges or calibration_ranges')
+                     '--act-ranges distilled (API: distilled_ranges or calibration_ranges)')
   known = quant.kernel_paths(variables)
   missing = sorted(set(known) - set(sources))
   extra = sorted(set(sources) - set(known))
