@@ -17,6 +17,7 @@ from lbyl_jax.io import checkpoint
 from lbyl_jax.io import weights as weights_lib
 from lbyl_jax.models import archs
 from lbyl_jax.plan import Plan
+from lbyl_jax.quant import actquant
 
 
 def compress(arch: str | archs.ArchSpec | nn.Module, variables: Mapping[str, Any] | None = None,
@@ -103,8 +104,10 @@ load_factory = custom.load_factory
 
 def load(path, **kwargs) -> checkpoint.Loaded:
   """A saved run or converted checkpoint: ``.model``, ``.variables``, ``.meta``,
-  ``.apply(uint8_images) -> logits``."""
-  return checkpoint.load(path, **kwargs)
+  ``.apply(uint8_images) -> logits``. A run saved with activation quantization (``--act-bits``)
+  comes back as :class:`lbyl_jax.quant.actquant.ActLoaded`, whose ``apply`` fake-quantizes the
+  activations with the stored ranges."""
+  return actquant.restore(checkpoint.load(path, **kwargs))
 
 
 def preprocess(arch: str | archs.ArchSpec, images) -> np.ndarray:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -46,18 +46,21 @@ from lbyl_jax.core import units as units_lib
 _Key = tuple[Any, ...]
 
 
-def _top_classes(model, normalize, variables, images, k: int):
+def _top_classes(model, normalize, variables, images, k: int, forward=None):
   """The k highest-scoring classes per row (top_k puts the lower index first among equal logits,
-  like argmax) and whether each row's logits are all finite."""
-  logits = model.apply(variables, normalize(images)).astype(jnp.float32)
+  like argmax) and whether each row's logits are all finite. ``forward(model, variables, x)``
+  replaces ``model.apply`` if given."""
+  x = normalize(images)
+  logits = (model.apply(variables, x) if forward is None
+            else forward(model, variables, x)).astype(jnp.float32)
   return jax.lax.top_k(logits, k)[1], jnp.all(jnp.isfinite(logits), axis=1)
 
 
-def _make_step(model, normalize, k: int):
+def _make_step(model, normalize, k: int, forward=None):
   """Adds this batch's (top-1, top-k, non-finite) counts, over valid rows only, to ``total``."""
 
   def step(variables, images, labels, valid, total):
-    top, finite = _top_classes(model, normalize, variables, images, k)
+    top, finite = _top_classes(model, normalize, variables, images, k, forward)
     hit = top == labels[:, None]
     top1 = jnp.sum(hit[:, 0] & valid)
     topk_hits = jnp.sum(jnp.any(hit, axis=1) & valid)
@@ -67,12 +70,12 @@ def _make_step(model, normalize, k: int):
   return step
 
 
-def _make_predict(model, normalize):
+def _make_predict(model, normalize, forward=None):
   """Top-1 class per row (the same ranking and tie rule as :func:`_make_step`), and whether the
   row's logits are finite."""
 
   def predict(variables, images):
-    top, finite = _top_classes(model, normalize, variables, images, 1)
+    top, finite = _top_classes(model, normalize, variables, images, 1, forward)
     return top[:, 0].astype(jnp.int32), finite
 
   return predict
@@ -100,10 +103,14 @@ class Evaluator:
     mesh: the 1-D device mesh with axis 'data'.
     num_processes: processes owning the mesh's devices (each feeds its part of the data).
     compile_seconds: seconds spent compiling, per widths key (None = original widths).
+
+  ``forward(model, variables, x) -> logits`` (optional) replaces ``model.apply`` in the compiled
+  step, e.g. :func:`lbyl_jax.quant.actquant.forward` for fake-quantized activations (whose ranges
+  travel inside ``variables``, so one executable serves every range set). Fixed per evaluator.
   """
 
   def __init__(self, spec: archs.ArchSpec | str, *, batch_size: int = 500,
-               devices: Sequence[jax.Device] | None = None):
+               devices: Sequence[jax.Device] | None = None, forward: Callable | None = None):
     self.spec = archs.get(spec) if isinstance(spec, str) else spec
     devices = list(devices) if devices is not None else distributed.global_devices()
     if int(batch_size) != batch_size or batch_size < 1:
@@ -127,6 +134,7 @@ class Evaluator:
     self._replicated = NamedSharding(self.mesh, PartitionSpec())
     self._normalize = archs.normalize_fn(self.spec)
     self._k = min(5, self.spec.num_classes)
+    self._forward = forward
     self._default_widths = self.spec.default_widths()
     self._compiled: dict[_Key, Any] = {}
     self.compile_seconds: dict[tuple[int, ...] | None, float] = {}
@@ -166,7 +174,7 @@ class Evaluator:
     images = jax.ShapeDtypeStruct((b, *image_shape), jnp.uint8, sharding=self._batch_sharding)
     if kind == 'counts':
       fn = jax.jit(
-          _make_step(model, self._normalize, self._k),
+          _make_step(model, self._normalize, self._k, self._forward),
           in_shardings=(self._replicated, self._batch_sharding, self._batch_sharding,
                         self._batch_sharding, self._replicated),
           out_shardings=self._replicated,
@@ -179,7 +187,7 @@ class Evaluator:
           jax.ShapeDtypeStruct((3,), jnp.int32, sharding=self._replicated),
       )
     else:
-      fn = jax.jit(_make_predict(model, self._normalize),
+      fn = jax.jit(_make_predict(model, self._normalize, self._forward),
                    in_shardings=(self._replicated, self._batch_sharding),
                    out_shardings=(self._batch_sharding, self._batch_sharding))
       args = (abstract_vars, images)

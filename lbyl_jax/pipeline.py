@@ -28,6 +28,7 @@ from lbyl_jax.io import checkpoint
 from lbyl_jax.models import archs
 from lbyl_jax.models import trace
 from lbyl_jax.plan import Plan
+from lbyl_jax.quant import actquant
 from lbyl_jax.quant import uniform
 from lbyl_jax.report import jsonable
 
@@ -37,7 +38,9 @@ class Compressed:
   """Result of :func:`compress`.
 
   ``variables`` are float32 (dequantized when quantized) and run with ``spec.build(widths)``;
-  ``qtree``/``qmeta`` are the stored integer form (None without quantization).
+  ``qtree``/``qmeta`` are the stored integer form (None without quantization); ``act_meta`` the
+  activation quantization (:func:`lbyl_jax.quant.actquant.act_meta`; None without it), stored as
+  the checkpoint's ``meta['act_quant']`` and applied by :meth:`apply` / :meth:`eval_variables`.
   """
 
   widths: tuple[int, ...]
@@ -49,6 +52,14 @@ class Compressed:
   deliveries: dict[str, tuple[Any, Any, Any]] | None = None
   """{unit: (kept channels K, S_P, constant or None)} as surgery folded them (None on the joint
   UDFC path, which folds unit by unit)."""
+  act_meta: dict[str, Any] | None = None
+
+  def eval_variables(self) -> dict[str, Any]:
+    """``variables``, plus the ``'act_quant'`` collection with activation quantization: what an
+    :class:`lbyl_jax.evaluation.Evaluator` built with ``forward=actquant.forward`` runs."""
+    if self.act_meta is None:
+      return self.variables
+    return actquant.attach(self.variables, *actquant.act_from_meta(self.act_meta))
 
   @property
   def model(self):
@@ -57,7 +68,8 @@ class Compressed:
 
   def apply(self, images):
     """Logits of uint8 (or [0, 255] float) NHWC images: the preset's normalization included."""
-    return self.model.apply(self.variables, archs.normalize_fn(self.spec)(images))
+    return actquant.forward(self.model, self.eval_variables(),
+                            archs.normalize_fn(self.spec)(images))
 
   def save(self, out_dir, *, overwrite: bool = False, report: Mapping[str, Any] | None = None,
            files: Mapping[str, str | bytes] | None = None):
@@ -70,6 +82,8 @@ class Compressed:
     if self.qtree is not None:
       meta['quant'] = self.qmeta
       tree = self.qtree
+    if self.act_meta is not None:
+      meta['act_quant'] = self.act_meta
     extra = {'report.json': json.dumps(jsonable(report), indent=2) + '\n', **dict(files or {})}
     return checkpoint.save(out_dir, self.spec if self.spec is not None else report['arch'],
                            self.widths, tree, meta=jsonable(meta),
@@ -150,6 +164,12 @@ def compress(spec, variables: Mapping[str, Any], plan: Plan | None = None, **opt
   if qres is not None:
     qtree, qmeta = qres.qtree, qres.qmeta
     new = uniform.dequantize_tree(qtree, qmeta)
+  act_meta = None
+  if plan.activations.enabled:
+    act_keep = (trace.first_and_last_layers(spec)
+                if plan.quantizer is None or plan.quantizer.keep_8bit_ends else ())
+    ranges = _timed(phases, 'activation_ranges', plan.activations.ranges, spec, new)
+    act_meta = actquant.act_meta(ranges, plan.activations.act_bits, act_keep)
   before = _timed(phases, 'stats', stats.summary, spec, variables)
   after = _timed(phases, 'stats', stats.summary, spec, new)
   report = _report(spec, plan, problems, sols, widths, before, after, bc)
@@ -164,11 +184,16 @@ def compress(spec, variables: Mapping[str, Any], plan: Plan | None = None, **opt
   # building the systems (and host-side fits).
   phases['solve'] = report['solve_seconds']
   phases['compile'] = report['compile_seconds']
+  if act_meta is not None:
+    report['act_quant'] = dict(bits=act_meta['bits'], keep_8bit=act_meta['keep_8bit'],
+                               source=act_meta['ranges']['source'],
+                               data_free=act_meta['ranges']['data_free'],
+                               info=act_meta['ranges']['info'])
   report['phases'] = phases
   report['seconds'] = time.perf_counter() - t_start
   if spec.builder is not None:
     report['module_kind'] = spec.builder.kind(spec, tuple(widths))
-  return Compressed(tuple(widths), new, report, qtree, qmeta, spec, deliveries)
+  return Compressed(tuple(widths), new, report, qtree, qmeta, spec, deliveries, act_meta)
 
 
 def _deliver(plan: Plan, spec, variables, problems, bc: str,
@@ -208,7 +233,7 @@ def _deliver(plan: Plan, spec, variables, problems, bc: str,
 
 def _check_units(spec, plan: Plan) -> None:
   """Refuses a quantizer that assumes the presets' one-consumer units on other units."""
-  if plan.quantizer is None or plan.quantizer.name == 'rtn':
+  if plan.quantizer is None or plan.quantizer.per_layer:
     return
   odd = [u.name for u in spec.units
          if len(u.consumers) != 1 or u.through or u.consumers[0].offset
@@ -216,7 +241,8 @@ def _check_units(spec, plan: Plan) -> None:
   if odd:
     raise ValueError(f'--quant-method {plan.quantizer.name} handles units with one plain consumer;'
                      f' {spec.name} has units with several consumers, channel offsets or per-channel'
-                     f' layers in between ({", ".join(odd[:4])}); use --quant-method rtn')
+                     f' layers in between ({", ".join(odd[:4])}); use --quant-method rtn, omse'
+                     f' or squant')
 
 
 def _discovery_report(spec) -> dict[str, Any]:

@@ -8,7 +8,10 @@ Each stage owns its options (a frozen dataclass, :mod:`lbyl_jax.core.options`):
 - the method, a registered :class:`~lbyl_jax.pruning.methods.Method` (prune, nm, lbyl, bnm) with
   its own hyper-parameters;
 - :class:`Corrections`: the data-free bias correction and its fold, the research guard;
-- the quantizer, a registered :class:`~lbyl_jax.quant.Quantizer` (rtn, udfc, dfq), or None.
+- the quantizer, a registered :class:`~lbyl_jax.quant.Quantizer` (rtn, omse, squant, dfq, dfmpc,
+  udfc), or None;
+- :class:`~lbyl_jax.quant.actquant.ActQuant`: activation quantization (``--act-bits``), off by
+  default.
 
 :meth:`Plan.from_options` builds a plan from flat ``name=value`` options (the command line's, a
 benchmark row's) and refuses an option that no stage of the plan uses; :meth:`Plan.__post_init__`
@@ -28,6 +31,7 @@ from lbyl_jax.pruning import bias as bias_lib
 from lbyl_jax.pruning import methods
 from lbyl_jax.pruning.selection import Selection
 from lbyl_jax import quant
+from lbyl_jax.quant.actquant import ActQuant
 
 BIAS_MODES = ('off', 'on', 'auto', 'blend')
 PRESETS = ('reference_code',)
@@ -70,12 +74,14 @@ class Plan:
     selection: the selection stage's options.
     corrections: bias correction / guard options.
     quantizer: the weight quantizer with its options, or None (float weights).
+    activations: activation quantization (off by default: ``act_bits=None``).
   """
 
   method: methods.Method = dataclasses.field(default_factory=lambda: methods.get('lbyl')())
   selection: Selection = dataclasses.field(default_factory=Selection)
   corrections: Corrections = dataclasses.field(default_factory=Corrections)
   quantizer: quant.Quantizer | None = None
+  activations: ActQuant = dataclasses.field(default_factory=ActQuant)
 
   def __post_init__(self):
     if not isinstance(self.method, methods.Method):
@@ -84,6 +90,12 @@ class Plan:
       raise ValueError('selection / corrections must be Selection / Corrections instances')
     if self.quantizer is not None and not isinstance(self.quantizer, quant.Quantizer):
       raise ValueError(f'quantizer must be a registered Quantizer instance, got {self.quantizer!r}')
+    if not isinstance(self.activations, ActQuant):
+      raise ValueError(f'activations must be an ActQuant instance, got {self.activations!r}')
+    if (self.activations.enabled and self.activations.act_ranges == 'bn'
+        and self.quantizer is not None and self.quantizer.name == 'dfq'):
+      raise ValueError('--act-ranges bn reads the BN statistics, which --quant-method dfq folds'
+                       ' into the weights (identity BNs); use --act-ranges distilled')
     if self.joint:
       bad = []
       if self.bias_correction not in ('on', 'off'):
@@ -138,7 +150,7 @@ class Plan:
         raise ValueError(f'unknown preset {preset!r}; known: {", ".join(PRESETS)}')
       defaults = dict(bn_sigma='variance', keep_rounding='round', **method_cls().preset(preset))
       values = {**defaults, **values}
-    owners = [Selection, Corrections, method_cls] + ([quant_cls] if quant_cls else [])
+    owners = [Selection, Corrections, method_cls, ActQuant] + ([quant_cls] if quant_cls else [])
     elsewhere = {}
     for other in _stage_classes():
       if other not in owners:
@@ -150,15 +162,16 @@ class Plan:
                            flag_of(field))
     parts = split_flat(values, owners, elsewhere=elsewhere)
     return cls(method=method_cls(**parts[2]), selection=Selection(**parts[0]),
-               corrections=Corrections(**parts[1]),
-               quantizer=quant_cls(**parts[3]) if quant_cls else None)
+               corrections=Corrections(**parts[1]), activations=ActQuant(**parts[3]),
+               quantizer=quant_cls(**parts[4]) if quant_cls else None)
 
   def to_options(self) -> dict[str, Any]:
     """Flat options (every value, defaults included) that :meth:`from_options` turns back into
     this plan, plus ``method`` and ``quant_method``."""
     out: dict[str, Any] = dict(method=self.method.name,
                                quant_method=None if self.quantizer is None else self.quantizer.name)
-    for stage in (self.selection, self.corrections, self.method, self.quantizer):
+    for stage in (self.selection, self.corrections, self.method, self.activations,
+                  self.quantizer):
       if stage is not None:
         out.update(stage.to_flat())
     return out
@@ -172,6 +185,7 @@ class Plan:
         quantizer=None if self.quantizer is None else dict(name=self.quantizer.name,
                                                            **self.quantizer.describe()),
         joint=self.joint,
+        activations=self.activations.describe(),
     )
 
 
@@ -179,4 +193,4 @@ def stages() -> Mapping[str, list[type[Options]]]:
   """Every registered stage class by kind, for the command line and the docs."""
   return dict(selection=[Selection], corrections=[Corrections],
               methods=[methods.get(n) for n in methods.names()],
-              quantizers=[quant.get(n) for n in quant.names()])
+              quantizers=[quant.get(n) for n in quant.names()], activations=[ActQuant])

@@ -167,3 +167,26 @@ def test_significance_section(tmp_path):
   assert '| x vs y | 60.00 | 50.00 | +10.00 |' in '\n'.join(lines)
   assert '| 10 | 0 | 0.00195 |' in lines[-5] and '| -10.00 |' in lines[-4]
   assert (plots / 'paired_significance.png').stat().st_size > 0
+
+
+def test_quant_methods_rows_plans_and_table():
+  """benchmarks.quant_methods: each row's plan, the cache key, the held-out label, the table."""
+  from benchmarks import quant_methods as qm
+  from lbyl_jax.plan import Plan
+
+  plan = Plan.from_options(**qm.plan_options(0.0, 4, 'dfmpc'))
+  assert plan.method.name == 'prune' and plan.selection.ratio == 0.0
+  assert plan.quantizer.name == 'dfmpc' and plan.quantizer.bits == 4
+  plan = Plan.from_options(**qm.plan_options(0.3, None, None))
+  assert plan.method.name == 'lbyl' and plan.quantizer is None
+  rows = [dict(key=qm.row_key('resnet20', 0.3, 4, 'omse', '5000:10000'), arch='resnet20',
+               split='5000:10000', top1=12.345, n=5000),
+          dict(key=qm.row_key('resnet20', 0.3, None, None, '5000:10000'), arch='resnet20',
+               split='5000:10000', top1=77.5, n=5000)]
+  table = qm.render(rows, ['resnet20'], [0.3], [4], '5000:10000')
+  assert '(held-out split), n = 5000 images per row' in table
+  assert '| resnet20 | 30% | 4 | 77.50 | - | 12.35 | - | - | - | - |' in table
+  assert 'NOT the held-out split' in qm.render(rows, ['resnet20'], [0.3], [4], '0:5000')
+  stored = json.loads((ROOT / 'benchmarks' / 'results' / 'quant_methods_heldout.json').read_text())
+  assert stored['rows'] and all(r['split'] == '5000:10000' and r['n'] == 5000
+                                for r in stored['rows'])

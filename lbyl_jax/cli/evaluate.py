@@ -28,6 +28,7 @@ from lbyl_jax.io import checkpoint
 from lbyl_jax.io import data as data_lib
 from lbyl_jax.io import weights as weights_lib
 from lbyl_jax.models import archs
+from lbyl_jax.quant import actquant
 
 PROG = 'python -m lbyl_jax.evaluate'
 
@@ -87,7 +88,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   with common.all_or_none(args, 'loading the model and the data'):
     spec, variables, widths, where, dataset = _model_and_data(args)
   distributed.same_text(trees.digest(variables), 'the evaluated variables (digest)')
-  evaluator = evaluation.Evaluator(spec, batch_size=args.batch_size)
+  evaluator = evaluation.Evaluator(spec, batch_size=args.batch_size, forward=actquant.forward)
   result = evaluator.evaluate(variables, dataset, widths=widths, progress=not args.no_progress)
   if args.per_example:
     per = evaluator.predictions(variables, dataset, widths=widths, progress=not args.no_progress)
@@ -103,11 +104,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def _model_and_data(args: argparse.Namespace):
   source = args.run or args.weights
   if source is not None and checkpoint.is_checkpoint(source):
-    loaded = checkpoint.load(source)
+    loaded = actquant.restore(checkpoint.load(source))
     if args.arch and args.arch != loaded.spec.name:
       raise ValueError(f'--arch {args.arch} does not match {source} ({loaded.spec.name})')
-    spec, variables, widths, where = loaded.spec, loaded.variables, loaded.widths, str(
-        pathlib.Path(source).absolute())
+    variables = (loaded.act_variables() if isinstance(loaded, actquant.ActLoaded)
+                 else loaded.variables)
+    spec, widths, where = loaded.spec, loaded.widths, str(pathlib.Path(source).absolute())
   else:
     if args.run is not None:
       raise ValueError(f'{args.run}: not an lbyl_jax checkpoint directory (no meta.json); pass a '
@@ -125,7 +127,7 @@ def _model_and_data(args: argparse.Namespace):
 def run_compare(args: argparse.Namespace) -> dict[str, Any]:
   """Loads two saved checkpoints, evaluates both on the same examples, returns the comparison."""
   with common.all_or_none(args, 'loading the runs and the data'):
-    run_a, run_b = (checkpoint.load(d) for d in args.compare)
+    run_a, run_b = (actquant.restore(checkpoint.load(d)) for d in args.compare)
     if run_a.spec.name != run_b.spec.name:
       raise ValueError(f'--compare needs two checkpoints of one architecture, got '
                        f'{run_a.spec.name} ({args.compare[0]}) and {run_b.spec.name} '
@@ -136,8 +138,9 @@ def run_compare(args: argparse.Namespace) -> dict[str, Any]:
     dataset = _dataset(args, spec)
   for r in (run_a, run_b):
     distributed.same_text(trees.digest(r.variables), f'the variables of {r.meta["arch"]} runs')
-  evaluator = evaluation.Evaluator(spec, batch_size=args.batch_size)
-  per = [evaluator.predictions(r.variables, dataset, widths=r.meta['widths'],
+  evaluator = evaluation.Evaluator(spec, batch_size=args.batch_size, forward=actquant.forward)
+  per = [evaluator.predictions(r.act_variables() if isinstance(r, actquant.ActLoaded)
+                               else r.variables, dataset, widths=r.meta['widths'],
                                progress=not args.no_progress) for r in (run_a, run_b)]
   correct = [x['correct'] for x in per]
   if args.per_example:

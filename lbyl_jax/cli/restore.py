@@ -44,6 +44,7 @@ from lbyl_jax.io import weights as weights_lib
 from lbyl_jax.models import archs
 from lbyl_jax.models import custom
 from lbyl_jax import quant
+from lbyl_jax.quant import actquant
 
 PROG = 'python -m lbyl_jax.restore'
 
@@ -74,8 +75,8 @@ def _names(text: str) -> list[str]:
 
 
 def _stage_classes() -> list:
-  return [Selection, plan_lib.Corrections] + [methods.get(n) for n in methods.names()] + [
-      quant.get(n) for n in quant.names()]
+  return [Selection, plan_lib.Corrections, actquant.ActQuant] + [
+      methods.get(n) for n in methods.names()] + [quant.get(n) for n in quant.names()]
 
 
 def parser(show_advanced: bool = False) -> argparse.ArgumentParser:
@@ -123,6 +124,9 @@ def parser(show_advanced: bool = False) -> argparse.ArgumentParser:
                  help='quantizer (default: rtn when --weight-bits is given)')
   common.add_options(q, [quant.get(n) for n in quant.names()], advanced=False,
                      show_advanced=show_advanced, seen=seen)
+  a = p.add_argument_group('activation quantization')
+  common.add_options(a, [actquant.ActQuant], advanced=False, show_advanced=show_advanced,
+                     seen=seen)
 
   b = p.add_argument_group('BN re-estimation after compression (opt-in)')
   common.add_options(b, [bn_lib.BNReestimation], advanced=False, show_advanced=show_advanced,
@@ -214,7 +218,7 @@ def _grid(args: argparse.Namespace) -> list[plan_lib.Plan]:
   plans, used = [], set()
   for m, c, r, b in itertools.product(methods_, crits, ratios, bits_list):
     quant_method = None if b is None else (args.quant_method or 'rtn')
-    owners = [Selection, plan_lib.Corrections, methods.get(m)] + (
+    owners = [Selection, plan_lib.Corrections, methods.get(m), actquant.ActQuant] + (
         [quant.get(quant_method)] if quant_method else [])
     names = {n for cls in owners for n in cls.option_fields()}
     mine = {k: v for k, v in given.items() if k in names}
@@ -247,6 +251,8 @@ def default_out(args: argparse.Namespace, plan: plan_lib.Plan) -> pathlib.Path:
     stem = f'{name}-{plan.method.name}-r{plan.selection.ratio:g}'
     if plan.quantizer is not None:
       stem += f'-w{plan.quantizer.bits}{plan.quantizer.name}'
+    if plan.activations.enabled:
+      stem += f'-a{plan.activations.act_bits}'
   base = pathlib.Path('runs')
   out, k = base / stem, 1
   while out.exists() or out.is_symlink():
@@ -287,6 +293,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     spec = archs.get(args.arch)
   plans = _grid(args)
   recipe = bn_recipe(args)
+  if args.export and plans[0].activations.enabled:
+    raise ValueError('--export does not carry the activation quantization of --act-bits yet; '
+                     'the saved checkpoint does (lbyl_jax.load applies it)')
+  if recipe.enabled and plans[0].activations.enabled:
+    raise ValueError('--bn-reestimate / --calibrate-bn with --act-bits: the activation ranges are '
+                     'taken from the statistics before the re-estimation; use one of the two')
   if args.data is None and args.data_slice is not None:
     raise ValueError('--data-slice needs --data')
   if args.export and args.sweep:
@@ -341,7 +353,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
       dataset = phases.run('data', f'loading {args.data}', data_lib.load_dataset, args.data,
                            arch=spec, download=not args.no_download, progress=progress,
                            slice_=args.data_slice, limit=args.limit)
-    evaluator = evaluation.Evaluator(spec, batch_size=args.batch_size)
+    evaluator = evaluation.Evaluator(spec, batch_size=args.batch_size, forward=actquant.forward)
     baseline = phases.run('evaluate_original', f'evaluating the original model on {dataset.name}'
                           f' (n={len(dataset)})', evaluator.evaluate, variables, dataset,
                           progress=progress)
@@ -357,7 +369,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     mine = [i for i in mine if i % nproc == setup.process_index]
     if dataset is not None:
       local_evaluator = evaluation.Evaluator(spec, batch_size=args.batch_size,
-                                             devices=jax.local_devices())
+                                             devices=jax.local_devices(),
+                                             forward=actquant.forward)
   rows, results = {}, {}
   for i in mine:
     rows[i], results[i] = _one_config(args, spec, plans[i], variables, source, random_weights,
@@ -434,14 +447,14 @@ def _one_config(args, spec, plan, variables, source, random_weights, dataset, ev
                 n_eval=None)
   if evaluator is not None:
     after = phases.run('evaluate_compressed', 'evaluating the compressed model',
-                       evaluator.evaluate, result.variables, dataset, widths=result.widths,
+                       evaluator.evaluate, result.eval_variables(), dataset, widths=result.widths,
                        progress=progress)
     report.update(top1_before=baseline['top1'], top5_before=baseline['top5'],
                   top1_after=after['top1'], top5_after=after['top5'], n_eval=after['n'],
                   eval_seconds=after['seconds'])
     if throughput_before is not None:
       t_after = phases.run('throughput', 'measuring the compressed inference throughput',
-                           evaluator.throughput, result.variables, widths=result.widths)
+                           evaluator.throughput, result.eval_variables(), widths=result.widths)
       report.update(throughput_before=throughput_before['images_per_second'],
                     throughput_after=t_after['images_per_second'],
                     throughput_batch=t_after['batch_size'])

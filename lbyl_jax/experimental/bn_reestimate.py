@@ -850,6 +850,10 @@ def reestimate_compressed(compressed, original_variables: Mapping[str, Any],
     raise ValueError('pass a BNReestimation or flat options, not both')
   if not isinstance(recipe, BNReestimation):
     raise ValueError(f'recipe must be a BNReestimation, got {type(recipe).__name__}')
+  if recipe.enabled and getattr(compressed, 'act_meta', None) is not None:
+    raise ValueError('BN re-estimation of a result with quantized activations (--act-bits): the '
+                     'activation ranges were taken from the statistics before the re-estimation; '
+                     'use one of the two')
   if recipe.source == 'images':
     if images is None:
       raise ValueError('--calibrate-bn needs unlabelled images (--calib-data)')

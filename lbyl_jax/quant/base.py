@@ -37,6 +37,9 @@ class Quantizer(Options):
 
   name: ClassVar[str] = ''
   summary: ClassVar[str] = ''
+  # True for a quantizer that treats every kernel on its own (RTN, OMSE, SQuant): it runs on any
+  # model; False for those that assume the presets' one-consumer units (DFQ, UDFC, DF-MPC).
+  per_layer: ClassVar[bool] = False
 
   bits: int = option(8, help='quantize the weights to N bits, 2-8', flag='--weight-bits',
                    check=_bits, metavar='N', default_text='float weights; 8 in the API')

@@ -15,6 +15,7 @@ class RTN(Quantizer):
 
   name = 'rtn'
   summary = 'round to nearest'
+  per_layer = True
 
   def quantize(self, spec, variables, *, keep_8bit, context):
     del spec, context

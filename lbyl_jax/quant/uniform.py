@@ -29,7 +29,7 @@ Everything here is host-side NumPy: quantization is a one-off transform of a che
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -256,7 +256,9 @@ def relative_error(w, what) -> float:
 
 def quantize_tree(variables: Mapping[str, Any], *, bits: int, per_channel: bool = True,
                   symmetric: bool = True, keep_8bit: Iterable[str] = (),
-                  skip: Iterable[str] = ()) -> tuple[dict[str, Any], dict[str, Any]]:
+                  skip: Iterable[str] = (), layer_bits: Mapping[str, int] | None = None,
+                  quantizer: Callable[..., QTensor] | None = None
+                  ) -> tuple[dict[str, Any], dict[str, Any]]:
   """Quantizes every conv / dense kernel of a variable tree (docs/quantization.md#storage).
 
   Args:
@@ -265,6 +267,10 @@ def quantize_tree(variables: Mapping[str, Any], *, bits: int, per_channel: bool 
     per_channel, symmetric: quantizer options (docs/quantization.md#uniform-quantizer).
     keep_8bit: layer paths (e.g. ``first_and_last_layers(spec)``) quantized at 8 bits instead.
     skip: layer paths left in float32.
+    layer_bits: per-layer bit widths overriding ``bits`` (mixed precision); ``keep_8bit`` wins.
+    quantizer: ``quantizer(w, bits=, per_channel=, symmetric=, path=) -> QTensor`` replacing
+      :func:`quantize` (OMSE clipping, SQuant rounding): any grid whose integers and steps fit
+      the stored format (one float32 step per output channel or per tensor, last axis); checked.
 
   Returns:
     ``(qtree, qmeta)``: the tree with quantized kernels (biases and BN in float32) and the
@@ -275,14 +281,22 @@ def quantize_tree(variables: Mapping[str, Any], *, bits: int, per_channel: bool 
   known = kernel_paths(variables)
   keep = normalize_layer_paths(keep_8bit, known, 'quantize_tree keep_8bit')
   skipped = normalize_layer_paths(skip, known, 'quantize_tree skip')
+  per_layer = {}
+  for p, b in (layer_bits or {}).items():
+    (name,) = normalize_layer_paths([p], known, 'quantize_tree layer_bits')
+    per_layer[name] = check_bits(b, where=f'quantize_tree layer_bits[{p!r}]')
   qtree = trees.copy_arrays(variables)
   layers = {}
   for path in known:
     if path in skipped:
       continue
-    b = MAX_BITS if path in keep else bits
+    b = MAX_BITS if path in keep else per_layer.get(path, bits)
     w = np.asarray(trees.get_path(variables['params'], path)['kernel'])
-    qt = quantize(w, bits=b, per_channel=per_channel, symmetric=symmetric)
+    if quantizer is None:
+      qt = quantize(w, bits=b, per_channel=per_channel, symmetric=symmetric)
+    else:
+      qt = quantizer(w, bits=b, per_channel=per_channel, symmetric=symmetric, path=path)
+      _check_qtensor(qt, w, b, per_channel, symmetric, path)
     trees.get_path(qtree['params'], path)['kernel'] = encode(qt)
     layers[path] = dict(bits=b, shape=list(qt.shape), axis=qt.axis, packed=b <= 4,
                         symmetric=bool(symmetric), per_channel=bool(per_channel),
@@ -291,6 +305,27 @@ def quantize_tree(variables: Mapping[str, Any], *, bits: int, per_channel: bool 
                symmetric=bool(symmetric), keep_8bit=sorted(keep), skip=sorted(skipped),
                layers=layers)
   return qtree, qmeta
+
+
+def _check_qtensor(qt: QTensor, w: np.ndarray, bits: int, per_channel: bool, symmetric: bool,
+                   path: str) -> None:
+  """A custom quantizer's result must fit the stored format of :func:`encode` / :func:`decode`."""
+  lo, hi = qrange(bits, symmetric)
+  n_scale = w.shape[-1] if per_channel else 1
+  problems = []
+  if tuple(qt.shape) != tuple(w.shape) or tuple(np.shape(qt.q)) != tuple(w.shape):
+    problems.append(f'shape {np.shape(qt.q)} != {w.shape}')
+  if qt.bits != bits or qt.axis != w.ndim - 1 or qt.symmetric != symmetric:
+    problems.append(f'bits/axis/symmetric {qt.bits}/{qt.axis}/{qt.symmetric}')
+  if np.shape(qt.scale) != (n_scale,) or np.asarray(qt.scale).dtype != np.float32:
+    problems.append(f'scale {np.shape(qt.scale)} {np.asarray(qt.scale).dtype}')
+  if np.asarray(qt.q).dtype != (np.int8 if symmetric else np.uint8):
+    problems.append(f'integer dtype {np.asarray(qt.q).dtype}')
+  if np.size(qt.q) and (np.min(qt.q) < lo or np.max(qt.q) > hi):
+    problems.append(f'integers outside [{lo}, {hi}]')
+  if problems:
+    raise ValueError(f'quantize_tree: the quantizer returned a tensor that does not fit the stored '
+                     f'format for {path}: {"; ".join(problems)}')
 
 
 def _check_qmeta(qmeta: Mapping[str, Any]) -> None:
