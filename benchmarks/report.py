@@ -19,6 +19,7 @@ import re
 
 from benchmarks import bn_reestimate as bn_heldout
 from benchmarks import command_speed
+from benchmarks import quant_methods
 
 RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5)
 LENET_RATIOS = (0.5, 0.6, 0.7, 0.8)
@@ -807,6 +808,20 @@ def heldout_section(results_dir: pathlib.Path) -> list[str]:
               'default. `python -m benchmarks.bn_reestimate`; method and choice: '
               '[docs/bn_reestimate.md](../docs/bn_reestimate.md).', '',
               bn_heldout.table(results, bn_heldout.METHODS, bn_heldout.RATIOS), '']
+  path = results_dir / 'quant_methods_heldout.json'
+  if path.exists():
+    rows = json.loads(path.read_text())['rows']
+    archs = [a for a in CIFAR if any(r['arch'] == a for r in rows)]
+    lines += ['### Weight quantizers side by side', '',
+              'Round-to-nearest, OMSE, SQuant, DFQ, UDFC-style and DF-MPC (`--quant-method`), '
+              'per-channel symmetric weights, first and last layer at 8 bits; "30 %" is the default '
+              'LBYL pruning at ratio 0.3 before quantization (UDFC takes its joint path there). '
+              'The hyper-parameters of DF-MPC were chosen on the development split '
+              '([docs/quantization.md](../docs/quantization.md)); no paired tests yet, so '
+              'differences under about one point are not established. '
+              '`python -m benchmarks.quant_methods --archs resnet20,resnet56,resnet56_b --bits 4,6,8`.',
+              '', quant_methods.render(rows, archs, [0.0, 0.3], [4, 6, 8], quant_methods.HELD_OUT),
+              '']
   return lines
 
 
