@@ -97,7 +97,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import scipy.optimize
 
 from lbyl_jax.core import trees
 from lbyl_jax.core import units as units_lib
@@ -509,6 +508,7 @@ def channel_map(original: Mapping[str, Any], compressed: Mapping[str, Any], path
       d = np.sqrt(np.maximum(np.sum(kc * kc, 1)[:, None] + np.sum(ko * ko, 1)[None, :]
                              - 2.0 * kc @ ko.T, 0.0))
       cost += 1e-3 * d / np.maximum(np.linalg.norm(ko, axis=1)[None, :], 1e-12)
+  import scipy.optimize  # pylint: disable=import-outside-toplevel  (0.1-0.3 s to import)
   rows, cols = scipy.optimize.linear_sum_assignment(cost)
   idx = np.empty(gc.size, np.int64)
   idx[rows] = cols

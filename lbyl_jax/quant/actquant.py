@@ -59,7 +59,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from scipy import stats as sp_stats
 
 from lbyl_jax.core import trees
 from lbyl_jax.core.options import Options, number, option
@@ -157,6 +156,7 @@ def _quantile_z(k: float, pool: int) -> float:
   """z with P(max of `pool` iid N(0,1) <= z) = Phi(k) (z = k for pool 1)."""
   if pool == 1:
     return float(k)
+  from scipy import stats as sp_stats  # pylint: disable=import-outside-toplevel  (0.3 s to import)
   return float(sp_stats.norm.ppf(sp_stats.norm.cdf(k) ** (1.0 / pool)))
 
 
