@@ -25,6 +25,7 @@ from lbyl_jax.pruning.problem import UnitSolution, check_solutions, coefficient_
 from lbyl_jax.experimental import guard as guard_lib
 from lbyl_jax.experimental import rules as rules_lib
 from lbyl_jax.io import checkpoint
+from lbyl_jax.io import publish
 from lbyl_jax.models import archs
 from lbyl_jax.models import trace
 from lbyl_jax.plan import Plan
@@ -74,7 +75,10 @@ class Compressed:
   def save(self, out_dir, *, overwrite: bool = False, report: Mapping[str, Any] | None = None,
            files: Mapping[str, str | bytes] | None = None):
     """Writes the checkpoint (integers for a quantized result) and ``report.json`` atomically;
-    ``lbyl_jax.load(out_dir)`` gives the model back. Returns the directory's absolute path."""
+    ``lbyl_jax.load(out_dir)`` gives the model back. Missing parent directories are created (after
+    the target is checked: an existing or unsafe ``out_dir`` is refused first). Returns the
+    directory's absolute path."""
+    publish.make_parents(publish.check_target(out_dir, overwrite=overwrite, create_parents=True))
     report = dict(self.report if report is None else report)
     meta = dict(method=report['method'], criterion=report['criterion'], ratio=report['ratio'],
                 top1=report.get('top1_after'), options=report.get('options'))

@@ -5,7 +5,7 @@
   ``$LBYL_JAX_DATA`` pointing at ../shared (as the README says to do offline), on 500 images.
 - Every command of the "Using it" block runs in order (later ones read what earlier ones wrote)
   from a directory that has ../shared beside it, with ``--limit`` on the commands that evaluate.
-- The Python snippet runs as written.
+- The Python snippets (a preset; the user's own Flax model) run as written.
 """
 
 from __future__ import annotations
@@ -98,12 +98,17 @@ def test_usage_block_runs_in_order(workdir):
   assert json.loads((runs / 'nm56_lbyl30' / 'report.json').read_text())['data_slice'] == [5000, 10000]
 
 
-def test_python_snippet_runs(workdir):
-  (snippet,) = blocks('python')
+def test_python_snippets_run(workdir, capsys):
+  preset, user_model = blocks('python')
   cwd = os.getcwd()
   os.chdir(workdir)
   try:
-    exec(compile(snippet, 'README.md', 'exec'), {})  # pylint: disable=exec-used
+    exec(compile(preset, 'README.md', 'exec'), {})  # pylint: disable=exec-used
+    assert (workdir / 'runs' / 'r20_api' / 'meta.json').is_file()
+    capsys.readouterr()
+    exec(compile(user_model, 'README.md', 'exec'), {})  # pylint: disable=exec-used
   finally:
     os.chdir(cwd)
-  assert (workdir / 'runs' / 'r20_api' / 'meta.json').is_file()
+  out = capsys.readouterr().out
+  assert '2 prunable units' in out and 'Dense_0: reaches the network output' in out, out
+  assert "('Conv_0', 24, 3)" in out, out  # 25 % of 32 channels removed
