@@ -16,6 +16,7 @@ Run from the repository root:
 
   nice -n 10 python -m benchmarks.quant_methods                       # resnet20, W4/W6/W8
   nice -n 10 python -m benchmarks.quant_methods --archs resnet20,resnet56,resnet56_b --bits 4
+  nice -n 10 python -m benchmarks.quant_methods --archs resnet20,resnet56_b --act-bits same   # WnAn
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ HELD_OUT = '5000:10000'
 DEV_STOP = 5000  # images 0-4999 are the development split
 
 
-def row_key(arch: str, ratio: float, bits: int | None, quantizer: str | None, split: str) -> str:
-  return f'{arch}|r{ratio:g}|w{bits}|{quantizer}|{split}'
+def row_key(arch: str, ratio: float, bits: int | None, quantizer: str | None, split: str,
+            act_bits: int | None = None) -> str:
+  return f'{arch}|r{ratio:g}|w{bits}|{quantizer}|{split}' + (f'|a{act_bits}' if act_bits else '')
 
 
 def parse_slice(text: str) -> tuple[int, int]:
@@ -47,11 +49,14 @@ def parse_slice(text: str) -> tuple[int, int]:
   return start, stop
 
 
-def plan_options(ratio: float, bits: int | None, quantizer: str | None) -> dict:
+def plan_options(ratio: float, bits: int | None, quantizer: str | None,
+                 act_bits: int | None = None) -> dict:
   """Flat :meth:`lbyl_jax.plan.Plan.from_options` options of one row."""
   opts = dict(method='lbyl', ratio=ratio) if ratio > 0 else dict(method='prune', ratio=0.0)
   if quantizer is not None:
     opts.update(quant_method=quantizer, bits=bits)
+  if act_bits:
+    opts.update(act_bits=act_bits)  # ranges: the BN rule (the default)
   return opts
 
 
@@ -63,49 +68,53 @@ class Loaded:
     from lbyl_jax import evaluation  # pylint: disable=import-outside-toplevel
     from lbyl_jax.io import data  # pylint: disable=import-outside-toplevel
     from lbyl_jax.models import archs  # pylint: disable=import-outside-toplevel
+    from lbyl_jax.quant import actquant  # pylint: disable=import-outside-toplevel
 
     wfile, dfile = MODELS[arch]
     self.spec = archs.get(arch)
     self.variables = converters.load_variables(shared_dir() / 'weights' / wfile, self.spec)
     self.ds = data.load_dataset(str(shared_dir() / 'data' / dfile)).slice(start, stop)
-    self.ev = evaluation.Evaluator(self.spec, batch_size=1000)
+    self.ev = evaluation.Evaluator(self.spec, batch_size=1000, forward=actquant.forward)
 
 
 def run_row(loaded: Loaded, arch: str, ratio: float, bits: int | None, quantizer: str | None,
-            split: str) -> dict:
+            split: str, act_bits: int | None = None) -> dict:
   from lbyl_jax import pipeline  # pylint: disable=import-outside-toplevel
   from lbyl_jax.plan import Plan  # pylint: disable=import-outside-toplevel
 
   t = time.perf_counter()
   res = pipeline.compress(loaded.spec, loaded.variables,
-                          Plan.from_options(**plan_options(ratio, bits, quantizer)))
+                          Plan.from_options(**plan_options(ratio, bits, quantizer, act_bits)))
   t_compress = time.perf_counter() - t
-  acc = loaded.ev.evaluate(res.variables, loaded.ds, widths=res.widths, progress=False)
+  acc = loaded.ev.evaluate(res.eval_variables(), loaded.ds, widths=res.widths, progress=False)
   rep = res.report
-  return dict(key=row_key(arch, ratio, bits, quantizer, split), arch=arch, ratio=ratio,
-              bits=bits, quantizer=quantizer or 'float', split=split,
+  return dict(key=row_key(arch, ratio, bits, quantizer, split, act_bits), arch=arch, ratio=ratio,
+              bits=bits, act_bits=act_bits, quantizer=quantizer or 'float', split=split,
               method=plan_options(ratio, bits, quantizer)['method'], top1=acc['top1'],
               top5=acc['top5'], n=acc['n'], bytes_after=rep['bytes_after'],
               compress_seconds=t_compress, eval_seconds=acc['seconds'])
 
 
 def render(rows: list[dict], archs: list[str], ratios: list[float], bits: list[int],
-           split: str) -> str:
-  """Markdown table: one line per (arch, ratio, bits), one top-1 column per quantizer."""
+           split: str, *, act: bool = False) -> str:
+  """Markdown table: one line per (arch, ratio, bits), one top-1 column per quantizer; with
+  ``act`` the rows whose activations are quantized to the weights' bits (WnAn)."""
   by = {r['key']: r for r in rows}
-  head = ['model', 'pruned', 'W', 'float'] + list(QUANTIZERS)
+  head = ['model', 'pruned', 'WA' if act else 'W', 'float'] + list(QUANTIZERS)
   start = int(split.split(':')[0])
   which = 'held-out split' if start >= DEV_STOP else 'NOT the held-out split'
-  shown = [r for r in rows if r['split'] == split and r['arch'] in archs]
+  shown = [r for r in rows if r['split'] == split and r['arch'] in archs
+           and bool(r.get('act_bits')) == act]
   lines = [f'Top-1 % on CIFAR-10 test images {split} ({which}), {by_n(shown)}',
            '', '| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
   for arch in archs:
     for ratio in ratios:
       fl = by.get(row_key(arch, ratio, None, None, split))
       for b in bits:
-        cells = [arch, f'{ratio:.0%}', str(b), f'{fl["top1"]:.2f}' if fl else '-']
+        cells = [arch, f'{ratio:.0%}', f'W{b}A{b}' if act else str(b),
+                 f'{fl["top1"]:.2f}' if fl else '-']
         for q in QUANTIZERS:
-          r = by.get(row_key(arch, ratio, b, q, split))
+          r = by.get(row_key(arch, ratio, b, q, split, b if act else None))
           cells.append(f'{r["top1"]:.2f}' if r else '-')
         lines.append('| ' + ' | '.join(cells) + ' |')
   return '\n'.join(lines)
@@ -125,6 +134,9 @@ def main(argv=None) -> None:
   p.add_argument('--data-slice', default=HELD_OUT,
                  help='test images START:STOP (default: the held-out split 5000:10000)')
   p.add_argument('--out', default=str(DEFAULT_OUT), help='JSON file of rows (read and extended)')
+  p.add_argument('--act-bits', choices=('none', 'same'), default='none',
+                 help='same: also quantize activations to the weight bits (WnAn; BN-rule ranges; '
+                      'DFQ folds the BNs away and is left out of these rows)')
   p.add_argument('--render-only', action='store_true', help='print the table of stored rows')
   args = p.parse_args(argv)
   archs = [a for a in args.archs.split(',') if a]
@@ -150,13 +162,16 @@ def main(argv=None) -> None:
     for arch in archs:
       loaded = None
       configs = [(ratio, None, None) for ratio in ratios]
-      configs += [(ratio, b, q) for ratio in ratios for b in bits for q in quantizers]
+      act = args.act_bits == 'same'
+      configs += [(ratio, b, q) for ratio in ratios for b in bits for q in quantizers
+                  if not (act and q == 'dfq')]
       for ratio, b, q in configs:
-        key = row_key(arch, ratio, b, q, split)
+        a = b if act and q is not None else None
+        key = row_key(arch, ratio, b, q, split, a)
         if key in rows:
           continue
         loaded = loaded or Loaded(arch, start, stop)
-        row = run_row(loaded, arch, ratio, b, q, split)
+        row = run_row(loaded, arch, ratio, b, q, split, a)
         rows[key] = row
         print(f'{key}: top-1 {row["top1"]:.2f} (compress {row["compress_seconds"]:.1f} s, '
               f'eval {row["eval_seconds"]:.1f} s)', flush=True)
@@ -167,7 +182,7 @@ def main(argv=None) -> None:
             split_rule='CIFAR-10 test images 5000-9999 are the held-out split (../shared/DATA.md)',
             rows=sorted(rows.values(), key=lambda r: r['key'])), indent=1))
         tmp.replace(out)
-  print(render(list(rows.values()), archs, ratios, bits, split))
+  print(render(list(rows.values()), archs, ratios, bits, split, act=args.act_bits == 'same'))
 
 
 if __name__ == '__main__':

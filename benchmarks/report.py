@@ -822,6 +822,17 @@ def heldout_section(results_dir: pathlib.Path) -> list[str]:
               '`python -m benchmarks.quant_methods --archs resnet20,resnet56,resnet56_b --bits 4,6,8`.',
               '', quant_methods.render(rows, archs, [0.0, 0.3], [4, 6, 8], quant_methods.HELD_OUT),
               '']
+    act_archs = [a for a in archs if any(r['arch'] == a and r.get('act_bits') for r in rows)]
+    if act_archs:
+      lines += ['Weights and activations at the same bits (WnAn, `--act-bits n`): every conv / dense '
+                'input fake-quantized per tensor (unsigned after a ReLU), ranges from the BN '
+                "statistics (DFQ's rule, mean + k sigma, k = n; the development-split choice); "
+                'first-layer and classifier inputs at 8 bits. DFQ folds the BNs away, so its '
+                'column is empty here (`--act-ranges distilled` serves it). '
+                '`python -m benchmarks.quant_methods --archs '
+                f"{','.join(act_archs)} --act-bits same`.", '',
+                quant_methods.render(rows, act_archs, [0.0, 0.3], [4, 6, 8],
+                                     quant_methods.HELD_OUT, act=True), '']
   return lines
 
 
