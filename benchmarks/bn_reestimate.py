@@ -218,13 +218,16 @@ def _pairs(results: dict) -> list[tuple[str, float, dict, dict]]:
 
 def summary(results: dict, variant: str = 'lbyl') -> str:
   """One line from the stored pairs of ``variant``: the smallest and largest difference
-  (re-estimated - none) and the ratios where re-estimation loses."""
-  pairs = [(r, a['top1'] - b['top1']) for v, r, b, a in _pairs(results) if v == variant]
+  (re-estimated - none) and the ratios where re-estimation loses, with their McNemar p."""
+  pairs = [(r, evaluation.paired_comparison(_unpack(a['correct'], a['n']),
+                                            _unpack(b['correct'], b['n'])))
+           for v, r, b, a in _pairs(results) if v == variant]
   if not pairs:
     return f'`{variant}`: no stored pair.'
+  pairs = [(r, pc['diff'], pc['mcnemar_p']) for r, pc in pairs]
   lo = min(pairs, key=lambda p: p[1])
   hi = max(pairs, key=lambda p: p[1])
-  loses = [f'{100 * r:.0f} %' for r, d in pairs if d < 0]
+  loses = [f'{100 * r:.0f} % (McNemar p = {p:.2g})' for r, d, p in pairs if d < 0]
   return (f'`{variant}` (the default method), {len(pairs)} ratio(s): difference from '
           f'{lo[1]:+.2f} (at {100 * lo[0]:.0f} %) to {hi[1]:+.2f} (at {100 * hi[0]:.0f} %); '
           + ('re-estimation loses at ' + ', '.join(loses) + '.' if loses
@@ -239,6 +242,7 @@ def table(results: dict, methods: Sequence[str] | None = None,
   distill_s = (f'{min(distill):.1f}-{max(distill):.1f} s over {len(distill)} runs'
                if len(distill) > 1 else ', '.join(f'{d:.1f} s' for d in distill) or 'not stored')
   rec = results['recipe']
+  pairs = _pairs(results)
   arch = results['arch']
   name = ARCHS.get(arch, (None, arch))[1]
   lines = [
@@ -247,12 +251,14 @@ def table(results: dict, methods: Sequence[str] | None = None,
       f"{results['original']['top1']:.2f}. `{rec}`: data-free; cost = seconds of the re-estimation "
       f'of that network, plus one distillation shared by the rows of a run ({distill_s}), on a '
       'loaded 2-core CPU; the first re-estimation of a set of widths '
-      'includes compiling its statistics pass. `+rtn4` / `+udfc4`: the same plan followed by 4-bit '
-      'weight quantization (round-to-nearest / UDFC-style), re-estimated after quantization.',
+      'includes compiling its statistics pass.'
+      + (' `+rtn4` / `+udfc4`: the same plan followed by 4-bit weight quantization '
+         '(round-to-nearest / UDFC-style), re-estimated after quantization.'
+         if any(v.partition('+')[2] for v, *_ in pairs) else ''),
       '',
       f'| method | ratio | none | {rec} | diff | 95 % CI | McNemar p | re-est. s |',
       '|---|---|---|---|---|---|---|---|']
-  for v, r, b, a in _pairs(results):
+  for v, r, b, a in pairs:
     if methods is not None and v.partition('+')[0] not in methods:
       continue
     if ratios is not None and not any(abs(r - x) < 1e-9 for x in ratios):

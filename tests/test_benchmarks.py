@@ -230,7 +230,7 @@ def test_bn_reestimate_rows_plans_table_and_summary():
   assert [l.split(' | ')[:2] for l in body] == [['| lbyl', '10%'], ['| lbyl', '50%'],
                                                 ['| prune', '50%'], ['| lbyl+rtn4', '30%']]
   assert body[0].startswith('| lbyl | 10% | 93.75 | 81.25 | -12.50 |') and body[0].endswith(' 1.0 |')
-  assert ('difference from -12.50 (at 10 %) to +37.50 (at 50 %); re-estimation loses at 10 %.'
+  assert ('difference from -12.50 (at 10 %) to +37.50 (at 50 %); re-estimation loses at 10 % (McNemar p = 0.5).'
           in text)
   assert len([l for l in bn.table(results, ['prune']).splitlines() if l.startswith('| prune')]) == 1
   stored = bn.load_results(bn.out_path('resnet56_b'), 'resnet56_b')
