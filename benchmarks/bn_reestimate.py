@@ -239,8 +239,10 @@ def table(results: dict, methods: Sequence[str] | None = None,
   """Markdown table of the stored pairs (every one, or those of ``methods`` / ``ratios``; a
   method name selects its quantized variants too), a summary line for lbyl under it."""
   distill = [d['seconds'] for d in results.get('distill_runs', [])]
-  distill_s = (f'{min(distill):.1f}-{max(distill):.1f} s over {len(distill)} runs'
-               if len(distill) > 1 else ', '.join(f'{d:.1f} s' for d in distill) or 'not stored')
+  lo_s, hi_s = (f'{min(distill):.1f}', f'{max(distill):.1f}') if distill else ('', '')
+  distill_s = ('not stored' if not distill else f'{lo_s} s' if len(distill) == 1 else
+               f'{lo_s if lo_s == hi_s else lo_s + "-" + hi_s} s in each of {len(distill)} runs'
+               if lo_s == hi_s else f'{lo_s}-{hi_s} s over {len(distill)} runs')
   rec = results['recipe']
   pairs = _pairs(results)
   arch = results['arch']
