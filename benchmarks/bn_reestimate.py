@@ -241,7 +241,7 @@ def table(results: dict, methods: Sequence[str] | None = None,
   distill = [d['seconds'] for d in results.get('distill_runs', [])]
   lo_s, hi_s = (f'{min(distill):.1f}', f'{max(distill):.1f}') if distill else ('', '')
   distill_s = ('not stored' if not distill else f'{lo_s} s' if len(distill) == 1 else
-               f'{lo_s if lo_s == hi_s else lo_s + "-" + hi_s} s in each of {len(distill)} runs'
+               f'{lo_s} s in each of {len(distill)} runs'
                if lo_s == hi_s else f'{lo_s}-{hi_s} s over {len(distill)} runs')
   rec = results['recipe']
   pairs = _pairs(results)
