@@ -7,20 +7,27 @@ statistics gathered layer by layer ('sequential'), anchored (original statistics
 measured between the original and the compressed network on the same inputs); these are the
 defaults of ``--bn-reestimate distilled`` (:class:`lbyl_jax.experimental.bn_reestimate.BNReestimation`).
 Nothing here is tuned: this script only measures that fixed recipe on the HELD-OUT split
-(images 5000-9999), against no re-estimation, on the Neuron Merging ResNet-56 (preset
-``resnet56_b``, ``../shared/weights/nm_resnet56.cifar10.pth.tar``), L2 criterion, the methods'
-defaults (lbyl with the data-free bias correction, prune and bnm without), 30 / 40 / 50 %.
+(images 5000-9999), against no re-estimation, for one CIFAR-10 checkpoint per run (``--arch``:
+``resnet56_b``, the Neuron Merging ResNet-56, ``../shared/weights/nm_resnet56.cifar10.pth.tar``;
+``resnet56`` and ``resnet20``, akamaster's shortcut-A ResNets), L2 criterion, the methods'
+defaults (lbyl with the data-free bias correction, prune / nm / bnm without), ratios 0.1-0.5.
+With ``--quant-methods rtn,udfc`` the rows are the same plans followed by weight quantization
+(``--bits``, default 4; the quantizer's defaults otherwise) and the re-estimation runs on the
+quantized network (``float`` in that list keeps the float rows). LeNet-300-100 has no BatchNorm,
+so the stage does not apply to it (``--arch lenet_300_100`` is refused).
 
 Every pair is compared on the same 5,000 images with
 :func:`lbyl_jax.evaluation.paired_comparison` (difference d64x50a - none in points, its 95 %
-interval, the exact McNemar p-value). Cost: the seconds of the re-estimation of that network plus
-the (one, shared) distillation, on the machine that ran it (a loaded 2-core CPU for the committed
-file). Rows are stored with their packed per-example correctness in
-``benchmarks/results/bn_reestimate_heldout.json`` as they finish; a rerun skips stored rows.
+interval, the exact McNemar p-value). Cost: the seconds of the re-estimation of that network; the
+distillation (one per run of the script, shared by its rows) is stored per run; on the machine that ran it (a loaded 2-core CPU for the committed
+files). Rows are stored with their packed per-example correctness, one file per checkpoint
+(``benchmarks/results/bn_reestimate_heldout.json`` for ``resnet56_b``,
+``bn_reestimate_heldout_<arch>.json`` for the others), as they finish; a rerun skips stored rows.
 
-  python -m benchmarks.bn_reestimate                      # every row (resumable)
-  python -m benchmarks.bn_reestimate --methods lbyl --ratios 0.5
-  python -m benchmarks.bn_reestimate --table              # the table from stored rows only
+  python -m benchmarks.bn_reestimate                      # resnet56_b, every float row (resumable)
+  python -m benchmarks.bn_reestimate --arch resnet20 --methods lbyl --ratios 0.5
+  python -m benchmarks.bn_reestimate --methods lbyl --quant-methods rtn,udfc --ratios 0.3,0.4,0.5
+  python -m benchmarks.bn_reestimate --arch resnet56 --table   # the table from stored rows only
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import os
 import pathlib
 import platform
 import time
+from typing import Sequence
 
 import numpy as np
 
@@ -44,19 +52,45 @@ from lbyl_jax.models import archs
 from lbyl_jax.plan import Plan
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-OUT = ROOT / 'benchmarks' / 'results' / 'bn_reestimate_heldout.json'
+RESULTS_DIR = ROOT / 'benchmarks' / 'results'
+OUT = RESULTS_DIR / 'bn_reestimate_heldout.json'
 ARCH = 'resnet56_b'
-WEIGHTS = 'weights/nm_resnet56.cifar10.pth.tar'
+# arch -> (weights under ../shared, the name used in the table text); ../shared/DATA.md.
+ARCHS = {
+    'resnet56_b': ('weights/nm_resnet56.cifar10.pth.tar', 'NM ResNet-56'),
+    'resnet20': ('weights/resnet20-12fca82f.th', 'ResNet-20 (akamaster, shortcut A)'),
+    'resnet56': ('weights/resnet56-4bfd9763.th', 'ResNet-56 (akamaster, shortcut A)'),
+}
+NO_BN = {'lenet_300_100': 'LeNet-300-100 (FashionMNIST) has no BatchNorm layer, so BN '
+                          're-estimation does not apply to it.'}
+WEIGHTS = ARCHS[ARCH][0]
 DATA = 'data/cifar10_test.npz'
 HELD_OUT = (5000, 10000)
-METHODS = ('lbyl', 'prune', 'bnm')
-RATIOS = (0.3, 0.4, 0.5)
+METHODS = ('lbyl', 'prune', 'nm', 'bnm')
+RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5)
+QUANT_METHODS = ('rtn', 'udfc')
+BITS = 4
 RECIPE = bn_lib.BNReestimation(bn_reestimate='distilled')   # d64x50a: the defaults
 
 
 def shared_dir() -> pathlib.Path:
   env = os.environ.get('LBYL_JAX_SHARED')
   return pathlib.Path(env) if env else ROOT.parent / 'shared'
+
+
+def out_path(arch: str, results_dir: pathlib.Path = RESULTS_DIR) -> pathlib.Path:
+  """The results file of one checkpoint (the original file name is kept for ``resnet56_b``)."""
+  _check_arch(arch)
+  name = 'bn_reestimate_heldout.json' if arch == ARCH else f'bn_reestimate_heldout_{arch}.json'
+  return results_dir / name
+
+
+def _check_arch(arch: str) -> None:
+  if arch in NO_BN:
+    raise ValueError(f'--arch {arch}: {NO_BN[arch]}')
+  if arch not in ARCHS:
+    raise ValueError(f'--arch {arch!r}: no held-out BN re-estimation setup; known: '
+                     f'{", ".join(ARCHS)}')
 
 
 def _pack(correct: np.ndarray) -> str:
@@ -67,14 +101,24 @@ def _unpack(text: str, n: int) -> np.ndarray:
   return np.unpackbits(np.frombuffer(base64.b64decode(text), np.uint8))[:n].astype(bool)
 
 
-def _key(method: str, ratio: float, recipe: str) -> str:
-  return f'{method}-r{ratio:g}-{recipe}'
+def _variant(method: str, quant: str | None, bits: int | None) -> str:
+  """'lbyl' for float weights, 'lbyl+rtn4' for lbyl then 4-bit round-to-nearest."""
+  return method if quant is None else f'{method}+{quant}{bits}'
 
 
-def load_results(path: pathlib.Path) -> dict:
+def _key(method: str, ratio: float, recipe: str, quant: str | None = None,
+         bits: int | None = None) -> str:
+  return f'{_variant(method, quant, bits)}-r{ratio:g}-{recipe}'
+
+
+def load_results(path: pathlib.Path, arch: str = ARCH) -> dict:
   if path.exists():
-    return json.loads(path.read_text())
-  return dict(arch=ARCH, weights=WEIGHTS, split='held-out', data_slice=list(HELD_OUT),
+    results = json.loads(path.read_text())
+    if results['arch'] != arch:
+      raise ValueError(f'{path} holds rows of {results["arch"]!r}, not of --arch {arch!r}')
+    return results
+  _check_arch(arch)
+  return dict(arch=arch, weights=ARCHS[arch][0], split='held-out', data_slice=list(HELD_OUT),
               recipe=RECIPE.recipe, recipe_options=RECIPE.describe(), rows={})
 
 
@@ -85,16 +129,26 @@ def save_results(path: pathlib.Path, results: dict) -> None:
   tmp.replace(path)
 
 
-def run(methods, ratios, path: pathlib.Path) -> dict:
-  results = load_results(path)
+def plan_options(method: str, ratio: float, quant: str | None, bits: int | None) -> dict:
+  """Flat :meth:`lbyl_jax.plan.Plan.from_options` options of one row."""
+  opts = dict(method=method, ratio=ratio)
+  if quant is not None:
+    opts.update(quant_method=quant, bits=bits)
+  return opts
+
+
+def run(methods: Sequence[str], ratios: Sequence[float], path: pathlib.Path, arch: str = ARCH,
+        quants: Sequence[str | None] = (None,), bits: int = BITS) -> dict:
+  results = load_results(path, arch)
   rows = results['rows']
-  todo = [(m, r) for m in methods for r in ratios
-          if _key(m, r, 'none') not in rows or _key(m, r, RECIPE.recipe) not in rows]
+  todo = [(m, q, r) for q in quants for m in methods for r in ratios
+          if _key(m, r, 'none', q, bits) not in rows
+          or _key(m, r, RECIPE.recipe, q, bits) not in rows]
   if not todo:
     return results
   shared = shared_dir()
-  spec = archs.get(ARCH)
-  variables, source = weights_lib.load_weights(spec, str(shared / WEIGHTS), download=False,
+  spec = archs.get(arch)
+  variables, source = weights_lib.load_weights(spec, str(shared / ARCHS[arch][0]), download=False,
                                                progress=False)
   dataset = data_lib.load_dataset(str(shared / DATA), arch=spec, slice_=HELD_OUT, download=False,
                                   progress=False)
@@ -109,13 +163,14 @@ def run(methods, ratios, path: pathlib.Path) -> dict:
   if not info['memoized']:
     results.setdefault('distill_runs', []).append(
         dict(seconds=info['seconds'], loss_start=info['loss_start'], loss_end=info['loss_end']))
-  for m, r in todo:
-    plan = Plan.from_options(method=m, ratio=r)
+  for m, q, r in todo:
+    b = None if q is None else bits
+    plan = Plan.from_options(**plan_options(m, r, q, b))
     t0 = time.perf_counter()
     res = pipeline.compress(spec, variables, plan)
     compress_s = time.perf_counter() - t0
     for name, net in (('none', res), (RECIPE.recipe, None)):
-      key = _key(m, r, name)
+      key = _key(m, r, name, q, b)
       if key in rows:
         continue
       bn_rep = None
@@ -125,58 +180,127 @@ def run(methods, ratios, path: pathlib.Path) -> dict:
       pred = evaluator.predictions(net.variables, dataset, widths=net.widths, progress=False)
       rows[key] = dict(
           method=m, ratio=r, recipe=name, bias_correction=res.report['bias_correction'],
+          quant_method=q, bits=b,
           top1=100.0 * float(pred['correct'].mean()), n=len(dataset),
           compress_seconds=compress_s, correct=_pack(pred['correct']),
           bn_seconds=None if bn_rep is None else bn_rep['seconds'] - bn_rep['seconds_distill'],
           bn_data_free=None if bn_rep is None else bn_rep['data_free'],
           distill_loss_end=None if bn_rep is None else bn_rep['distill_loss_end'])
+      results['weights_source'] = str(source)
       save_results(path, results)
-      print(f'{key}: top-1 {rows[key]["top1"]:.2f} (held-out)', flush=True)
-  results['weights_source'] = str(source)
+      print(f'{arch} {key}: top-1 {rows[key]["top1"]:.2f} (held-out)', flush=True)
   save_results(path, results)
   return results
 
 
-def table(results: dict, methods, ratios) -> str:
+def _pairs(results: dict) -> list[tuple[str, float, dict, dict]]:
+  """Stored (variant, ratio, none row, re-estimated row) pairs: float methods in METHODS order,
+  then the quantized variants, ratios ascending."""
   rows = results['rows']
-  distill_s = min((d['seconds'] for d in results.get('distill_runs', [])), default=float('nan'))
   rec = results['recipe']
+  found = {}
+  for row in rows.values():
+    v = _variant(row['method'], row.get('quant_method'), row.get('bits'))
+    found.setdefault(v, set()).add(row['ratio'])
+
+  def order(v: str):
+    m, _, q = v.partition('+')
+    return (q != '', METHODS.index(m) if m in METHODS else len(METHODS), m, q)
+
+  out = []
+  for v in sorted(found, key=order):
+    for r in sorted(found[v]):
+      a, b = rows.get(f'{v}-r{r:g}-{rec}'), rows.get(f'{v}-r{r:g}-none')
+      if a is not None and b is not None:
+        out.append((v, r, b, a))
+  return out
+
+
+def summary(results: dict, variant: str = 'lbyl') -> str:
+  """One line from the stored pairs of ``variant``: the smallest and largest difference
+  (re-estimated - none) and the ratios where re-estimation loses, with their McNemar p."""
+  pairs = [(r, evaluation.paired_comparison(_unpack(a['correct'], a['n']),
+                                            _unpack(b['correct'], b['n'])))
+           for v, r, b, a in _pairs(results) if v == variant]
+  if not pairs:
+    return f'`{variant}`: no stored pair.'
+  pairs = [(r, pc['diff'], pc['mcnemar_p']) for r, pc in pairs]
+  lo = min(pairs, key=lambda p: p[1])
+  hi = max(pairs, key=lambda p: p[1])
+  loses = [f'{100 * r:.0f} % (McNemar p = {p:.2g})' for r, d, p in pairs if d < 0]
+  return (f'`{variant}` (the default method), {len(pairs)} ratio(s): difference from '
+          f'{lo[1]:+.2f} (at {100 * lo[0]:.0f} %) to {hi[1]:+.2f} (at {100 * hi[0]:.0f} %); '
+          + ('re-estimation loses at ' + ', '.join(loses) + '.' if loses
+             else 're-estimation loses at no stored ratio.'))
+
+
+def table(results: dict, methods: Sequence[str] | None = None,
+          ratios: Sequence[float] | None = None) -> str:
+  """Markdown table of the stored pairs (every one, or those of ``methods`` / ``ratios``; a
+  method name selects its quantized variants too), a summary line for lbyl under it."""
+  distill = [d['seconds'] for d in results.get('distill_runs', [])]
+  lo_s, hi_s = (f'{min(distill):.1f}', f'{max(distill):.1f}') if distill else ('', '')
+  distill_s = ('not stored' if not distill else f'{lo_s} s' if len(distill) == 1 else
+               f'{lo_s} s in each of {len(distill)} runs'
+               if lo_s == hi_s else f'{lo_s}-{hi_s} s over {len(distill)} runs')
+  rec = results['recipe']
+  pairs = _pairs(results)
+  arch = results['arch']
+  name = ARCHS.get(arch, (None, arch))[1]
   lines = [
-      f"NM ResNet-56 (`{results['arch']}`), L2, held-out split (CIFAR-10 test images "
+      f"{name} (`{arch}`), L2, held-out split (CIFAR-10 test images "
       f"{results['data_slice'][0]}-{results['data_slice'][1] - 1}); original network: "
-      f"{results['original']['top1']:.2f}. `{rec}`: data-free; cost = re-estimation seconds + "
-      f'the shared distillation ({distill_s:.1f} s); the first re-estimation of a set of widths '
-      'includes compiling its statistics pass (the lbyl rows ran first; prune and bnm share their widths).',
+      f"{results['original']['top1']:.2f}. `{rec}`: data-free; cost = seconds of the re-estimation "
+      f'of that network, plus one distillation shared by the rows of a run ({distill_s}), on a '
+      'loaded 2-core CPU; the first re-estimation of a set of widths '
+      'includes compiling its statistics pass.'
+      + (' `+rtn4` / `+udfc4`: the same plan followed by 4-bit weight quantization '
+         '(round-to-nearest / UDFC-style), re-estimated after quantization.'
+         if any(v.partition('+')[2] for v, *_ in pairs) else ''),
       '',
-      f'| method | ratio | none | {rec} | diff | 95 % CI | McNemar p | cost s |',
+      f'| method | ratio | none | {rec} | diff | 95 % CI | McNemar p | re-est. s |',
       '|---|---|---|---|---|---|---|---|']
-  for m in methods:
-    for r in ratios:
-      a, b = rows.get(_key(m, r, rec)), rows.get(_key(m, r, 'none'))
-      if a is None or b is None:
-        continue
-      pc = evaluation.paired_comparison(_unpack(a['correct'], a['n']), _unpack(b['correct'], b['n']))
-      lo, hi = pc['ci95']
-      p = '< 1e-300' if pc['mcnemar_p'] == 0.0 else f"{pc['mcnemar_p']:.2g}"
-      lines.append(f"| {m} | {100 * r:.0f}% | {b['top1']:.2f} | {a['top1']:.2f} | "
-                   f"{pc['diff']:+.2f} | [{lo:+.2f}, {hi:+.2f}] | {p} | "
-                   f"{a['bn_seconds'] + distill_s:.1f} |")
+  for v, r, b, a in pairs:
+    if methods is not None and v.partition('+')[0] not in methods:
+      continue
+    if ratios is not None and not any(abs(r - x) < 1e-9 for x in ratios):
+      continue
+    pc = evaluation.paired_comparison(_unpack(a['correct'], a['n']), _unpack(b['correct'], b['n']))
+    lo, hi = pc['ci95']
+    p = '< 1e-300' if pc['mcnemar_p'] == 0.0 else f"{pc['mcnemar_p']:.2g}"
+    lines.append(f"| {v} | {100 * r:.0f}% | {b['top1']:.2f} | {a['top1']:.2f} | "
+                 f"{pc['diff']:+.2f} | [{lo:+.2f}, {hi:+.2f}] | {p} | "
+                 f"{a['bn_seconds']:.1f} |")
+  lines += ['', summary(results)]
   return '\n'.join(lines)
 
 
 def main() -> None:
   p = argparse.ArgumentParser(prog='python -m benchmarks.bn_reestimate', description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument('--arch', default=ARCH, help=f'one of {", ".join(ARCHS)}')
   p.add_argument('--methods', default=','.join(METHODS))
   p.add_argument('--ratios', default=','.join(str(r) for r in RATIOS))
-  p.add_argument('--out', type=pathlib.Path, default=OUT)
+  p.add_argument('--quant-methods', default='float',
+                 help="comma list of 'float' (no weight quantization) and quantizer names "
+                      f"({', '.join(QUANT_METHODS)})")
+  p.add_argument('--bits', type=int, default=BITS, help='weight bits of the quantized rows')
+  p.add_argument('--out', type=pathlib.Path, default=None,
+                 help='results file (default: the one of --arch under benchmarks/results)')
   p.add_argument('--table', action='store_true', help='print the table from stored rows only')
   args = p.parse_args()
+  try:
+    _check_arch(args.arch)
+  except ValueError as e:
+    raise SystemExit(str(e)) from None
   methods = [m for m in args.methods.split(',') if m]
   ratios = [float(r) for r in args.ratios.split(',') if r]
-  results = load_results(args.out) if args.table else run(methods, ratios, args.out)
+  quants = [None if q == 'float' else q for q in args.quant_methods.split(',') if q]
+  path = args.out or out_path(args.arch)
+  results = (load_results(path, args.arch) if args.table
+             else run(methods, ratios, path, args.arch, quants, args.bits))
   if 'original' not in results:
-    raise SystemExit(f'{args.out}: no stored rows')
+    raise SystemExit(f'{path}: no stored rows')
   print(table(results, methods, ratios))
 
 

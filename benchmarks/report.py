@@ -799,15 +799,20 @@ def heldout_section(results_dir: pathlib.Path) -> list[str]:
            '(test images 0-4,999) and the figures are on the held-out split (5,000-9,999), never '
            'used for a choice. The earlier comparisons on the held-out split alone are not '
            're-measured yet.', '']
-  path = results_dir / 'bn_reestimate_heldout.json'
-  if path.exists():
-    results = bn_heldout.load_results(path)
+  stored = [(arch, bn_heldout.out_path(arch, results_dir)) for arch in bn_heldout.ARCHS]
+  stored = [(arch, path) for arch, path in stored if path.exists()]
+  if stored:
     lines += ['### Data-free BN re-estimation after compression (`--bn-reestimate distilled`)', '',
               'The recipe (64 inputs distilled from the original checkpoint in 50 Adam steps, '
               'anchored, layer by layer) was chosen on the development split; it is opt-in, not a '
-              'default. `python -m benchmarks.bn_reestimate`; method and choice: '
-              '[docs/bn_reestimate.md](../docs/bn_reestimate.md).', '',
-              bn_heldout.table(results, bn_heldout.METHODS, bn_heldout.RATIOS), '']
+              'default. One table per checkpoint, every stored row; `diff` is re-estimated minus '
+              'none on the same 5,000 held-out images (paired, exact McNemar test). '
+              '`python -m benchmarks.bn_reestimate --arch ARCH` (add `--methods lbyl '
+              '--quant-methods rtn,udfc --ratios 0.3,0.4,0.5` for the 4-bit rows); method and '
+              'choice: [docs/bn_reestimate.md](../docs/bn_reestimate.md). '
+              + ' '.join(bn_heldout.NO_BN.values()), '']
+    for arch, path in stored:
+      lines += [bn_heldout.table(bn_heldout.load_results(path, arch)), '']
   path = results_dir / 'quant_methods_heldout.json'
   if path.exists():
     rows = json.loads(path.read_text())['rows']

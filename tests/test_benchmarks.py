@@ -190,3 +190,50 @@ def test_quant_methods_rows_plans_and_table():
   stored = json.loads((ROOT / 'benchmarks' / 'results' / 'quant_methods_heldout.json').read_text())
   assert stored['rows'] and all(r['split'] == '5000:10000' and r['n'] == 5000
                                 for r in stored['rows'])
+
+
+def test_bn_reestimate_rows_plans_table_and_summary():
+  """benchmarks.bn_reestimate: the file per checkpoint, each row's plan, LeNet's refusal, and the
+  table / summary line derived from the stored rows (a loss is reported at its ratio)."""
+  from benchmarks import bn_reestimate as bn
+  from lbyl_jax.plan import Plan
+
+  res_dir = ROOT / 'benchmarks' / 'results'
+  assert bn.out_path('resnet56_b') == res_dir / 'bn_reestimate_heldout.json'
+  assert bn.out_path('resnet20') == res_dir / 'bn_reestimate_heldout_resnet20.json'
+  with pytest.raises(ValueError, match='no BatchNorm'):
+    bn.out_path('lenet_300_100')
+  with pytest.raises(ValueError, match="--arch 'vgg16'"):
+    bn.load_results(res_dir / 'absent.json', 'vgg16')
+  plan = Plan.from_options(**bn.plan_options('lbyl', 0.4, 'udfc', 4))
+  assert plan.method.name == 'lbyl' and plan.quantizer.name == 'udfc' and plan.quantizer.bits == 4
+  assert Plan.from_options(**bn.plan_options('nm', 0.2, None, None)).quantizer is None
+  n = 16
+  ok = np.ones(n, bool)
+
+  def row(method, ratio, recipe, wrong, quant=None):
+    c = ok.copy()
+    c[:wrong] = False
+    return dict(method=method, ratio=ratio, recipe=recipe, quant_method=quant,
+                bits=None if quant is None else 4, top1=100.0 * c.mean(), n=n,
+                correct=bn._pack(c), bn_seconds=None if recipe == 'none' else 1.0)
+
+  results = dict(arch='resnet20', data_slice=[5000, 10000], recipe='d64x50a',
+                 original=dict(top1=91.0), distill_runs=[dict(seconds=2.0)], rows={})
+  for m, r, q, none_wrong, re_wrong in [('lbyl', 0.1, None, 1, 3), ('lbyl', 0.5, None, 8, 2),
+                                        ('prune', 0.5, None, 9, 2), ('lbyl', 0.3, 'rtn', 4, 4)]:
+    results['rows'][bn._key(m, r, 'none', q, 4)] = row(m, r, 'none', none_wrong, q)
+    results['rows'][bn._key(m, r, 'd64x50a', q, 4)] = row(m, r, 'd64x50a', re_wrong, q)
+  results['rows']['prune-r0.2-none'] = row('prune', 0.2, 'none', 0)  # no pair: not rendered
+  text = bn.table(results)
+  body = [l for l in text.splitlines() if l.startswith('| ') and not l.startswith('| method')]
+  assert [l.split(' | ')[:2] for l in body] == [['| lbyl', '10%'], ['| lbyl', '50%'],
+                                                ['| prune', '50%'], ['| lbyl+rtn4', '30%']]
+  assert body[0].startswith('| lbyl | 10% | 93.75 | 81.25 | -12.50 |') and body[0].endswith(' 1.0 |')
+  assert ('difference from -12.50 (at 10 %) to +37.50 (at 50 %); re-estimation loses at 10 % (McNemar p = 0.5).'
+          in text)
+  assert len([l for l in bn.table(results, ['prune']).splitlines() if l.startswith('| prune')]) == 1
+  stored = bn.load_results(bn.out_path('resnet56_b'), 'resnet56_b')
+  for m in ('lbyl', 'prune', 'bnm'):   # the first nine rows, kept when the script was generalized
+    for r in (0.3, 0.4, 0.5):
+      assert {bn._key(m, r, 'none'), bn._key(m, r, 'd64x50a')} <= set(stored['rows'])
