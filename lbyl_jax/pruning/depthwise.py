@@ -363,13 +363,7 @@ def y_model(terms: BlockTerms, input_var: np.ndarray | None) -> tuple[np.ndarray
     G = (f * sx[None, :]) @ f.T
   else:
     G = f @ f.T
-  norm = np.sqrt(np.maximum(np.diagonal(G), 0.0))
-  ok = norm > 0
-  ns = np.where(ok, norm, 1.0)
-  rho = np.clip(G / np.outer(ns, ns), -1.0, 1.0)
-  rho = np.where(np.outer(ok, ok), rho, 0.0)
-  np.fill_diagonal(rho, 1.0)
-  return terms.beta1.copy(), rho
+  return terms.beta1.copy(), moments_lib.gram_correlation(G)
 
 
 def _window_cov_lags(terms: BlockTerms, rho: np.ndarray, omega: float, lags: int,

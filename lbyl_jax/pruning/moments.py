@@ -582,15 +582,21 @@ def preactivation(problem: UnitProblem, moments: InputMoments | None, *,
     G = _gram(f * sx, f)
   else:
     raise ValueError(f"bnm_cov must be 'identity' or 'diag', got {cov_model!r}")
+  rho = gram_correlation(G)
+  g = np.abs(np.asarray(bn['gamma'], np.float64))
+  return np.asarray(bn['beta'], np.float64).copy(), g[:, None] * rho * g[None, :], cov_model
+
+
+def gram_correlation(G: np.ndarray) -> np.ndarray:
+  """The correlation matrix of a Gram matrix of filters, clipped to [-1, 1], unit diagonal; a
+  zero filter carries no correlation information, so its channel is treated as independent."""
   norm = np.sqrt(np.maximum(np.diagonal(G), 0.0))
   ok = norm > 0
   ns = np.where(ok, norm, 1.0)
   rho = np.clip(G / np.outer(ns, ns), -1.0, 1.0)
-  # A zero filter carries no correlation information: treat its channel as independent.
   rho = np.where(np.outer(ok, ok), rho, 0.0)
   np.fill_diagonal(rho, 1.0)
-  g = np.abs(np.asarray(bn['gamma'], np.float64))
-  return np.asarray(bn['beta'], np.float64).copy(), g[:, None] * rho * g[None, :], cov_model
+  return rho
 
 def second_moments(prepared: Sequence[tuple[np.ndarray, np.ndarray]], *, activation: str = 'relu'
                    ) -> list[tuple[np.ndarray, np.ndarray]]:
