@@ -18,6 +18,7 @@ import numpy as np
 from lbyl_jax.pruning import bias as bias_lib
 from lbyl_jax.pruning import depthwise as depthwise_lib
 from lbyl_jax.pruning import selection as selection_lib
+from lbyl_jax.pruning import solvers
 from lbyl_jax.pruning import stats
 from lbyl_jax.pruning import surgery
 from lbyl_jax.pruning.methods import Context
@@ -101,6 +102,26 @@ def _timed(timings: dict[str, float], phase: str, fn, *args, **kwargs):
   return out
 
 
+def prepare(spec, plan: Plan, variables: Mapping[str, Any] | None = None) -> int:
+  """Starts compiling, in background threads, the solver executables that :func:`compress` of
+  this plan will use (:func:`lbyl_jax.pruning.solvers.precompile`), from shapes alone: the
+  architecture's own (``variables=None``) or those of ``variables``. Returns the number of
+  compiles started; the command calls it before loading the weights, :func:`compress` at its
+  start, so the compiles (or their loads from JAX's persistent cache) overlap the loading and the
+  channel selection. Only an optimization: nothing is computed from it, and where the shapes do
+  not match the systems of the run, :func:`compress` compiles what it needs as before."""
+  if plan.joint or plan.selection.ratio == 0 and not plan.selection.ratio_overrides:
+    return 0
+  shapes = spec.abstract_variables() if variables is None else variables
+  dims = selection_lib.unit_dims(spec, shapes, plan.selection)
+  active = [i for i, u in enumerate(spec.units)
+            if u.compensation not in ('prune_only', 'depthwise')]
+  todo = plan.method.solver_dims([spec.units[i] for i in active], [dims[i] for i in active])
+  if not todo:
+    return 0
+  return solvers.precompile(todo, dtype=getattr(plan.method, 'dtype', 'float32'))
+
+
 def compress(spec, variables: Mapping[str, Any], plan: Plan | None = None, **options) -> Compressed:
   """Prunes every unit of ``spec``, compensates, and optionally quantizes.
 
@@ -125,6 +146,7 @@ def compress(spec, variables: Mapping[str, Any], plan: Plan | None = None, **opt
   t_start = time.perf_counter()
   phases: dict[str, float] = {}
   _timed(phases, 'validate', selection_lib.validate_variables, spec, variables)
+  prepare(spec, plan, variables)
   problems = _timed(phases, 'selection', selection_lib.build_problems, spec, variables,
                     plan.selection)
   bc = plan.bias_correction

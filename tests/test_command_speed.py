@@ -12,7 +12,11 @@
   consumers without padded taps) equals the path that builds every consumer's terms and uses
   propagated moments, bitwise;
 - deferred solver systems give the same rows as eager ones, and a wrong declaration is an error;
-- the single-threaded BLAS context reaches SciPy's OpenBLAS, which jaxlib's LAPACK kernels use.
+- the single-threaded BLAS context reaches SciPy's OpenBLAS, which jaxlib's LAPACK kernels use;
+- the solver executables ``pipeline.prepare`` compiles from the architecture's shapes alone are
+  exactly those ``compress`` then needs (no other compile, and every one used), and the problems'
+  shapes ``selection.unit_dims`` predicts equal those ``build_problems`` makes;
+- the commands end without the interpreter's teardown and keep their exit codes and output.
 
 The timings themselves are measured by ``python -m benchmarks.command_speed``, not here.
 """
@@ -20,6 +24,8 @@ The timings themselves are measured by ``python -m benchmarks.command_speed``, n
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 
 import flax.linen as nn
 import jax
@@ -27,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lbyl_jax import pipeline
 from lbyl_jax.core import units as units_lib
 from lbyl_jax.models import archs
 from lbyl_jax.models import discover as discover_lib
@@ -37,6 +44,7 @@ from lbyl_jax.pruning import selection
 from lbyl_jax.pruning import solvers
 from lbyl_jax.pruning import stats
 from lbyl_jax.pruning.methods import lbyl
+from lbyl_jax.plan import Plan
 
 PRESETS = ('resnet20', 'resnet56_b', 'resnet18', 'resnet50', 'vgg16_bn_cifar', 'vgg16_bn',
            'lenet_300_100')
@@ -237,3 +245,47 @@ def test_the_cli_imports_no_heavy_optional_module():
           '"scipy.linalg"))))')
   out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
   assert out.stdout.strip() == '', out.stdout
+
+
+@pytest.mark.parametrize('arch,options', [
+    ('resnet20', dict(method='lbyl', ratio=0.3)),
+    ('resnet56_b', dict(method='lbyl', ratio=0.5, ratio_overrides=(('layer3_*', 0.2),))),
+    ('lenet_300_100', dict(method='lbyl', ratio=0.4)),
+    ('vgg16_bn_cifar', dict(method='lbyl', ratio=0.3, lbyl_mode='reference_code')),
+])
+def test_prepare_compiles_exactly_what_compress_uses(arch, options):
+  spec = archs.get(arch)
+  plan = Plan.from_options(**options)
+  variables = spec.init(0)
+  problems = selection.build_problems(spec, variables, plan.selection)
+  assert selection.unit_dims(spec, spec.abstract_variables(), plan.selection) == [
+    (p.m, int(p.prune.size), int(np.shape(p.W)[1])) for p in problems]
+  solvers.clear_cache()
+  t0 = solvers.trace_count()
+  started = pipeline.prepare(spec, plan)  # before any weights, like the command
+  assert started > 0
+  result = pipeline.compress(spec, variables, plan)
+  assert solvers.trace_count() - t0 == started
+  assert not solvers._PENDING  # pylint: disable=protected-access
+  assert result.report['compile_seconds'] >= 0
+  solvers.clear_cache()
+
+
+_EXIT_CHILD = """
+import sys
+from lbyl_jax.cli import common
+def main():
+  print('out', end='')
+  print('err', end='', file=sys.stderr)
+  raise SystemExit(CODE)
+common.exit_without_teardown(main)
+print('not reached')
+"""
+
+
+@pytest.mark.parametrize('code,status,err', [
+    ('None', 0, 'err'), ('0', 0, 'err'), ('3', 3, 'err'), ("'bad input'", 1, 'errbad input\n')])
+def test_exit_without_teardown_keeps_output_and_status(code, status, err):
+  proc = subprocess.run([sys.executable, '-c', _EXIT_CHILD.replace('CODE', code)],
+                        capture_output=True, text=True, timeout=120, check=False)
+  assert (proc.returncode, proc.stdout, proc.stderr) == (status, 'out', err)

@@ -339,3 +339,29 @@ def test_compiles_once_per_shape_bucket_resnet101():
   # Batching across layers does not change a layer's answer.
   single = lbyl.solve_problems(problems[-1:], lam1=1e-4, lam2=1e-2, with_cond=False)[0]
   np.testing.assert_allclose(single.S_P, again[-1].S_P, rtol=1e-5, atol=1e-7)
+
+
+def test_precompile_is_used_by_the_solve_and_changes_nothing():
+  problems = resnet101_problems()[:12]
+  solvers.clear_cache()
+  plain = lbyl.solve_problems(problems, lam1=1e-5, lam2=1e-3, with_cond=False)
+  solvers.clear_cache()
+  t0 = solvers.trace_count()
+  dims = lbyl.LBYL().solver_dims([p.unit for p in problems],
+                                 [(p.m, int(p.prune.size), int(np.shape(p.W)[1])) for p in problems])
+  n_buckets = len({(k, m, p) for k, m, p, _ in dims})
+  assert solvers.precompile(dims) == n_buckets
+  assert solvers.precompile(dims) == 0  # pending keys are not compiled twice
+  got = lbyl.solve_problems(problems, lam1=1e-5, lam2=1e-3, with_cond=False)
+  assert solvers.trace_count() - t0 == n_buckets  # the solve compiled nothing more
+  assert not solvers._PENDING  # pylint: disable=protected-access
+  assert all(s.diag['precompile_seconds'] > 0 for s in got)
+  for a, b in zip(plain, got):
+    np.testing.assert_array_equal(a.S_P, b.S_P)
+  # A bucket that never comes costs a compile and nothing else; a wrong prediction is compiled.
+  assert solvers.precompile([('shared', 7, 3, 11)]) == 1
+  lbyl.solve_problems(problems[:1], lam1=1e-5, lam2=1e-3, with_cond=False)
+  with pytest.raises(ValueError, match='dtype'):
+    solvers.precompile(dims, dtype='float16')
+  solvers.clear_cache()
+  assert not solvers._PENDING  # pylint: disable=protected-access

@@ -317,6 +317,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         out = default_out(args, plans[0])
         out = publish.check_target(out, overwrite=False, create_parents=True)
 
+  if not args.sweep:
+    # The solver's executables compile (or load from the cache) in the background meanwhile.
+    pipeline.prepare(spec, plans[0])
   with common.all_or_none(args, 'loading the weights'):
     if factory is not None:
       variables, source = phases.run('load', f'loading the weights of {spec.name}',

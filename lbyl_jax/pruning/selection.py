@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import math
 import re
 from collections.abc import Mapping
 from typing import Any, ClassVar
@@ -143,13 +144,31 @@ def check_overrides(spec, selection: Selection) -> None:
                        f' (units look like {spec.units[0].name!r})')
 
 
+def unit_dims(spec, variables: Mapping[str, Any], selection: Selection
+              ) -> list[tuple[int, int, int]]:
+  """(m kept, p pruned, filter length D) of every unit's problem, as :func:`build_problems` makes
+  them, from the shapes alone (``variables`` may hold ``jax.ShapeDtypeStruct`` leaves:
+  :meth:`~lbyl_jax.models.archs.ArchSpec.abstract_variables`)."""
+  rounding = selection.rounding_for(spec)
+  out = []
+  for unit in spec.units:
+    layer = trees.get_path(variables['params'], unit.producer)
+    shape = tuple(int(x) for x in layer['kernel'].shape)
+    n, d = shape[-1], math.prod(shape[:-1])
+    if unit.bn is None and 'bias' in layer:  # terms.filters appends the bias
+      d += 1
+    m = criteria.n_keep(n, selection.ratio_for(unit.name), rounding=rounding)
+    out.append((m, n - m, d))
+  return out
+
+
 def build_problems(spec, variables: Mapping[str, Any], selection: Selection) -> list[UnitProblem]:
   """One :class:`UnitProblem` per unit of ``spec`` from the ORIGINAL weights."""
   rounding = selection.rounding_for(spec)
   check_overrides(spec, selection)
   out = []
   for index, unit in enumerate(spec.units):
-    W = np.asarray(terms.filters(variables, unit), np.float64)
+    W = terms.filters(variables, unit, np.float64)
     m = criteria.n_keep(W.shape[0], selection.ratio_for(unit.name), rounding=rounding)
     keep, prune = criteria.select(W, m, selection.criterion, seed=selection.seed, index=index)
     eps = spec.bn_epsilon(unit.bn) if unit.bn is not None else BN_EPS

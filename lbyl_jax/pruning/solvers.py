@@ -149,6 +149,9 @@ def bucket_key(system: System | Deferred) -> tuple[str, int, int]:
 
 _TRACES = 0
 _CACHE: dict[tuple, Any] = {}
+# Executables being compiled in the background (:func:`precompile`), by the same keys as _CACHE.
+_PENDING: dict[tuple, concurrent.futures.Future] = {}
+_POOL: list[concurrent.futures.ThreadPoolExecutor] = []
 
 
 def trace_count() -> int:
@@ -158,6 +161,12 @@ def trace_count() -> int:
 
 def clear_cache() -> None:
   """Forgets all compiled executables (the next solve of each bucket compiles again)."""
+  for fut in list(_PENDING.values()):
+    fut.cancel()
+  for fut in list(_PENDING.values()):
+    if not fut.cancelled():
+      concurrent.futures.wait([fut])
+  _PENDING.clear()
   _CACHE.clear()
 
 
@@ -303,9 +312,13 @@ def single_threaded_blas():
 
 def _stacked_shapes(bucket: Sequence[System | Deferred], dtype) -> list[jax.ShapeDtypeStruct]:
   """The shapes :func:`_stack` gives, without building the systems or the stacked arrays."""
-  n = len(bucket)
   kind, m, p, _ = _dims(bucket[0])
-  d = max(_dims(s)[3] for s in bucket)
+  return _bucket_shapes(kind, len(bucket), m, p, max(_dims(s)[3] for s in bucket), dtype)
+
+
+def _bucket_shapes(kind: str, n: int, m: int, p: int, d: int, dtype
+                   ) -> list[jax.ShapeDtypeStruct]:
+  """The stacked shapes of a bucket of n systems (kind, m, p) whose longest filter has length d."""
   if kind == 'shared':
     shapes = [(n, m, d), (n, p, d), (n, m), (n, p), (n,), (n,)]
   else:
@@ -340,6 +353,39 @@ def _compile_all(todo: Sequence[tuple[str, str, Sequence[jax.ShapeDtypeStruct]]]
   wall = time.perf_counter() - t0
   own = sum(d for _, d in done) or 1.0
   return [e for e, _ in done], [wall * d / own for _, d in done]
+
+
+def precompile(dims: Sequence[tuple[str, int, int, int]], *, dtype: str = 'float32') -> int:
+  """Starts compiling, in background threads, the executables that :func:`solve` will need for
+  systems of these (kind, m, p, D) (one tuple per system, as :class:`Deferred` declares them);
+  returns at once, with the number of compiles started.
+
+  A caller that knows the shapes of its systems before it can build them (the pipeline knows them
+  from the architecture and the plan before the weights are loaded and the channels selected)
+  overlaps the compile -- or, with JAX's persistent cache, its load -- with that host work:
+  :func:`solve` takes the executable of a bucket from here when its key matches and compiles
+  nothing again. Keys already compiled or pending are skipped; an executable whose bucket never
+  comes is only a wasted compile. Compile errors surface in the :func:`solve` that uses it.
+  """
+  if dtype not in _RESIDUAL_TOL:
+    raise ValueError(f"dtype must be 'float32' or 'float64', got {dtype!r}")
+  groups: dict[tuple[str, int, int], list[int]] = {}
+  for kind, m, p, d in dims:
+    if p > 0:
+      groups.setdefault((kind, int(m), int(p)), []).append(int(d))
+  started = 0
+  for (kind, m, p), ds in groups.items():
+    shapes = _bucket_shapes(kind, len(ds), m, p, max(ds),
+                            np.float64 if dtype == 'float64' else np.float32)
+    key = (kind, dtype, tuple(s.shape for s in shapes))
+    if key in _CACHE or key in _PENDING:
+      continue
+    if not _POOL:
+      _POOL.append(concurrent.futures.ThreadPoolExecutor(
+          max_workers=4, thread_name_prefix='lbyl_jax-precompile'))
+    _PENDING[key] = _POOL[0].submit(_executable, kind, dtype, shapes)
+    started += 1
+  return started
 
 
 def _run(compiled, bucket: Sequence[System], dtype: str) -> tuple[list[np.ndarray], float]:
@@ -474,19 +520,28 @@ def _solve_buckets(systems, buckets, results, dtype: str, with_cond: bool) -> No
   tol = _RESIDUAL_TOL[dtype]
   # Every new bucket shape gets its executable first (all of them together), then each bucket is
   # stacked and solved in turn: one bucket's stacked arrays at a time.
-  cache_keys, todo = {}, {}
+  cache_keys, todo, pending = {}, {}, {}
   for key, idx in buckets.items():
     bucket = [systems[i] for i in idx]
     kind = _dims(bucket[0])[0]
     shapes = _stacked_shapes(bucket, np.float64 if dtype == 'float64' else np.float32)
     cache_keys[key] = (kind, dtype, tuple(s.shape for s in shapes))
-    if cache_keys[key] not in _CACHE:
+    if cache_keys[key] in _PENDING:
+      pending[key] = _PENDING.pop(cache_keys[key])
+    elif cache_keys[key] not in _CACHE:
       todo[key] = (kind, dtype, shapes)
   executables, shares = _compile_all(list(todo.values()))
   compile_seconds = dict.fromkeys(buckets, 0.0)
   for k, exe, share in zip(todo, executables, shares):
     _CACHE[cache_keys[k]] = exe
     compile_seconds[k] = share
+  background = dict.fromkeys(buckets, 0.0)
+  for k, fut in pending.items():
+    # Started by precompile(): the solve pays only the wait; the compile's own seconds (mostly
+    # overlapped with the host work before the solve) are reported as precompile_seconds.
+    t0 = time.perf_counter()
+    _CACHE[cache_keys[k]], background[k] = fut.result()
+    compile_seconds[k] = time.perf_counter() - t0
   for key, idx in buckets.items():
     bucket = [_built(systems[i]) for i in idx]  # this bucket's float64 systems only
     outs, solve_seconds = _run(_CACHE[cache_keys[key]], bucket, dtype)
@@ -506,6 +561,7 @@ def _solve_buckets(systems, buckets, results, dtype: str, with_cond: bool) -> No
           dtype=dtype,
           bucket=f'{key[0]}(m={key[1]}, p={key[2]}, D={dpad}, L={len(idx)})',
           compile_seconds=timing['compile'] / len(idx), solve_seconds=timing['solve'] / len(idx),
+          precompile_seconds=background[key] / len(idx),
       )
       if with_cond:
         t0 = time.perf_counter()

@@ -16,19 +16,21 @@ from lbyl_jax.core.bn import BN_EPS
 from lbyl_jax.core.units import Unit
 
 
-def filters(variables: Mapping[str, Any], unit: Unit) -> np.ndarray:
+def filters(variables: Mapping[str, Any], unit: Unit, dtype=None) -> np.ndarray:
   """The producer's filters as rows W_i (N x D), flattened in PyTorch order (C_in, kh, kw).
 
   For a layer without BN (MLP), the bias is appended as the last coordinate (docs/lbyl.md).
+  ``dtype``: of the result (default: the kernel's), converted in the same pass as the transpose.
   """
   layer = trees.get_path(variables['params'], unit.producer)
   k = np.asarray(layer['kernel'])
-  if k.ndim == 4:  # HWIO -> O, I, H, W
-    w = np.transpose(k, (3, 2, 0, 1)).reshape(k.shape[3], -1)
+  dtype = k.dtype if dtype is None else np.dtype(dtype)
+  if k.ndim == 4:  # HWIO -> O, I, H, W: one C-ordered copy, so the reshape copies nothing
+    w = np.transpose(k, (3, 2, 0, 1)).astype(dtype, order='C').reshape(k.shape[3], -1)
   else:  # (in, out)
-    w = k.T
+    w = k.T.astype(dtype, copy=False)
   if unit.bn is None and 'bias' in layer:
-    w = np.concatenate([w, np.asarray(layer['bias'])[:, None]], axis=1)
+    w = np.concatenate([w, np.asarray(layer['bias'], dtype)[:, None]], axis=1)
   return w
 
 

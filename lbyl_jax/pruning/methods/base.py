@@ -55,6 +55,15 @@ class Method(Options):
     raise ValueError(f'method {self.name!r} has no form for depthwise units (docs/mobilenet_v2.md'
                      ' derives prune, nm, lbyl and bnm)')
 
+  def solver_dims(self, units: Sequence[Any], dims: Sequence[tuple[int, int, int]]
+                  ) -> list[tuple[str, int, int, int]]:
+    """(kind, m, p, D) of the systems :meth:`deliver` will hand to
+    :func:`lbyl_jax.pruning.solvers.solve` for these units, whose problems have (m kept, p pruned,
+    filter length D) ``dims`` -- shapes only, for :func:`~lbyl_jax.pruning.solvers.precompile`.
+    [] (the default) for a method that solves nothing batched or cannot tell in advance."""
+    del units, dims
+    return []
+
   def preset(self, name: str) -> dict[str, Any]:
     """Option values of a named preset (e.g. 'reference_code'); {} when it does not apply."""
     del name

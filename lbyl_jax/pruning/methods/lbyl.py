@@ -145,6 +145,11 @@ class LBYL(Method):
   def default_bias_correction(self) -> str:
     return 'on' if self.lbyl_mode == 'consistent' else 'off'
 
+  def solver_dims(self, units, dims):
+    # The kinds of solve_problems' Deferred systems.
+    return [('row' if self.lbyl_mode == 'reference_code' and u.bn is not None else 'shared',
+             m, p, d) for u, (m, p, d) in zip(units, dims)]
+
   def depthwise_options(self, spec):
     """LBYL's consistent form on the composite filters (docs/mobilenet_v2.md#lbyl-on-the-composite-channel);
     the official code's normal equations have no derivation there."""
