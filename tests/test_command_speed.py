@@ -4,7 +4,9 @@
   equal those of a fresh trace at those widths, and the discovered MAC count on them equals the
   count on a fresh jaxpr (every preset family);
 - the trace and the discovery kept on disk next to the compilation cache read back equal, are
-  rebuilt when unreadable, and are not kept with the cache off;
+  rebuilt when unreadable, and are not kept with the cache off; the copies shipped with the
+  package exist for every preset under the current keys, equal a fresh trace / discovery, and
+  serve a first run with an empty cache without tracing;
 - the consumer geometry discovery records equals the one an interceptor on ``model.apply``
   records (the implementation before discovery);
 - ReLU moments computed in fixed-length chunks equal the exact-length computation bitwise;
@@ -24,6 +26,8 @@ The timings themselves are measured by ``python -m benchmarks.command_speed``, n
 from __future__ import annotations
 
 import dataclasses
+import gzip
+import json
 import subprocess
 import sys
 
@@ -37,6 +41,7 @@ from lbyl_jax import pipeline
 from lbyl_jax.core import units as units_lib
 from lbyl_jax.models import archs
 from lbyl_jax.models import discover as discover_lib
+from lbyl_jax.models import shipped
 from lbyl_jax.models import trace
 from lbyl_jax.pruning import bias as bias_lib
 from lbyl_jax.pruning import moments
@@ -289,3 +294,50 @@ def test_exit_without_teardown_keeps_output_and_status(code, status, err):
   proc = subprocess.run([sys.executable, '-c', _EXIT_CHILD.replace('CODE', code)],
                         capture_output=True, text=True, timeout=120, check=False)
   assert (proc.returncode, proc.stdout, proc.stderr) == (status, 'out', err)
+
+
+def test_shipped_traces_exist_for_every_preset_under_the_current_keys(tmp_path):
+  missing = []
+  for name in archs.names():
+    spec = archs.get(name)
+    if not shipped.eligible(spec):
+      continue
+    for fname in shipped.expected_files(spec, str(tmp_path)):
+      if not (trace.SHIPPED_DIR / (fname + '.gz')).is_file():
+        missing.append(fname)
+  assert not missing, (f'shipped traces missing or stale: {missing}; regenerate them with '
+                       '`python -m lbyl_jax.models.shipped` and commit lbyl_jax/models/traces')
+  assert len(list(trace.SHIPPED_DIR.glob('*.json.gz'))) == 2 * sum(
+      shipped.eligible(archs.get(n)) for n in archs.names())  # no stale leftovers
+
+
+@pytest.mark.parametrize('name', ('resnet20', 'resnet50', 'vgg16_bn', 'lenet_300_100'))
+def test_shipped_traces_equal_a_fresh_trace_and_serve_a_cold_cache(name, tmp_path, monkeypatch):
+  spec = archs.get(name)
+  traced = trace.trace_module(spec.model, spec.dummy_input())
+  fresh = discover_lib.discover(spec.model, traced.abstract, (1, *spec.input_shape),
+                                apply_kwargs=dict(spec.apply_kwargs), policy=spec.policy)
+  t_name, d_name = shipped.expected_files(spec, str(tmp_path))
+  read = lambda n: json.loads(gzip.decompress((trace.SHIPPED_DIR / (n + '.gz')).read_bytes()))
+  assert read(t_name) == json.loads(json.dumps(trace._to_json(traced)))  # pylint: disable=protected-access
+  assert read(d_name) == json.loads(json.dumps(units_lib.discovery_to_json(fresh)))
+
+  def refuse(*args, **kwargs):
+    raise AssertionError('traced instead of reading the shipped copy')
+
+  previous = jax.config.jax_compilation_cache_dir
+  jax.config.update('jax_compilation_cache_dir', str(tmp_path))
+  try:
+    trace.trace_layers.cache_clear()
+    with monkeypatch.context() as m:
+      m.setattr(trace, 'trace_module', refuse)
+      m.setattr(discover_lib, 'discover', refuse)
+      cold = dataclasses.replace(spec)
+      assert cold.discovery == fresh
+      assert _shapes(cold.abstract_variables()) == _shapes(traced.abstract)
+    # ... and the disk cache now holds them, as after a first run that traced.
+    assert sorted(p.name for p in (tmp_path / trace.DISK_SUBDIR).iterdir()) == sorted(
+        [t_name, d_name])
+  finally:
+    jax.config.update('jax_compilation_cache_dir', previous)
+    trace.trace_layers.cache_clear()

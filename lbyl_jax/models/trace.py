@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import gzip
 import hashlib
 import json
 import math
 import os
 import pathlib
 import tempfile
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -119,17 +121,36 @@ def trace_module(model: nn.Module, dummy_input: Any) -> LayerTrace:
 @functools.lru_cache(maxsize=64)
 def trace_layers(spec) -> LayerTrace:
   """:func:`trace_module` of a preset's model at its original widths (cached per preset, and on
-  disk for the models of :mod:`lbyl_jax.models.nets`, see :func:`_disk_path`)."""
+  disk for the models of :mod:`lbyl_jax.models.nets`, see :func:`_disk_path` and
+  :func:`_shipped_path`)."""
   path = _disk_path(spec)
-  if path is not None and path.is_file():
+  for text in _stored_texts(path):
     try:
-      return _from_json(json.loads(path.read_text(encoding='utf-8')))
-    except (OSError, ValueError, KeyError, TypeError):
-      pass  # unreadable: trace again and replace it
+      return _from_json(json.loads(text))
+    except (ValueError, KeyError, TypeError):
+      pass  # unreadable: the next source, else trace again and replace it
   traced = trace_module(spec.model, spec.dummy_input())
   if path is not None:
     _write_atomic(path, json.dumps(_to_json(traced)))
   return traced
+
+
+def _stored_texts(path: pathlib.Path | None):
+  """The texts kept for ``path``: the disk cache's file, then the copy shipped with the package
+  (which, when read, is also written to the disk cache)."""
+  if path is None:
+    return
+  try:
+    yield path.read_text(encoding='utf-8')
+  except OSError:
+    pass
+  shipped = _shipped_path(path)
+  try:
+    text = gzip.decompress(shipped.read_bytes()).decode('utf-8')
+  except (OSError, EOFError, UnicodeDecodeError, zlib.error):
+    return
+  _write_atomic(path, text)
+  yield text
 
 
 # --------------------------------------------------------------------------------------------
@@ -137,6 +158,11 @@ def trace_layers(spec) -> LayerTrace:
 # discovery 1.5-4 s; reading either back takes milliseconds.
 
 DISK_SUBDIR = 'lbyl_jax_traces'
+# The presets' traces and discoveries under the same names (gzip), shipped with the package, so a
+# first run with an empty cache (a new user, a fresh container) traces nothing either; written by
+# ``python -m lbyl_jax.models.shipped`` and checked current by tests/test_command_speed.py.
+# A file whose key (module sources, flax and jax versions) does not match is simply not found.
+SHIPPED_DIR = pathlib.Path(__file__).resolve().parent / 'traces'
 _SOURCES = {
     'trace': ('models/nets.py', 'models/trace.py'),
     'discovery': ('models/nets.py', 'models/trace.py', 'models/discover.py', 'core/units.py'),
@@ -169,16 +195,21 @@ def _disk_path(spec, kind: str = 'trace', extra: Any = ()) -> pathlib.Path | Non
   return pathlib.Path(base) / DISK_SUBDIR / f'{spec.name}{suffix}-{digest[:32]}.json'
 
 
+def _shipped_path(path: pathlib.Path) -> pathlib.Path:
+  """The shipped copy of the disk cache's file ``path`` (:data:`SHIPPED_DIR`)."""
+  return SHIPPED_DIR / (path.name + '.gz')
+
+
 def discovery_on_disk(spec, compute: Callable[[], units_lib.Discovery]) -> units_lib.Discovery:
   """``compute()`` (the discovery of a preset), read from disk when an earlier run kept it
   (:func:`_disk_path`, kind 'discovery'); written after computing when its JSON form reads back
   equal (:func:`lbyl_jax.core.units.discovery_to_json`). An unreadable file is replaced."""
-  path = _disk_path(spec, 'discovery', extra=(tuple(spec.policy), tuple(spec.apply_kwargs)))
-  if path is not None and path.is_file():
+  path = _discovery_path(spec)
+  for text in _stored_texts(path):
     try:
-      return units_lib.discovery_from_json(json.loads(path.read_text(encoding='utf-8')))
-    except (OSError, ValueError, KeyError, TypeError):
-      pass  # unreadable: discover again and replace it
+      return units_lib.discovery_from_json(json.loads(text))
+    except (ValueError, KeyError, TypeError):
+      pass  # unreadable: the next source, else discover again and replace it
   found = compute()
   if path is not None:
     try:
@@ -190,6 +221,10 @@ def discovery_on_disk(spec, compute: Callable[[], units_lib.Discovery]) -> units
     if exact:
       _write_atomic(path, text)
   return found
+
+
+def _discovery_path(spec) -> pathlib.Path | None:
+  return _disk_path(spec, 'discovery', extra=(tuple(spec.policy), tuple(spec.apply_kwargs)))
 
 
 def _to_json(t: LayerTrace) -> dict[str, Any]:
