@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import json
+import os
 import subprocess
 import sys
 
@@ -277,8 +278,10 @@ def test_prepare_compiles_exactly_what_compress_uses(arch, options):
 
 
 _EXIT_CHILD = """
+import atexit
 import sys
 from lbyl_jax.cli import common
+atexit.register(lambda: print('[atexit]', end=''))  # the interpreter's teardown runs it
 def main():
   print('out', end='')
   print('err', end='', file=sys.stderr)
@@ -341,3 +344,18 @@ def test_shipped_traces_equal_a_fresh_trace_and_serve_a_cold_cache(name, tmp_pat
   finally:
     jax.config.update('jax_compilation_cache_dir', previous)
     trace.trace_layers.cache_clear()
+
+
+def test_a_profiler_still_gets_its_results(tmp_path):
+  out = tmp_path / 'prof.out'
+  child = _EXIT_CHILD.replace('CODE', '0')
+  script = tmp_path / 'child.py'
+  script.write_text(child)
+  proc = subprocess.run([sys.executable, '-m', 'cProfile', '-o', str(out), str(script)],
+                        capture_output=True, text=True, timeout=120, check=False)
+  assert proc.returncode == 0 and out.is_file() and out.stat().st_size > 0
+  assert proc.stdout == 'out[atexit]'
+  proc = subprocess.run([sys.executable, '-c', _EXIT_CHILD.replace('CODE', '5')],
+                        capture_output=True, text=True, timeout=120, check=False,
+                        env=dict(os.environ, LBYL_JAX_FULL_EXIT='1'))
+  assert (proc.returncode, proc.stdout) == (5, 'out[atexit]')

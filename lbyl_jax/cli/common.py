@@ -82,14 +82,16 @@ def exit_without_teardown(main: Callable[[], Any]) -> None:
   output is written, fsynced and published atomically before ``main`` returns, the compilation
   cache writes its entries when it compiles, and orbax's save has been waited for. With several
   processes on ``jax.distributed`` the normal exit runs (its shutdown tells the coordinator this
-  process is done).
+  process is done), and so it does under a profiler or a tracer (``python -m cProfile``,
+  ``coverage run``: they write their results at exit) or with ``LBYL_JAX_FULL_EXIT=1``.
   """
   code: Any = 0
   try:
     main()
   except SystemExit as e:
     code = e.code
-  if jax_distributed_running():
+  if (jax_distributed_running() or sys.getprofile() is not None or sys.gettrace() is not None
+      or os.environ.get('LBYL_JAX_FULL_EXIT', '') not in ('', '0')):
     raise SystemExit(code)
   if code is None:
     status = 0
