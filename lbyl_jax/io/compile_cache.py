@@ -8,8 +8,9 @@ else ``<user cache>/jax`` (``$LBYL_JAX_CACHE``, default ``~/.cache/lbyl_jax/jax`
 executable is cached, however short its compile (the commands compile many small ones). The same
 directory keeps each preset's abstract model trace and its unit discovery (``lbyl_jax_traces/``,
 see :func:`lbyl_jax.models.trace.trace_layers` and :func:`lbyl_jax.models.trace.discovery_on_disk`),
-which a run would otherwise redo (0.3-1 s and 1.5-4 s for a ResNet-50 on the 2-core CPU); ``off``
-turns all of them off.
+which a run would otherwise redo (0.3-1 s and 1.5-4 s for a ResNet-50 on the 2-core CPU); the
+package ships the presets' copies (:mod:`lbyl_jax.models.shipped`), read when the directory has
+none. ``off`` turns the cache and the trace files off.
 """
 
 from __future__ import annotations
