@@ -234,7 +234,7 @@ def summary(results: dict, variant: str = 'lbyl') -> str:
              else 're-estimation loses at no stored ratio.'))
 
 
-# Issue 17's target on the NM ResNet-56's held-out split (data-free, one default): top-1 >= 86 at
+# The accuracy target for high ratios (issue 17) on the NM ResNet-56's held-out split (data-free, one default): top-1 >= 86 at
 # 40 % and >= 80 at 50 % with the default method, no loss at 10-30 %; with 4-bit weights at
 # 30 / 40 / 50 % at least UDFC's published 90.33 / 86.99 / 81.90.
 TARGET_ARCH = 'resnet56_b'
