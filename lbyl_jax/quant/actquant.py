@@ -302,8 +302,9 @@ def bn_ranges(spec, variables: Mapping[str, Any], *, k: float | None = None,
   elif fam == 'mlp':
     sources = _mlp_sources(spec, variables)
   else:
-    raise ValueError(f'{spec.name}: the BN range rule does not know family {fam!r}; use '
-                     '--act-ranges distilled (API: distilled_ranges or calibration_ranges)')
+    raise ValueError(f'{spec.name}: the BN range rule (--act-ranges bn) does not know family '
+                     f'{fam!r}; use --act-ranges distilled (data-free) or --act-ranges calibration'
+                     ' --calib-data SPEC (API: act_ranges=..., calib_images=...)')
   known = quant.kernel_paths(variables)
   missing = sorted(set(known) - set(sources))
   extra = sorted(set(sources) - set(known))
