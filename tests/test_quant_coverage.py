@@ -33,8 +33,8 @@ REFUSED = {
     ('mobilenet_v2_cifar10', 'dfmpc'): 'handles units with one plain consumer',
     ('custom', 'dfmpc'): 'BN-moment model of the preset families',
 }
-# The BN range rule covers the ResNets, VGGs and LeNet; elsewhere calibration or distillation.
-BN_RULE_REFUSED = ('mobilenet_v2_cifar10', 'custom')
+# The BN range rule covers every preset family; a user model needs calibration or distillation.
+BN_RULE_REFUSED = ('custom',)
 
 
 class SmallCNN(nn.Module):

@@ -151,6 +151,7 @@ class _Source:
   std: np.ndarray | None = None
   relu: bool = True
   pool: int = 1
+  cap: float | None = None  # ReLU6: the activation's upper bound
 
 
 def _quantile_z(k: float, pool: int) -> float:
@@ -173,7 +174,8 @@ def _source_range(src: _Source, k: float, spec) -> ActRange:
   z = _quantile_z(k, src.pool)
   hi = src.mean + z * src.std
   if src.relu:
-    return ActRange(0.0, float(max(0.0, np.max(hi))), False)
+    top = float(max(0.0, np.max(hi)))
+    return ActRange(0.0, top if src.cap is None else min(top, float(src.cap)), False)
   lo = src.mean - z * src.std
   return ActRange(float(np.min(lo)), float(np.max(hi)), True)
 
@@ -264,6 +266,41 @@ def _vgg_sources(spec, variables, override) -> dict[str, _Source]:
   return out
 
 
+def _mobilenet_sources(spec, variables, override) -> dict[str, _Source]:
+  """MobileNetV2 (torchvision layout, ``spec.model.blocks()``): ReLU6(BN) inputs get the BN
+  quantile capped at 6; a block's linear output ``BN(project)`` (+ the block input on a residual)
+  is ``N(beta + m_x, gamma^2 + v_x)``, symmetric (the moments of ``moments.propagate``)."""
+  def relu6(path):
+    mean, std = _bn_gauss(variables, path, override)
+    return _Source('gauss', mean, std, True, 1, 6.0)
+
+  blocks = spec.model.blocks()
+  out = {'features_0/conv': _Source('image')}
+  x = relu6('features_0/bn')
+  for b in blocks:
+    n = b.name
+    if b.expand:
+      out[f'{n}/conv_0_0'] = x
+      out[f'{n}/conv_1_0'] = relu6(f'{n}/conv_0_1')
+      out[f'{n}/conv_2'] = relu6(f'{n}/conv_1_1')
+    else:
+      out[f'{n}/conv_0_0'] = x
+      out[f'{n}/conv_1'] = relu6(f'{n}/conv_0_1')
+    beta, gamma = _bn_gauss(variables, b.output_bn, override)
+    if b.residual:
+      if x.relu:  # a rectified block input: its mean and variance (ReLU's, an upper bound)
+        m_x, v_x = _post_relu_moments(x)
+      else:
+        m_x, v_x = x.mean, x.std ** 2
+      x = _Source('gauss', beta + m_x, np.sqrt(gamma ** 2 + v_x), False)
+    else:
+      x = _Source('gauss', beta, gamma, False)
+  last = f'features_{len(blocks) + 1}'
+  out[f'{last}/conv'] = x
+  out['classifier_1'] = relu6(f'{last}/bn')  # global average pool: the per-element bound
+  return out
+
+
 def _mlp_sources(spec, variables) -> dict[str, _Source]:
   mom = moments_lib.propagate(spec, variables)
   out = {spec.units[0].producer: _Source('image')}
@@ -301,6 +338,8 @@ def bn_ranges(spec, variables: Mapping[str, Any], *, k: float | None = None,
     sources = _vgg_sources(spec, variables, bn_gaussians)
   elif fam == 'mlp':
     sources = _mlp_sources(spec, variables)
+  elif fam == 'mobilenet_v2':
+    sources = _mobilenet_sources(spec, variables, bn_gaussians)
   else:
     raise ValueError(f'{spec.name}: the BN range rule (--act-ranges bn) does not know family '
                      f'{fam!r}; use --act-ranges distilled (data-free) or --act-ranges calibration'
