@@ -189,3 +189,29 @@ def test_api_calibration_images():
   with pytest.raises(ValueError, match='use one of the two'):
     lbyl_jax.compress('resnet20', v, method='prune', ratio=0.3, act_bits=6,
                       act_ranges='calibration', calib_images=images, bn_reestimate='moments')
+
+
+def test_user_model_act_quant_exports_stablehlo(tmp_path):
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
+  class Tiny(nn.Module):
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+      x = nn.Conv(8, (3, 3), padding=1, use_bias=False)(x)
+      x = nn.relu(nn.BatchNorm(use_running_average=not train)(x))
+      return nn.Dense(4)(jnp.mean(x, axis=(1, 2)))
+
+  module = Tiny()
+  v = jax.tree_util.tree_map(np.asarray, module.init(jax.random.PRNGKey(0),
+                                                     jnp.zeros((1, 32, 32, 3))))
+  res = lbyl_jax.compress(module, v, (1, 32, 32, 3), method='prune', ratio=0.25, act_bits=4,
+                          act_ranges='calibration', calib_images=IMAGES)
+  exp = export_lib.load_stablehlo(res.export_files('stablehlo')[export_lib.STABLEHLO_FILE])
+  want = np.asarray(res.apply(IMAGES))
+  np.testing.assert_array_equal(np.asarray(exp.call(IMAGES)), want)
+  with pytest.raises(ValueError, match='no PyTorch naming'):
+    res.export_files('safetensors')
+  loaded = lbyl_jax.load(res.save(tmp_path / 'run'), module=module)
+  out = loaded.export(tmp_path / 'exp', 'stablehlo')
+  np.testing.assert_array_equal(_call(out / export_lib.STABLEHLO_FILE), want)
