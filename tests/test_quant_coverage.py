@@ -1,7 +1,8 @@
 """Coverage: every weight quantizer and activation quantization through ``lbyl_jax.compress`` on
 one model of every family (a CIFAR ResNet, an ImageNet ResNet, the CIFAR VGG, LeNet-300-100,
 MobileNetV2 and a user Flax CNN), random weights. Each result must give finite logits, save, and
-reload with ``lbyl_jax.load`` to the same logits; the combinations a method cannot handle are
+reload with ``lbyl_jax.load`` to the same logits (with activation quantization, also its StableHLO
+export); the combinations a method cannot handle are
 refused with an error naming the reason.
 
 Speed: random-init weights shared per module, 2 images, ``method='prune'`` (the compensation
@@ -19,6 +20,7 @@ import pytest
 
 import lbyl_jax
 from lbyl_jax import quant
+from lbyl_jax.io import export as export_lib
 from lbyl_jax.models import archs
 from lbyl_jax.quant import actquant
 
@@ -119,6 +121,9 @@ def test_act_bits_on_every_family(models, tmp_path, name):
   plain = np.asarray(result.model.apply(result.variables,
                                         archs.normalize_fn(result.spec)(images)))
   assert not np.array_equal(plain, logits)  # the activations were quantized
+  # the reloaded checkpoint exports with its ranges: StableHLO logits = the act-quant forward
+  exp = export_lib.load_stablehlo(loaded.export_files('stablehlo')[export_lib.STABLEHLO_FILE])
+  np.testing.assert_array_equal(np.asarray(exp.call(images)), logits)
 
 
 @pytest.mark.parametrize('method', [m for m in QUANTIZERS if m != 'dfq'])
