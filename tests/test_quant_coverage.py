@@ -157,3 +157,16 @@ def test_joint_udfc_with_act_bits(models, tmp_path):
   result = lbyl_jax.compress(*head, v, method='lbyl', ratio=0.3, quant_method='udfc', bits=4,
                              act_bits=4)
   _check_reload(models, 'resnet20', result, tmp_path)
+
+
+@pytest.mark.parametrize('name', archs.names())
+def test_bn_range_rule_covers_every_preset(name):
+  """The default ranges (--act-ranges bn) exist for every conv / dense input of every preset."""
+  spec = archs.get(name)
+  rng = np.random.default_rng(0)
+  v = jax.tree_util.tree_map(  # random values of the preset's shapes (cheaper than spec.init)
+      lambda a: rng.random(a.shape, np.float32) + 0.1,
+      spec.abstract_variables(None))
+  ranges = actquant.bn_ranges(spec, v, bits=4)
+  assert set(ranges.layers) == set(quant.uniform.kernel_paths(v))
+  assert all(np.isfinite(r.hi) and r.hi > 0 for r in ranges.layers.values())
