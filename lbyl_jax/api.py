@@ -47,7 +47,9 @@ def compress(arch: str | archs.ArchSpec | nn.Module, variables: Mapping[str, Any
       or a ``BNReestimation`` (e.g. ``BNReestimation(calibrate_bn=1000)``, real images: not
       data-free); the new BN statistics fold into the variables, the report gets
       ``bn_reestimate`` (recipe, ``data_free``, seconds). None: off.
-    calib_images: uint8 images for ``calibrate_bn`` only.
+    calib_images: unlabelled uint8 NHWC images, for ``calibrate_bn`` or for activation ranges
+      observed on them (``act_bits=N, act_ranges='calibration'``: NOT data-free; the report's
+      ``act_quant`` says ``data_free: False``); refused where nothing uses them.
 
   Returns:
     :class:`~lbyl_jax.pipeline.Compressed`: ``.model`` (the same class with smaller widths, or an
@@ -70,6 +72,11 @@ def compress(arch: str | archs.ArchSpec | nn.Module, variables: Mapping[str, Any
   elif bn_reestimate is not None and not isinstance(bn_reestimate, bn_lib.BNReestimation):
     raise ValueError(f'bn_reestimate must be a recipe name or a BNReestimation, got '
                      f'{type(bn_reestimate).__name__}')
+  if plan.activations.needs_images:
+    if bn_reestimate is not None:
+      raise ValueError('bn_reestimate with act_bits: the activation ranges are taken from the '
+                       'statistics before the re-estimation; use one of the two')
+    return pipeline.compress(spec, variables, plan, calib_images=calib_images)
   result = pipeline.compress(spec, variables, plan)
   if bn_reestimate is None and calib_images is None:
     return result

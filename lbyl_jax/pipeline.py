@@ -26,6 +26,7 @@ from lbyl_jax.pruning.problem import UnitSolution, check_solutions, coefficient_
 from lbyl_jax.experimental import guard as guard_lib
 from lbyl_jax.experimental import rules as rules_lib
 from lbyl_jax.io import checkpoint
+from lbyl_jax.io import export as export_lib
 from lbyl_jax.io import publish
 from lbyl_jax.models import archs
 from lbyl_jax.models import trace
@@ -72,6 +73,16 @@ class Compressed:
     """Logits of uint8 (or [0, 255] float) NHWC images: the preset's normalization included."""
     return actquant.forward(self.model, self.eval_variables(),
                             archs.normalize_fn(self.spec)(images))
+
+  def export_files(self, fmt: str) -> dict[str, bytes]:
+    """{file name: bytes} of one :mod:`lbyl_jax.io.export` format of what :meth:`apply`
+    computes: with activation quantization the StableHLO function holds its quantize /
+    dequantize steps and safetensors' metadata its grids (:func:`actquant.export_files`)."""
+    spec = self.spec
+    export_lib.check_available(fmt, spec)
+    if self.act_meta is None:
+      return export_lib.export(spec, self.widths, self.variables, fmt, qmeta=self.qmeta)
+    return actquant.export_files(spec, self.widths, self.act_meta, self.variables, fmt)
 
   def save(self, out_dir, *, overwrite: bool = False, report: Mapping[str, Any] | None = None,
            files: Mapping[str, str | bytes] | None = None):
@@ -122,7 +133,8 @@ def prepare(spec, plan: Plan, variables: Mapping[str, Any] | None = None) -> int
   return solvers.precompile(todo, dtype=getattr(plan.method, 'dtype', 'float32'))
 
 
-def compress(spec, variables: Mapping[str, Any], plan: Plan | None = None, **options) -> Compressed:
+def compress(spec, variables: Mapping[str, Any], plan: Plan | None = None, *,
+             calib_images=None, **options) -> Compressed:
   """Prunes every unit of ``spec``, compensates, and optionally quantizes.
 
   Args:
@@ -130,6 +142,9 @@ def compress(spec, variables: Mapping[str, Any], plan: Plan | None = None, **opt
     variables: original-width float variables ({'params', 'batch_stats'}), not modified.
     plan: the :class:`~lbyl_jax.plan.Plan`; or, instead, flat ``options`` for
       :meth:`Plan.from_options` (``compress(spec, v, method='nm', ratio=0.4)``).
+    calib_images: unlabelled uint8 NHWC images (or a :class:`lbyl_jax.io.data.Dataset`) whose
+      observed ranges the activation quantization uses (``act_ranges='calibration'``, NOT
+      data-free); only with that source.
 
   Returns:
     :class:`Compressed`. The report holds arch, method, criterion, ratio, the resolved bias
@@ -143,6 +158,11 @@ def compress(spec, variables: Mapping[str, Any], plan: Plan | None = None, **opt
   if not isinstance(plan, Plan):
     raise ValueError(f'plan must be a lbyl_jax.plan.Plan (or pass flat options), got '
                      f'{type(plan).__name__}')
+  if plan.activations.needs_images and calib_images is None:
+    raise ValueError('--act-ranges calibration needs unlabelled images (--calib-data SPEC; '
+                     'API: calib_images=)')
+  if calib_images is not None and not plan.activations.needs_images:
+    raise ValueError('calib_images are used by act_ranges=\'calibration\' (with act_bits) only')
   t_start = time.perf_counter()
   phases: dict[str, float] = {}
   _timed(phases, 'validate', selection_lib.validate_variables, spec, variables)
@@ -194,7 +214,8 @@ def compress(spec, variables: Mapping[str, Any], plan: Plan | None = None, **opt
   if plan.activations.enabled:
     act_keep = (trace.first_and_last_layers(spec)
                 if plan.quantizer is None or plan.quantizer.keep_8bit_ends else ())
-    ranges = _timed(phases, 'activation_ranges', plan.activations.ranges, spec, new)
+    ranges = _timed(phases, 'activation_ranges', plan.activations.ranges, spec, new,
+                    calib_images)
     act_meta = actquant.act_meta(ranges, plan.activations.act_bits, act_keep)
   before = _timed(phases, 'stats', stats.summary, spec, variables)
   after = _timed(phases, 'stats', stats.summary, spec, new)

@@ -78,6 +78,14 @@ def summary_text(report: Mapping[str, Any]) -> str:
     lines.append(f"  BN re-estimation: {bn['recipe']} "
                  f"({'data-free' if bn['data_free'] else 'NOT data-free: real images'}), "
                  f"{bn['seconds']:.2f} s")
+  act = report.get('act_quant')
+  if act:
+    calib = act.get('calib_data') or {}
+    lines.append(f"  activations: {act['bits']} bits, ranges {act['source']} "
+                 + ('(data-free)' if act['data_free'] else
+                    f"(NOT data-free: {calib.get('n', (act.get('info') or {}).get('n', '?'))} "
+                    f"user images{' of ' + str(calib['spec']) if calib.get('spec') else ''})")
+                 + f"; 8-bit inputs: {', '.join(act.get('keep_8bit') or []) or 'none'}")
   if report.get('top1_before') is not None:
     lines.append(f"  top-1 {report['top1_before']:.2f} -> {report['top1_after']:.2f}   "
                  f"top-5 {report['top5_before']:.2f} -> {report['top5_after']:.2f}"

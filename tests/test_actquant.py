@@ -151,6 +151,44 @@ def test_bn_ranges_follow_the_bn_rule(resnet20):
   assert actquant.default_k(8) == 8.0 and actquant.default_k(5) == 4.0
 
 
+def test_bn_ranges_mobilenet_v2_follow_the_bn_rule():
+  """MobileNetV2: ReLU6(BN) inputs get the BN quantile capped at 6; a block's linear output (plus
+  the block input on a residual) N(beta + m_x, gamma^2 + v_x) a symmetric range (float64 here)."""
+  spec = archs.get('mobilenet_v2_cifar10')
+  v = jax.tree_util.tree_map(np.asarray, spec.init(jax.random.PRNGKey(4)))
+  p = jax.tree_util.tree_map(lambda a: np.asarray(a, np.float64), v['params'])
+  k = 3.0
+  r = actquant.bn_ranges(spec, v, k=k)
+  assert set(r.layers) == set(quant.kernel_paths(v)) and r.source == 'bn'
+
+  def bn(path):
+    node = p
+    for key in path.split('/'):
+      node = node[key]
+    return node['bias'], np.abs(node['scale'])
+
+  def relu6(path):
+    b, g = bn(path)
+    return min(6.0, max(0.0, float(np.max(b + k * g))))
+
+  assert r.layers['features_1/conv_0_0'].hi == pytest.approx(relu6('features_0/bn'))
+  assert r.layers['features_2/conv_1_0'].hi == pytest.approx(relu6('features_2/conv_0_1'))
+  assert r.layers['features_2/conv_2'].hi == pytest.approx(relu6('features_2/conv_1_1'))
+  assert r.layers['classifier_1'].hi == pytest.approx(relu6('features_18/bn'))
+  # block 2 (no residual) feeds block 3 (residual: 24 -> 24, stride 1): block 4 reads the sum
+  b2, g2 = bn('features_2/conv_3')
+  b3, g3 = bn('features_3/conv_3')
+  lo, hi = b2 - k * g2, b2 + k * g2
+  x3 = r.layers['features_3/conv_0_0']
+  assert x3.signed and x3.lo == pytest.approx(np.min(lo)) and x3.hi == pytest.approx(np.max(hi))
+  m, s = b2 + b3, np.sqrt(g2 ** 2 + g3 ** 2)
+  x4 = r.layers['features_4/conv_0_0']
+  assert x4.lo == pytest.approx(np.min(m - k * s)) and x4.hi == pytest.approx(np.max(m + k * s))
+  # the projection's output after a 6-bit grid is symmetric: qmin = -qmax
+  delta, qmin, qmax = actquant.layer_grid(x4, 6)
+  assert qmin == -qmax == -31 and delta == np.float32(max(-x4.lo, x4.hi) / 31)
+
+
 def test_observed_ranges_and_sources(lenet):
   spec, v = lenet
   rng = np.random.default_rng(5)
@@ -309,10 +347,14 @@ def test_cli_act_bits_reload_and_evaluate(shared, tmp_path, capsys):
   cli_eval.main([str(out), '--data', data, '--limit', '2000', '--no-progress', '--json'])
   again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert again['top1'] == report['top1_after']
-  with pytest.raises(SystemExit) as exc:
-    cli.main(common + ['--out', str(tmp_path / 'x'), '--act-bits', '4', '--export', 'stablehlo'])
-  assert exc.value.code == 1 and 'activation quantization' in capsys.readouterr().err
-  assert not (tmp_path / 'x').exists()
+  # the export carries the activation quantization (tests/test_actquant_export.py: resnet20)
+  cli.main(common + ['--out', str(tmp_path / 'x'), '--act-bits', '4', '--export', 'stablehlo'])
+  capsys.readouterr()
+  from lbyl_jax.io import export as export_lib  # pylint: disable=import-outside-toplevel
+  x = lbyl_jax.load(tmp_path / 'x')
+  images = np.random.default_rng(0).integers(0, 256, size=(5, 28, 28, 1), dtype=np.uint8)
+  exported = export_lib.load_stablehlo((tmp_path / 'x' / 'model.stablehlo').read_bytes())
+  np.testing.assert_array_equal(np.asarray(exported.call(images)), np.asarray(x.apply(images)))
 
 
 def test_stage_distilled_ranges_through_the_pipeline(resnet20, lenet, monkeypatch):

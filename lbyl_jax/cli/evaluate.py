@@ -3,10 +3,13 @@
   python -m lbyl_jax.evaluate runs/resnet20-lbyl-r0.3 --data cifar10       # a saved run
   python -m lbyl_jax.evaluate --arch resnet20 [--weights FILE|DIR] [--data SPEC]
   python -m lbyl_jax.evaluate --compare RUN_A RUN_B [--data SPEC]
+  python -m lbyl_jax.evaluate RUN_DIR --export stablehlo --out DIR   # export, no evaluation
 
 A saved run (or the converter's output) carries its architecture in ``meta.json``; ``--arch`` is
 needed only for a weights file. ``--compare`` evaluates two saved checkpoints of the same
 architecture on the same examples and reports the paired comparison (exact McNemar test).
+``--export FMT --out DIR`` writes a saved run's exports (with its activation quantization, if it
+has one) into a new directory instead of evaluating.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from lbyl_jax.core import distributed
 from lbyl_jax.core import trees
 from lbyl_jax.io import checkpoint
 from lbyl_jax.io import data as data_lib
+from lbyl_jax.io import export as export_lib
 from lbyl_jax.io import weights as weights_lib
 from lbyl_jax.models import archs
 from lbyl_jax.quant import actquant
@@ -67,6 +71,14 @@ def parser(show_advanced: bool = False) -> argparse.ArgumentParser:
   p.add_argument('--per-example', metavar='FILE.npz',
                  help='also write the per-example top-1 predictions, labels and correctness in'
                       ' dataset order (with --compare: of both runs)')
+  x = p.add_argument_group('export a saved run (instead of evaluating)')
+  x.add_argument('--export', action='append', choices=export_lib.FORMATS, default=[],
+                 help='write RUN_DIR as a StableHLO artifact (with its activation quantization) '
+                      'or PyTorch-named safetensors (activation grids in the metadata) into --out;'
+                      ' repeatable')
+  x.add_argument('--out', metavar='DIR', help='--export: the new directory to write')
+  x.add_argument('--overwrite', action='store_true',
+                 help='--export: replace an existing --out that this tool wrote')
   common.add_common(p)
   common.add_distributed(p)
   return p
@@ -81,6 +93,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   """Resolves the checkpoint and the data, evaluates, returns the report."""
   if args.per_example is not None and pathlib.Path(args.per_example).suffix != '.npz':
     raise ValueError(f'--per-example: expected a .npz file name, got {args.per_example!r}')
+  if args.export:
+    return run_export(args)
+  if args.out is not None or args.overwrite:
+    raise ValueError('--out / --overwrite apply to --export')
   if args.compare:
     if args.run or args.weights:
       raise ValueError('--compare takes the two runs; give no RUN_DIR or --weights with it')
@@ -99,6 +115,31 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
               seconds=result['seconds'], compile_seconds=result['compile_seconds'],
               devices=evaluator.num_devices, processes=evaluator.num_processes,
               batch_size=evaluator.batch_size)
+
+
+def run_export(args: argparse.Namespace) -> dict[str, Any]:
+  """Writes the exports of the saved run ``args.run`` into ``args.out`` (a new directory)."""
+  extra = [f for f, v in (('--compare', args.compare), ('--weights', args.weights),
+                          ('--arch', args.arch), ('--data', args.data),
+                          ('--data-slice', args.data_slice), ('--limit', args.limit),
+                          ('--per-example', args.per_example)) if v]
+  if extra:
+    raise ValueError(f'--export writes a saved run and evaluates nothing; drop {", ".join(extra)}')
+  if args.run is None or not checkpoint.is_checkpoint(args.run):
+    raise ValueError(f'--export needs a saved run directory (RUN_DIR with meta.json), got '
+                     f'{args.run!r}')
+  if args.out is None:
+    raise ValueError('--export needs --out DIR (a new directory)')
+  loaded = actquant.restore(checkpoint.load(args.run))
+  out = None
+  with common.all_or_none(args, f'exporting to {args.out}'):
+    if common.is_primary(args):
+      out = loaded.export(args.out, args.export, overwrite=args.overwrite)
+  act = isinstance(loaded, actquant.ActLoaded)
+  return dict(arch=loaded.spec.name, run=str(pathlib.Path(args.run).absolute()),
+              out=None if out is None else str(out), formats=list(args.export),
+              act_quant=(dict(bits=loaded.act[1], source=loaded.act[0].source,
+                              data_free=loaded.act[0].data_free) if act else None))
 
 
 def _model_and_data(args: argparse.Namespace):
@@ -159,7 +200,13 @@ def _write_per_example(args: argparse.Namespace, **arrays) -> None:
 
 
 def _print(args, report) -> None:
-  if args.compare:
+  if args.export:
+    act = report['act_quant']
+    print(f'exported {report["run"]} ({report["arch"]}) as {", ".join(report["formats"])} to '
+          f'{report["out"]}' + ('' if act is None else
+                                f' with {act["bits"]}-bit activations ({act["source"]} ranges, '
+                                f'{"data-free" if act["data_free"] else "NOT data-free"})'))
+  elif args.compare:
     lo, hi = report['ci95']
     print(f'{report["arch"]} on {report["data"]} ({report["n"]} examples):')
     print(f'  A {report["a"]}: top-1 {report["top1_a"]:.2f}%')

@@ -47,6 +47,7 @@ from lbyl_jax import quant
 from lbyl_jax.quant import actquant
 
 PROG = 'python -m lbyl_jax.restore'
+DEFAULT_CALIB_N = 1000
 
 
 def _floats(text: str) -> list[float]:
@@ -131,11 +132,18 @@ def parser(show_advanced: bool = False) -> argparse.ArgumentParser:
   b = p.add_argument_group('BN re-estimation after compression (opt-in)')
   common.add_options(b, [bn_lib.BNReestimation], advanced=False, show_advanced=show_advanced,
                      seen=seen)
-  b.add_argument('--calib-data', metavar='SPEC',
-                 help='--calibrate-bn: unlabelled images (any --data spec; labels are ignored)')
-  b.add_argument('--calib-slice', metavar='START:STOP', type=_slice,
-                 help='--calibrate-bn: take the images from examples START..STOP-1 of --calib-data'
+  k = p.add_argument_group('calibration images (NOT data-free; for --calibrate-bn N or '
+                           '--act-ranges calibration)')
+  k.add_argument('--calib-data', metavar='SPEC',
+                 help='unlabelled images (any --data spec; labels are ignored) for --calibrate-bn N'
+                      ' or --act-bits N --act-ranges calibration; the report marks the result '
+                      'not data-free')
+  k.add_argument('--calib-slice', metavar='START:STOP', type=_slice,
+                 help='take the images from examples START..STOP-1 of --calib-data'
                       ' (e.g. 0:1000 of the development split)')
+  k.add_argument('--calib-n', metavar='N', type=int,
+                 help=f'--act-ranges calibration: use the first N images (of the slice); default '
+                      f'{DEFAULT_CALIB_N} (--calibrate-bn N sets its own count)')
 
   e = p.add_argument_group('evaluation')
   e.add_argument('--data', help='cifar10 | fashion_mnist | path (npz, CIFAR batches dir/tar.gz, '
@@ -180,13 +188,30 @@ def parser(show_advanced: bool = False) -> argparse.ArgumentParser:
   return p
 
 
+def calib_use(args: argparse.Namespace, plans, recipe: bn_lib.BNReestimation) -> str | None:
+  """What reads --calib-data: 'bn' (--calibrate-bn), 'act' (--act-ranges calibration) or None;
+  checked before any work (images nothing uses, or a consumer without images, are refused)."""
+  act = plans[0].activations.needs_images
+  given = [f for f, v in (('--calib-data', args.calib_data), ('--calib-slice', args.calib_slice),
+                          ('--calib-n', args.calib_n)) if v is not None]
+  if act and args.calib_data is None:
+    raise ValueError('--act-ranges calibration needs --calib-data SPEC (the unlabelled images)')
+  if given and recipe.calibrate_bn is None and not act:
+    raise ValueError(f'{" / ".join(given)}: nothing reads the images; they apply to --calibrate-bn'
+                     ' N or to --act-bits N --act-ranges calibration')
+  if args.calib_n is not None and args.calib_n < 1:
+    raise ValueError(f'--calib-n must be a positive number of images, got {args.calib_n}')
+  return 'bn' if recipe.calibrate_bn is not None else ('act' if act else None)
+
+
 def bn_recipe(args: argparse.Namespace) -> bn_lib.BNReestimation:
   """The BN re-estimation options of the command line, checked before any work."""
   recipe = bn_lib.BNReestimation.from_flat(common.given_options(args, [bn_lib.BNReestimation]))
   if recipe.calibrate_bn is not None and args.calib_data is None:
     raise ValueError('--calibrate-bn needs --calib-data SPEC (the unlabelled images)')
-  if recipe.calibrate_bn is None and (args.calib_data is not None or args.calib_slice is not None):
-    raise ValueError('--calib-data / --calib-slice apply to --calibrate-bn N')
+  if recipe.calibrate_bn is not None and args.calib_n is not None:
+    raise ValueError('--calib-n applies to --act-ranges calibration; --calibrate-bn N sets its own '
+                     'number of images')
   given = common.given_options(args, [bn_lib.BNReestimation])
   distill_only = [k for k in ('bn_distill_inputs', 'bn_distill_steps', 'bn_distill_lr', 'bn_seed')
                   if k in given]
@@ -293,12 +318,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     spec = archs.get(args.arch)
   plans = _grid(args)
   recipe = bn_recipe(args)
-  if args.export and plans[0].activations.enabled:
-    raise ValueError('--export does not carry the activation quantization of --act-bits yet; '
-                     'the saved checkpoint does (lbyl_jax.load applies it)')
   if recipe.enabled and plans[0].activations.enabled:
     raise ValueError('--bn-reestimate / --calibrate-bn with --act-bits: the activation ranges are '
                      'taken from the statistics before the re-estimation; use one of the two')
+  calib_for = calib_use(args, plans, recipe)
   if args.data is None and args.data_slice is not None:
     raise ValueError('--data-slice needs --data')
   if args.export and args.sweep:
@@ -349,6 +372,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                            download=not args.no_download, progress=progress,
                            slice_=args.calib_slice, limit=recipe.calibrate_bn)
     calib = next(iter(calib_set.batches(recipe.calibrate_bn)))[0]
+  act_calib = None
+  if calib_for == 'act':
+    n = DEFAULT_CALIB_N if args.calib_n is None else args.calib_n
+    act_calib = phases.run('calib_data', f'loading {args.calib_data} (activation calibration '
+                           'images: not data-free)', data_lib.load_dataset, args.calib_data,
+                           arch=spec, download=not args.no_download, progress=progress,
+                           slice_=args.calib_slice, limit=n)
 
   dataset = evaluator = baseline = throughput_before = None
   if args.data:
@@ -378,7 +408,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   for i in mine:
     rows[i], results[i] = _one_config(args, spec, plans[i], variables, source, random_weights,
                                       dataset, local_evaluator, baseline, throughput_before,
-                                      phases, progress, primary, recipe, calib)
+                                      phases, progress, primary, recipe, calib, act_calib)
 
   if not args.sweep:
     report = rows[0]
@@ -403,7 +433,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         models = None
         if args.save_models:  # configurations computed elsewhere are recomputed (deterministic)
           models = [results[i] if i in results else _recompute(spec, variables, plans[i], recipe,
-                                                               calib)
+                                                               calib, act_calib, args)
                     for i in range(len(plans))]
         final = phases.run('save', f'writing the sweep to {out}', _write_sweep, out, spec,
                            all_rows, models, baseline, args)
@@ -415,22 +445,33 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   return final
 
 
-def _recompute(spec, variables, plan, recipe, calib) -> pipeline.Compressed:
+def _act_calib_report(result, args, act_calib) -> None:
+  """Notes the --calib-data of activation ranges in the report (they are NOT data-free)."""
+  if act_calib is not None and 'act_quant' in result.report:
+    result.report['act_quant']['calib_data'] = dict(
+        spec=args.calib_data, n=int(len(act_calib)),
+        slice=None if args.calib_slice is None else list(args.calib_slice))
+
+
+def _recompute(spec, variables, plan, recipe, calib, act_calib, args) -> pipeline.Compressed:
   """A configuration another process computed, again (deterministic), with its BN stage."""
-  result = pipeline.compress(spec, variables, plan)
+  result = pipeline.compress(spec, variables, plan, calib_images=act_calib)
+  _act_calib_report(result, args, act_calib)
   if recipe.enabled:
     result = bn_lib.reestimate_compressed(result, variables, recipe, images=calib)
   return result
 
 
 def _one_config(args, spec, plan, variables, source, random_weights, dataset, evaluator, baseline,
-                throughput_before, phases, progress, primary, recipe, calib):
+                throughput_before, phases, progress, primary, recipe, calib, act_calib=None):
   """Compresses with one plan (and re-estimates the BN statistics if asked), evaluates the
   result (with --data); (report, result)."""
   p = plan
   tag = (f'method={p.method.name} criterion={p.selection.criterion} ratio={p.selection.ratio}'
          + (f' bits={p.quantizer.bits} quant={p.quantizer.name}' if p.quantizer else ''))
-  result = phases.run('compress', f'compressing: {tag}', pipeline.compress, spec, variables, plan)
+  result = phases.run('compress', f'compressing: {tag}', pipeline.compress, spec, variables, plan,
+                      calib_images=act_calib)
+  _act_calib_report(result, args, act_calib)
   if recipe.enabled:
     result = phases.run('bn_reestimate', f're-estimating the BN statistics: {recipe.recipe}'
                         + ('' if recipe.source != 'images' else ' (real images: not data-free)'),
@@ -483,8 +524,7 @@ def _save_run(out: pathlib.Path, spec, result: pipeline.Compressed, report, *, o
               exports: Sequence[str] = ()) -> None:
   files: dict[str, str | bytes] = {}
   for fmt in exports:
-    files.update(export_lib.export(spec, result.widths, result.variables, fmt,
-                                   qmeta=result.qmeta))
+    files.update(result.export_files(fmt))
   publish.make_parents(out)
   result.save(out, overwrite=overwrite, files=files, report=report)
 

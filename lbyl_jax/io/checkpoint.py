@@ -27,6 +27,7 @@ import numpy as np
 
 from lbyl_jax.core import trees
 from lbyl_jax.core.version import __version__
+from lbyl_jax.io import export as export_lib
 from lbyl_jax.io import publish
 from lbyl_jax.models import archs
 from lbyl_jax.models import custom
@@ -67,6 +68,38 @@ class Loaded(NamedTuple):
   def apply(self, images):
     """Logits of uint8 (or [0, 255] float) NHWC images: the preset's normalization included."""
     return self.model.apply(self.variables, archs.normalize_fn(self.spec)(images))
+
+  def export_files(self, fmt: str) -> dict[str, bytes]:
+    """{file name: bytes} of one :mod:`lbyl_jax.io.export` format of this model (what
+    :meth:`apply` computes; a quantized checkpoint is exported dequantized)."""
+    export_lib.check_available(fmt, self.spec)
+    return export_lib.export(self.spec, self.widths, self.variables, fmt)
+
+  def export(self, out_dir: str | os.PathLike, formats=('stablehlo',), *,
+             overwrite: bool = False) -> pathlib.Path:
+    """Writes the exports of ``formats`` ('stablehlo', 'safetensors') into the NEW directory
+    ``out_dir`` atomically (plus ``export.json``: the architecture, widths and what the files
+    carry); an existing ``out_dir`` is refused unless ``overwrite`` (and then replaced only if
+    this tool wrote it). Returns its absolute path."""
+    formats = [formats] if isinstance(formats, str) else list(formats)
+    if not formats or len(set(formats)) != len(formats):
+      raise ValueError(f'export formats: give each of {", ".join(export_lib.FORMATS)} at most '
+                       f'once, got {formats!r}')
+    for fmt in formats:
+      export_lib.check_available(fmt, self.spec)
+    publish.check_target(out_dir, overwrite=overwrite, flag='out_dir',
+                         overwrite_flag='overwrite=True', create_parents=True)
+    files: dict[str, bytes] = {}
+    for fmt in formats:
+      files.update(self.export_files(fmt))
+    return export_lib.write(out_dir, files, self.export_description(formats),
+                            overwrite=overwrite)
+
+  def export_description(self, formats) -> dict[str, Any]:
+    """What :meth:`export` writes as ``export.json``."""
+    return dict(arch=self.meta.get('arch'), widths=self.meta.get('widths'), formats=list(formats),
+                format=self.meta.get('format'), act_quant=None,
+                source_sha256=self.meta.get(DIGEST_KEY))
 
 
 # --------------------------------------------------------------------------------------------

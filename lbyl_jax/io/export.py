@@ -7,14 +7,26 @@
 - ``safetensors``: flat float32 tensors named and shaped as the PyTorch module of the preset with
   the pruned widths expects (``model.safetensors``: ``model.load_state_dict(...)`` in torch),
   the layouts of :func:`converters.mapping.to_torch`. A quantized model is exported dequantized.
+
+Activation quantization (``--act-bits``) is supplied by the caller (this layer does not know the
+quantizers): ``forward`` replaces ``model.apply`` in the exported function and ``variables`` may
+carry extra collections (``'act_quant'``), baked in like the weights, so the StableHLO function
+holds the quantize / dequantize steps and gives the logits of the in-process forward. safetensors
+stores tensors only: the activation grids (``act``: per layer ``scale``, ``qmin``, ``qmax``) are
+written as the JSON string ``__metadata__['act_quant']``, its layers named like the PyTorch
+modules whose inputs they quantize (``{"bits", "source", "data_free", "keep_8bit", "layers":
+{torch module: {"scale", "qmin", "qmax"}}}``; input ``x`` -> ``scale * clip(round(x / scale),
+qmin, qmax)``, round half to even).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import pathlib
 import re
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -22,24 +34,44 @@ import jax.numpy as jnp
 import numpy as np
 
 from converters import mapping
+from lbyl_jax.io import publish
 from lbyl_jax.core import trees
 from lbyl_jax.models import archs
 from lbyl_jax.models import nets
 
 FORMATS = ('stablehlo', 'safetensors')
 STABLEHLO_FILE = 'model.stablehlo'
+EXPORT_FILE = 'export.json'
 SAFETENSORS_FILE = 'model.safetensors'
 
 
-def stablehlo(spec: archs.ArchSpec, widths, variables: Mapping[str, Any]) -> jax.export.Exported:
-  """The exported inference function (see the module docstring)."""
+Forward = Callable[..., Any]
+"""``forward(model, variables, x) -> logits``; the default is ``model.apply(variables, x)``."""
+
+
+def _apply(model, variables, x):
+  return model.apply(variables, x)
+
+
+def stablehlo(spec: archs.ArchSpec, widths, variables: Mapping[str, Any], *,
+              forward: Forward | None = None) -> jax.export.Exported:
+  """The exported inference function (see the module docstring).
+
+  Args:
+    spec: the architecture.
+    widths: the per-unit widths of ``variables`` (None: the original widths).
+    variables: float variables; extra collections (``'act_quant'``) are baked in too.
+    forward: ``forward(model, variables, normalized_images) -> logits`` in place of
+      ``model.apply`` (e.g. :func:`lbyl_jax.quant.actquant.forward`); must be jit-compatible.
+  """
   model = spec.build(None if widths is None else tuple(widths))
   normalize = archs.normalize_fn(spec)
   consts = jax.tree_util.tree_map(lambda x: jnp.asarray(np.asarray(x, np.float32)),
                                   dict(variables))
+  fwd = _apply if forward is None else forward
 
   def infer(images):
-    return model.apply(consts, normalize(images)).astype(jnp.float32)
+    return fwd(model, consts, normalize(images)).astype(jnp.float32)
 
   (b,) = jax.export.symbolic_shape('b')
   arg = jax.ShapeDtypeStruct((b, *spec.image_shape), jnp.uint8)
@@ -132,10 +164,33 @@ def encode_safetensors(tensors: Mapping[str, np.ndarray], metadata: Mapping[str,
   return struct.pack('<Q', len(text)) + text + b''.join(chunks)
 
 
-def safetensors_bytes(spec: archs.ArchSpec, variables: Mapping[str, Any]) -> bytes:
-  """The ``safetensors`` export as bytes."""
-  sd = mapping.to_torch(variables, torch_names(spec, variables))
-  return encode_safetensors(sd, {'format': 'pt', 'arch': spec.name})
+def torch_act_description(spec: archs.ArchSpec, variables: Mapping[str, Any],
+                          act: Mapping[str, Any]) -> dict[str, Any]:
+  """``act`` (``{'layers': {Flax layer path: {'scale', 'qmin', 'qmax'}}, ...}``) with its layers
+  renamed to the PyTorch modules of :func:`torch_names` (the other keys unchanged).
+
+  Raises:
+    ValueError: a layer path that is not a module of ``variables``.
+  """
+  names = torch_names(spec, variables)
+  layers = {}
+  for path, grid in dict(act.get('layers') or {}).items():
+    if path not in names:
+      raise ValueError(f'activation quantization of layer {path!r}: no such module in the '
+                       f'variables of {spec.name}')
+    layers[names[path]] = {k: float(grid[k]) for k in ('scale', 'qmin', 'qmax')}
+  return {**{k: v for k, v in act.items() if k != 'layers'}, 'layers': layers}
+
+
+def safetensors_bytes(spec: archs.ArchSpec, variables: Mapping[str, Any], *,
+                      act: Mapping[str, Any] | None = None) -> bytes:
+  """The ``safetensors`` export as bytes (``act``: the activation grids, module docstring)."""
+  params = {k: v for k, v in variables.items() if k in ('params', 'batch_stats')}
+  sd = mapping.to_torch(params, torch_names(spec, params))
+  meta = {'format': 'pt', 'arch': spec.name}
+  if act is not None:
+    meta['act_quant'] = json.dumps(torch_act_description(spec, params, act), sort_keys=True)
+  return encode_safetensors(sd, meta)
 
 
 def check_available(fmt: str, spec: archs.ArchSpec | None = None) -> None:
@@ -151,14 +206,45 @@ def check_available(fmt: str, spec: archs.ArchSpec | None = None) -> None:
 
 
 def export(spec: archs.ArchSpec, widths, variables: Mapping[str, Any], fmt: str, *,
-           qmeta: Mapping[str, Any] | None = None) -> dict[str, bytes]:
-  """{file name: bytes} of one export format (float variables; a quantized model's are its
-  dequantized values, ``qmeta`` is noted in the StableHLO file name only through the report)."""
+           qmeta: Mapping[str, Any] | None = None, forward: Forward | None = None,
+           act: Mapping[str, Any] | None = None) -> dict[str, bytes]:
+  """{file name: bytes} of one export format.
+
+  Args:
+    spec, widths: the architecture and the per-unit widths of ``variables``.
+    variables: float variables (a quantized model's are its dequantized values; ``qmeta`` is not
+      needed and ignored), plus any extra collection ``forward`` reads (``'act_quant'``).
+    fmt: one of :data:`FORMATS`.
+    forward: the StableHLO function's forward pass (:func:`stablehlo`); None: ``model.apply``.
+    act: the activation quantization for safetensors' metadata (module docstring); the
+      StableHLO export carries it through ``forward`` and ``variables`` instead.
+  """
   del qmeta
   if fmt == 'stablehlo':
-    exp = stablehlo(spec, widths, variables)
+    exp = stablehlo(spec, widths, variables, forward=forward)
     return {STABLEHLO_FILE: bytes(exp.serialize()),
             STABLEHLO_FILE + '.mlir': exp.mlir_module().encode()}
   if fmt == 'safetensors':
-    return {SAFETENSORS_FILE: safetensors_bytes(spec, variables)}
+    return {SAFETENSORS_FILE: safetensors_bytes(spec, variables, act=act)}
   raise ValueError(f'unknown export format {fmt!r}; known: {", ".join(FORMATS)}')
+
+
+def write(out_dir: str | os.PathLike, files: Mapping[str, bytes], description: Mapping[str, Any],
+          *, overwrite: bool = False) -> pathlib.Path:
+  """Publishes export ``files`` plus :data:`EXPORT_FILE` (``description`` as JSON) as a new
+  directory ``out_dir``, atomically (:func:`lbyl_jax.io.publish.staging_dir`, kind 'export').
+
+  Raises:
+    FileExistsError: ``out_dir`` exists and ``overwrite`` is False (nothing is replaced
+      silently); :class:`lbyl_jax.io.publish.UnsafeOutputError` for a path that must not be
+      replaced.
+  """
+  path = publish.check_target(out_dir, overwrite=overwrite, flag='out_dir',
+                              overwrite_flag='overwrite=True', create_parents=True)
+  publish.make_parents(path)
+  with publish.staging_dir(path, kind='export', overwrite=overwrite, flag='out_dir',
+                           overwrite_flag='overwrite=True') as tmp:
+    for name, content in files.items():
+      (tmp / name).write_bytes(content)
+    (tmp / EXPORT_FILE).write_text(json.dumps(dict(description), indent=2, sort_keys=True) + '\n')
+  return path

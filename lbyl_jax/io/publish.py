@@ -34,7 +34,7 @@ import uuid
 from collections.abc import Iterator
 
 MARKER = '.lbyl_jax.json'
-KINDS = ('checkpoint', 'sweep')
+KINDS = ('checkpoint', 'sweep', 'export')
 _STAGING = 'tmp'
 _OLD = 'old'
 _OWNER = '.owner.json'  # pid and host of the process writing a staging directory

@@ -65,6 +65,7 @@ from lbyl_jax.core.options import Options, number, option
 from lbyl_jax.core import units as units_lib
 from lbyl_jax.experimental import distill as distill_lib
 from lbyl_jax.io import checkpoint
+from lbyl_jax.io import export as export_lib
 from lbyl_jax.models import archs
 from lbyl_jax.models import trace
 from lbyl_jax.pruning import moments as moments_lib
@@ -150,6 +151,7 @@ class _Source:
   std: np.ndarray | None = None
   relu: bool = True
   pool: int = 1
+  cap: float | None = None  # ReLU6: the activation's upper bound
 
 
 def _quantile_z(k: float, pool: int) -> float:
@@ -172,7 +174,8 @@ def _source_range(src: _Source, k: float, spec) -> ActRange:
   z = _quantile_z(k, src.pool)
   hi = src.mean + z * src.std
   if src.relu:
-    return ActRange(0.0, float(max(0.0, np.max(hi))), False)
+    top = float(max(0.0, np.max(hi)))
+    return ActRange(0.0, top if src.cap is None else min(top, float(src.cap)), False)
   lo = src.mean - z * src.std
   return ActRange(float(np.min(lo)), float(np.max(hi)), True)
 
@@ -263,6 +266,41 @@ def _vgg_sources(spec, variables, override) -> dict[str, _Source]:
   return out
 
 
+def _mobilenet_sources(spec, variables, override) -> dict[str, _Source]:
+  """MobileNetV2 (torchvision layout, ``spec.model.blocks()``): ReLU6(BN) inputs get the BN
+  quantile capped at 6; a block's linear output ``BN(project)`` (+ the block input on a residual)
+  is ``N(beta + m_x, gamma^2 + v_x)``, symmetric (the moments of ``moments.propagate``)."""
+  def relu6(path):
+    mean, std = _bn_gauss(variables, path, override)
+    return _Source('gauss', mean, std, True, 1, 6.0)
+
+  blocks = spec.model.blocks()
+  out = {'features_0/conv': _Source('image')}
+  x = relu6('features_0/bn')
+  for b in blocks:
+    n = b.name
+    if b.expand:
+      out[f'{n}/conv_0_0'] = x
+      out[f'{n}/conv_1_0'] = relu6(f'{n}/conv_0_1')
+      out[f'{n}/conv_2'] = relu6(f'{n}/conv_1_1')
+    else:
+      out[f'{n}/conv_0_0'] = x
+      out[f'{n}/conv_1'] = relu6(f'{n}/conv_0_1')
+    beta, gamma = _bn_gauss(variables, b.output_bn, override)
+    if b.residual:
+      if x.relu:  # a rectified block input: its mean and variance (ReLU's, an upper bound)
+        m_x, v_x = _post_relu_moments(x)
+      else:
+        m_x, v_x = x.mean, x.std ** 2
+      x = _Source('gauss', beta + m_x, np.sqrt(gamma ** 2 + v_x), False)
+    else:
+      x = _Source('gauss', beta, gamma, False)
+  last = f'features_{len(blocks) + 1}'
+  out[f'{last}/conv'] = x
+  out['classifier_1'] = relu6(f'{last}/bn')  # global average pool: the per-element bound
+  return out
+
+
 def _mlp_sources(spec, variables) -> dict[str, _Source]:
   mom = moments_lib.propagate(spec, variables)
   out = {spec.units[0].producer: _Source('image')}
@@ -300,9 +338,12 @@ def bn_ranges(spec, variables: Mapping[str, Any], *, k: float | None = None,
     sources = _vgg_sources(spec, variables, bn_gaussians)
   elif fam == 'mlp':
     sources = _mlp_sources(spec, variables)
+  elif fam == 'mobilenet_v2':
+    sources = _mobilenet_sources(spec, variables, bn_gaussians)
   else:
-    raise ValueError(f'{spec.name}: the BN range rule does not know family {fam!r}; use '
-                     '--act-ranges distilled (API: distilled_ranges or calibration_ranges)')
+    raise ValueError(f'{spec.name}: the BN range rule (--act-ranges bn) does not know family '
+                     f'{fam!r}; use --act-ranges distilled (data-free) or --act-ranges calibration'
+                     ' --calib-data SPEC (API: act_ranges=..., calib_images=...)')
   known = quant.kernel_paths(variables)
   missing = sorted(set(known) - set(sources))
   extra = sorted(set(sources) - set(known))
@@ -537,6 +578,32 @@ def forward(model: nn.Module, variables: Mapping[str, Any], x, *args, **kwargs):
     return model.apply(variables, x, *args, **kwargs)
 
 
+def export_description(meta: Mapping[str, Any]) -> dict[str, Any]:
+  """The activation quantization of ``meta['act_quant']`` (:func:`act_meta`) as the exports
+  state it (:mod:`lbyl_jax.io.export`): ``{'bits', 'source', 'data_free', 'keep_8bit', 'info',
+  'layers': {layer path: {'scale', 'qmin', 'qmax'}}}``, the grids of :func:`quant_params`."""
+  ranges, bits, keep = act_from_meta(meta)
+  keep_set = set(keep)
+  layers = {}
+  for path, r in sorted(ranges.layers.items()):
+    delta, lo_q, hi_q = layer_grid(r, MAX_BITS if path in keep_set else bits)
+    layers[path] = dict(scale=float(delta), qmin=float(lo_q), qmax=float(hi_q))
+  return dict(bits=bits, source=ranges.source, data_free=bool(ranges.data_free),
+              keep_8bit=sorted(keep), info=json.loads(json.dumps(dict(ranges.info))),
+              layers=layers)
+
+
+def export_files(spec, widths, meta: Mapping[str, Any], variables: Mapping[str, Any],
+                 fmt: str) -> dict[str, bytes]:
+  """:func:`lbyl_jax.io.export.export` of float ``variables`` with the activation quantization
+  of ``meta`` (:func:`act_meta`): the StableHLO function runs :func:`forward` with the
+  ``'act_quant'`` collection baked in (the logits of :func:`forward`); safetensors gets the grids
+  as metadata (:func:`export_description`)."""
+  ranges, bits, keep = act_from_meta(meta)
+  return export_lib.export(spec, widths, attach(variables, ranges, bits, keep), fmt,
+                           forward=forward, act=export_description(meta))
+
+
 def apply_with_act_quant(model: nn.Module, variables: Mapping[str, Any], x, ranges: ActRanges,
                          bits: int, keep_8bit: Iterable[str] = ()):
   """The model's output with fake-quantized layer inputs (:func:`attach` + :func:`forward`)."""
@@ -547,7 +614,7 @@ def apply_with_act_quant(model: nn.Module, variables: Mapping[str, Any], x, rang
 # --------------------------------------------------------------------------------------------
 # The plan stage.
 
-RANGE_SOURCES = ('bn', 'distilled')  # the data-free sources a plan can use
+RANGE_SOURCES = ('bn', 'distilled', 'calibration')  # the sources a plan can use
 
 
 def _act_bits(v):
@@ -557,8 +624,10 @@ def _act_bits(v):
 @dataclasses.dataclass(frozen=True)
 class ActQuant(Options):
   """Activation quantization of a plan: fake-quantized inputs of every conv / dense layer, with
-  data-free ranges computed on the compressed network (module docstring). The first layer and
-  the classifier read 8-bit inputs unless the weight quantizer's ``--quantize-ends`` is given."""
+  ranges computed on the compressed network (module docstring): data-free ('bn', 'distilled') or
+  observed on unlabelled user images ('calibration': not data-free; the images are an argument of
+  the pipeline, ``--calib-data`` on the command line). The first layer and the classifier read
+  8-bit inputs unless the weight quantizer's ``--quantize-ends`` is given."""
 
   stage: ClassVar[str] = 'activation quantization'
 
@@ -567,7 +636,8 @@ class ActQuant(Options):
                                 metavar='N', default_text='float activations')
   act_ranges: str = option('bn', choices=RANGE_SOURCES,
                            help="activation ranges: DFQ's BN rule (bn) or observed on BN-distilled"
-                                ' inputs (distilled); both data-free')
+                                ' inputs (distilled), both data-free; or observed on unlabelled'
+                                ' images of --calib-data (calibration: NOT data-free)')
   act_k: float | None = option(None, help="the BN rule's number of standard deviations",
                                check=number(0.0, lo_open=True), advanced=True,
                                default_text='4, 6, 8 for 4, 6, 8 bits')
@@ -584,10 +654,28 @@ class ActQuant(Options):
   def enabled(self) -> bool:
     return self.act_bits is not None
 
-  def ranges(self, spec, variables: Mapping[str, Any]) -> ActRanges:
-    """The ranges of the network that will run (``variables``: the compressed float weights)."""
+  @property
+  def needs_images(self) -> bool:
+    """Whether the ranges are observed on user images (``act_ranges='calibration'``)."""
+    return self.enabled and self.act_ranges == 'calibration'
+
+  def ranges(self, spec, variables: Mapping[str, Any], images=None) -> ActRanges:
+    """The ranges of the network that will run (``variables``: the compressed float weights);
+    ``images``: the unlabelled uint8 NHWC images (or a Dataset) of 'calibration', only there.
+
+    Raises:
+      ValueError: 'calibration' without images, or images with another source.
+    """
+    if self.needs_images and images is None:
+      raise ValueError('--act-ranges calibration needs unlabelled images (--calib-data SPEC; '
+                       'API: calib_images=)')
+    if not self.needs_images and images is not None:
+      raise ValueError(f'calibration images were given but --act-ranges is {self.act_ranges} '
+                       '(they are used by --act-ranges calibration)')
     if self.act_ranges == 'bn':
       return bn_ranges(spec, variables, k=self.act_k, bits=self.act_bits)
+    if self.act_ranges == 'calibration':
+      return calibration_ranges(spec, variables, images)
     return distilled_ranges(spec, variables)
 
 
@@ -619,3 +707,13 @@ class ActLoaded(checkpoint.Loaded):
   def apply(self, images):
     """Logits of uint8 NHWC images with fake-quantized activations (normalization included)."""
     return forward(self.model, self.act_variables(), archs.normalize_fn(self.spec)(images))
+
+  def export_files(self, fmt: str) -> dict[str, bytes]:
+    """The export of :meth:`apply`: with the activation quantization (:func:`export_files`)."""
+    export_lib.check_available(fmt, self.spec)
+    return export_files(self.spec, self.widths, self.meta['act_quant'], self.variables, fmt)
+
+  def export_description(self, formats) -> dict[str, Any]:
+    """``export.json``: as for a float checkpoint, plus the activation quantization."""
+    return dict(super().export_description(formats),
+                act_quant=export_description(self.meta['act_quant']))

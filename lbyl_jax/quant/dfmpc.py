@@ -432,6 +432,10 @@ def _high_bits(v):
   return quant.check_bits(v, where='DF-MPC high bits')
 
 
+# The families :func:`lbyl_jax.pruning.moments.propagate` models (the input moments DF-MPC needs).
+MOMENT_FAMILIES = ('cifar_resnet', 'resnet', 'vgg_cifar', 'vgg', 'mlp', 'mobilenet_v2')
+
+
 @register
 @dataclasses.dataclass(frozen=True)
 class DFMPC(Quantizer):
@@ -476,6 +480,11 @@ class DFMPC(Quantizer):
 
   def quantize(self, spec, variables, *, keep_8bit, context):
     del context
+    if spec.family not in MOMENT_FAMILIES:
+      raise ValueError(f'--quant-method dfmpc: its data-free input moments come from the '
+                       f'BN-moment model of the preset families ({", ".join(MOMENT_FAMILIES)}); '
+                       f'{spec.name} is a {spec.family!r} model: use --quant-method rtn, omse, '
+                       'squant, dfq or udfc')
     mode, lam = self.resolved()
     _, qtree, qmeta, report = dfmpc(spec, variables, bits=self.bits,
                                     high_bits=self.dfmpc_high_bits, mode=mode, lam=lam,
