@@ -406,7 +406,7 @@ def main(argv=None) -> None:
       arch = row['arch']
       loaded[arch] = loaded.get(arch) or Loaded(arch, start, stop)
       q = None if row['quantizer'] == 'float' else row['quantizer']
-      fields, correct = evaluate_row(loaded[arch], row['ratio'], row['bits'], q, row['act_bits'])
+      fields, correct = evaluate_row(loaded[arch], row['ratio'], row['bits'], q, row.get('act_bits'))
       same = same_count(fields['top1'], row['top1'], row['n']) and fields['n'] == row['n']
       row['rerun_top1'] = fields['top1']
       packed[key] = np.packbits(correct)
