@@ -58,6 +58,10 @@ ARCHS = {a: (a, *MODELS[a], 1000) for a in ('resnet20', 'resnet56', 'resnet56_b'
 ARCHS['mobilenet_v2'] = ('mobilenet_v2_cifar10', 'mobilenet_v2_pruned.cifar10_224.state_dict.pt',
                          'cifar10_test.npz', 100)
 ALPHA = 0.05  # significance level of the paired tests
+# The UDFC paper's Table 1 orderings (ImageNet; SQuant and UDFC above DFQ, UDFC above SQuant):
+# (label, A, B) tested as A against B.
+PAPER_PAIRS = (('squant', 'squant', 'dfq'), ('udfc', 'udfc', 'dfq'),
+               ('udfc-squant', 'udfc', 'squant'))
 
 
 def correct_path(out: pathlib.Path) -> pathlib.Path:
@@ -191,15 +195,17 @@ def line_rows(by: dict[str, dict], arch: str, ratio: float, bits: int, split: st
 def line_pairs(by: dict[str, dict], arch: str, ratio: float, bits: int, split: str,
                act: bool) -> list[tuple[str, dict, dict]]:
   """The paired comparisons of one table line: ('best', best, runner-up) (highest top-1 first,
-  ties in :data:`QUANTIZERS` order) where two quantizers are measured, and on weight-only lines
-  ('udfc', UDFC-style, DFQ) and ('squant', SQuant, DFQ), the UDFC paper's comparison."""
+  ties in :data:`QUANTIZERS` order) where two quantizers are measured, and the UDFC paper's
+  orderings (its Table 1): ('squant', SQuant, DFQ) and ('udfc', UDFC-style, DFQ) where DFQ is
+  measured (weight-only lines), ('udfc-squant', UDFC-style, SQuant)."""
   got = line_rows(by, arch, ratio, bits, split, act)
   pairs = []
   if len(got) >= 2:
     order = sorted(got, key=lambda q: (-got[q]['top1'], QUANTIZERS.index(q)))
     pairs.append(('best', got[order[0]], got[order[1]]))
-  if not act and 'dfq' in got:
-    pairs += [(q, got[q], got['dfq']) for q in ('udfc', 'squant') if q in got]
+  for kind, a, b in PAPER_PAIRS:
+    if a in got and b in got:
+      pairs.append((kind, got[a], got[b]))
   return pairs
 
 
@@ -266,13 +272,13 @@ def _p(c: dict | None) -> str:
 def paired_tables(rows: list[dict], packed: dict[str, np.ndarray], archs: list[str],
                   ratios: list[float], bits: list[int], split: str) -> str:
   """Two Markdown tables of exact McNemar tests on stored per-image correctness: per line the
-  best quantizer against the runner-up, and UDFC-style / SQuant against DFQ (weight-only lines).
-  A line whose rows have no stored correctness shows '-' (``--paired`` computes it)."""
+  best quantizer against the runner-up, and the UDFC paper's orderings (:data:`PAPER_PAIRS`).
+  A comparison whose rows have no stored correctness shows '-' (``--paired`` computes it)."""
   by = {r['key']: r for r in rows}
   best = ['| model | pruned | bits | best | runner-up | best - runner-up | only best | '
           'only runner-up | p |', '|---|---|---|---|---|---|---|---|---|']
-  vs_dfq = ['| model | pruned | W | DFQ | UDFC-style - DFQ | p | SQuant - DFQ | p |',
-            '|---|---|---|---|---|---|---|---|']
+  paper = ['| model | pruned | bits | DFQ | SQuant | UDFC-style | SQuant - DFQ | p | '
+           'UDFC-style - DFQ | p | UDFC-style - SQuant | p |', '|' + '---|' * 12]
   for a, r, b, act in lines_of(archs, ratios, bits):
     pairs = line_pairs(by, a, r, b, split, act)
     where = [a, f'{r:.0%}', f'W{b}A{b}' if act else f'W{b}']
@@ -280,23 +286,42 @@ def paired_tables(rows: list[dict], packed: dict[str, np.ndarray], archs: list[s
       if kind != 'best':
         continue
       c = compare(packed, ra, rb)
-      diff = f"{ra['top1'] - rb['top1']:+.2f}"
       counts = ['-', '-'] if c is None else [str(c['only_a']), str(c['only_b'])]
       best.append('| ' + ' | '.join(where + [f"{ra['quantizer']} {ra['top1']:.2f}",
-                                             f"{rb['quantizer']} {rb['top1']:.2f}", diff]
+                                             f"{rb['quantizer']} {rb['top1']:.2f}",
+                                             f"{ra['top1'] - rb['top1']:+.2f}"]
                                     + counts + [_p(c)]) + ' |')
     others = {kind: (ra, rb) for kind, ra, rb in pairs if kind != 'best'}
     if others:
-      dfq = next(iter(others.values()))[1]
-      cells = where[:2] + [str(b), f"{dfq['top1']:.2f}"]
-      for q in ('udfc', 'squant'):
-        if q in others:
-          ra, rb = others[q]
+      got = line_rows(by, a, r, b, split, act)
+      cells = where + [_cell(got.get(q)) for q in ('dfq', 'squant', 'udfc')]
+      for kind, _, _ in PAPER_PAIRS:
+        if kind in others:
+          ra, rb = others[kind]
           cells += [f"{ra['top1'] - rb['top1']:+.2f}", _p(compare(packed, ra, rb))]
         else:
           cells += ['-', '-']
-      vs_dfq.append('| ' + ' | '.join(cells) + ' |')
-  return '\n'.join(best + [''] + vs_dfq)
+      paper.append('| ' + ' | '.join(cells) + ' |')
+  return '\n'.join(best + [''] + paper)
+
+
+def paper_summary(rows: list[dict], packed: dict[str, np.ndarray], archs: list[str],
+                  ratios: list[float], bits: list[int], split: str) -> dict[str, dict]:
+  """Per UDFC-paper ordering (:data:`PAPER_PAIRS` label): the lines ('model pruned bits') where
+  A is above B at p < :data:`ALPHA` ('above'), below ('below'), not resolved ('unresolved'), and
+  without stored correctness ('untested')."""
+  by = {r['key']: r for r in rows}
+  out = {kind: dict(above=[], below=[], unresolved=[], untested=[]) for kind, _, _ in PAPER_PAIRS}
+  for a, r, b, act in lines_of(archs, ratios, bits):
+    name = f"{a} {r:.0%} {f'W{b}A{b}' if act else f'W{b}'}"
+    for kind, ra, rb in line_pairs(by, a, r, b, split, act):
+      if kind == 'best':
+        continue
+      c = compare(packed, ra, rb)
+      verdict = ('untested' if c is None else 'unresolved' if c['mcnemar_p'] >= ALPHA
+                 else 'above' if c['diff'] > 0 else 'below')
+      out[kind][verdict].append(name)
+  return out
 
 
 def bytes_table(rows: list[dict], archs: list[str], ratios: list[float], bits: list[int],
