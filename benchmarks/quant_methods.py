@@ -252,6 +252,9 @@ def render(rows: list[dict], archs: list[str], ratios: list[float], bits: list[i
     for ratio in ratios:
       fl = by.get(row_key(arch, ratio, None, None, split))
       for b in bits:
+        if fl is None and not any(row_key(arch, ratio, b, q, split, b if act else None) in by
+                                  for q in QUANTIZERS):
+          continue  # nothing measured on this line
         bold = None
         for kind, ra, rb in line_pairs(by, arch, ratio, b, split, act):
           c = compare(packed or {}, ra, rb) if kind == 'best' else None
@@ -431,7 +434,8 @@ def main(argv=None) -> None:
       arch = row['arch']
       loaded[arch] = loaded.get(arch) or Loaded(arch, start, stop)
       q = None if row['quantizer'] == 'float' else row['quantizer']
-      fields, correct = evaluate_row(loaded[arch], row['ratio'], row['bits'], q, row.get('act_bits'))
+      fields, correct = evaluate_row(loaded[arch], row['ratio'], row['bits'], q,
+                                     row.get('act_bits'))
       same = same_count(fields['top1'], row['top1'], row['n']) and fields['n'] == row['n']
       row['rerun_top1'] = fields['top1']
       packed[key] = np.packbits(correct)
