@@ -269,7 +269,9 @@ def render(rows: list[dict], archs: list[str], ratios: list[float], bits: list[i
 
 
 def _p(c: dict | None) -> str:
-  return '-' if c is None else f"{c['mcnemar_p']:.2g}"
+  if c is None:
+    return '-'
+  return f"{c['mcnemar_p']:.2g}" if c['mcnemar_p'] >= 1e-4 else '< 1e-4'
 
 
 def paired_tables(rows: list[dict], packed: dict[str, np.ndarray], archs: list[str],
