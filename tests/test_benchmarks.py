@@ -262,7 +262,8 @@ def test_quant_methods_paired_tests_bytes_and_refusals(tmp_path):
                 bytes_after=nbytes), c
 
   made = [row(None, None, 70, 4000), row('squant', 4, 60), row('dfq', 4, 58), row('rtn', 4, 50),
-          row('udfc', 4, 50), row('dfmpc', 4, 10, 1500), row('squant', 6, 60), row('rtn', 6, 50)]
+          row('udfc', 4, 50), row('dfmpc', 4, 10, 1500), row('squant', 6, 60), row('rtn', 6, 50),
+          row('squant', 8, 100), row('rtn', 8, 70)]
   rows = [r for r, _ in made]
   rows.append(dict(key=qm.row_key('resnet20', 0.0, 4, 'omse', split), arch='resnet20', ratio=0.0,
                    bits=4, act_bits=None, quantizer='omse', split=split, top1=None, n=0,
@@ -288,9 +289,10 @@ def test_quant_methods_paired_tests_bytes_and_refusals(tmp_path):
   assert '| resnet20 | 0% | 6 | 70.00 | 50.00 | - | **60.00** | - | - | - |' in table
   assert '**' not in qm.render(rows, ['resnet20'], [0.0], [4, 6], split)  # no bits, no bold
 
-  tables = qm.paired_tables(rows, packed, ['resnet20'], [0.0], [4, 6], split)
+  tables = qm.paired_tables(rows, packed, ['resnet20'], [0.0], [4, 6, 8], split)
   assert '| resnet20 | 0% | W4 | squant 60.00 | dfq 58.00 | +2.00 | 2 | 0 | 0.5 |' in tables
   assert '| resnet20 | 0% | W6 | squant 60.00 | rtn 50.00 | +10.00 | 10 | 0 | 0.002 |' in tables
+  assert '| W8 | squant 100.00 | rtn 70.00 | +30.00 | 30 | 0 | < 1e-4 |' in tables  # p = 2**-29
   assert ('| resnet20 | 0% | W4 | 58.00 | 60.00 | 50.00 | +2.00 | 0.5 | -8.00 | 0.0078 | '
           '-10.00 | 0.002 |') in tables
   summ = qm.paper_summary(rows, packed, ['resnet20'], [0.0], [4, 6], split)
