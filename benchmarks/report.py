@@ -830,7 +830,7 @@ def _refusal_lines(rows: list[dict], archs: list[str]) -> list[str]:
     mine = [r for r in rows if r['key'] in keys]
     qs = list(dict.fromkeys(q for q in quant_methods.QUANTIZERS
                             for r in mine if r['quantizer'] == q))
-    where = sorted({(r['arch'], r['ratio'], r['bits'], r.get('act_bits')) for r in mine})
+    where = sorted({(r['arch'], r['ratio'], r['bits'], r.get('act_bits') or 0) for r in mine})
     cfg = ', '.join(f"{a} {r:.0%} " + (f'W{b}A{ab}' if ab else f'W{b}') for a, r, b, ab in where)
     out.append(f"- {', '.join(qs)} on {cfg}: `{err}`")
   return out
@@ -905,9 +905,11 @@ def _paper_lines(rows, packed, archs, ratios, bits, split) -> list[str]:
   names = dict(squant='SQuant above DFQ', udfc='UDFC-style above DFQ',
                **{'udfc-squant': 'UDFC-style above SQuant'})
   out = ['#### Against the UDFC paper\'s ordering', '',
-         "The UDFC paper's Table 1 (ImageNet) has SQuant and UDFC above DFQ at W6A6 (ResNet-18), "
-         'UDFC above SQuant at W6A6 and W4A4 (ResNet-18 / ResNet-50), and MobileNetV2 as the hard '
-         'case. Here DFQ has no activation ranges (it folds the BNs the rule reads), so the '
+         "The UDFC paper's Table 1 (ImageNet, no significance tests) has SQuant and UDFC above DFQ "
+         'at W6A6 (ResNet-18: 70.74 and 72.76 against 66.30), UDFC above SQuant at W6A6 '
+         '(ResNet-18, ResNet-50) and W4A4 (ResNet-50), and MobileNetV2 as the hard case (UDFC at '
+         'W6A6 1.16 points under its float 73.03, ResNet-50 0.15). Here DFQ has no activation '
+         'ranges (it folds the BNs the rule reads), so the '
          'orderings against DFQ are tested on the weight-only lines. Per ordering, the lines '
          f'where our paired test agrees (A above B, p < {quant_methods.ALPHA:g}), contradicts '
          '(A below B, p < 0.05), and the number it leaves unresolved:', '']
@@ -926,10 +928,20 @@ def _paper_lines(rows, packed, archs, ratios, bits, split) -> list[str]:
       got = quant_methods.line_rows(by, a, 0.0, b, split, False)
       if quant_methods.measured(fl) and got:
         q = max(got, key=lambda k: (got[k]['top1'], -quant_methods.QUANTIZERS.index(k)))
-        drops.append(f"{a} W{b} {fl['top1'] - got[q]['top1']:.2f} ({q})")
+        drops.append((fl['top1'] - got[q]['top1'], f'{a} W{b}', q))
   if drops:
-    out += ['', 'Float top-1 minus the best quantizer\'s, unpruned, weight-only (points): '
-            + '; '.join(drops) + '.']
+    worst = max(drops)
+    out += ['', "Float top-1 minus the best quantizer's, unpruned, weight-only (points): "
+            + '; '.join(f'{w} {d:.2f} ({q})' for d, w, q in drops)
+            + f'. The largest loss is {worst[1]}.']
+  refused = {}
+  for r in rows:
+    if r['arch'] in archs and r.get('error') and not r.get('act_bits'):
+      refused.setdefault(r['arch'], set()).add(r['quantizer'])
+  for a, qs in refused.items():
+    qs = [q for q in quant_methods.QUANTIZERS if q in qs]
+    out.append(f"{a}: {', '.join(qs)} refuse it (refusals listed above), so the orderings that "
+               'need them are not tested on it.')
   return out + ['']
 
 
