@@ -32,7 +32,7 @@ Run from the repository root:
   nice -n 10 python -m benchmarks.quant_methods --archs resnet20,resnet56,resnet56_b --bits 4
   nice -n 10 python -m benchmarks.quant_methods --archs resnet20,resnet56_b --act-bits same   # WnAn
   nice -n 10 python -m benchmarks.quant_methods --archs resnet20,resnet56,resnet56_b --paired
-  nice -n 10 python -m benchmarks.quant_methods --archs mobilenet_v2 --ratios 0 --bits 4,6,8
+  nice -n 10 python -m benchmarks.quant_methods --archs mobilenet_v2 --bits 4,6,8 [--act-bits same]
 """
 
 from __future__ import annotations
@@ -327,6 +327,14 @@ def paper_summary(rows: list[dict], packed: dict[str, np.ndarray], archs: list[s
                  else 'above' if c['diff'] > 0 else 'below')
       out[kind][verdict].append(name)
   return out
+
+
+def n_tests(rows: list[dict], packed: dict[str, np.ndarray], archs: list[str],
+            ratios: list[float], bits: list[int], split: str) -> int:
+  """How many paired comparisons of the tables have stored correctness (are tested)."""
+  by = {r['key']: r for r in rows}
+  return sum(compare(packed, ra, rb) is not None for a, r, b, act in lines_of(archs, ratios, bits)
+             for _, ra, rb in line_pairs(by, a, r, b, split, act))
 
 
 def bytes_table(rows: list[dict], archs: list[str], ratios: list[float], bits: list[int],

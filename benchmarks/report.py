@@ -831,8 +831,16 @@ def _refusal_lines(rows: list[dict], archs: list[str]) -> list[str]:
     qs = list(dict.fromkeys(q for q in quant_methods.QUANTIZERS
                             for r in mine if r['quantizer'] == q))
     where = sorted({(r['arch'], r['ratio'], r['bits'], r.get('act_bits') or 0) for r in mine})
-    cfg = ', '.join(f"{a} {r:.0%} " + (f'W{b}A{ab}' if ab else f'W{b}') for a, r, b, ab in where)
-    out.append(f"- {', '.join(qs)} on {cfg}: `{err}`")
+    per: dict[str, dict[str, list[str]]] = {}  # arch -> ratio -> configurations
+    for a, r, b, ab in where:
+      per.setdefault(a, {}).setdefault(f'{r:.0%}', []).append(f'W{b}A{ab}' if ab else f'W{b}')
+    cfg = []
+    for a, by_ratio in per.items():
+      groups: dict[tuple[str, ...], list[str]] = {}
+      for r, labels in by_ratio.items():
+        groups.setdefault(tuple(labels), []).append(r)
+      cfg += [f"{a} {' and '.join(rs)} ({', '.join(labels)})" for labels, rs in groups.items()]
+    out.append(f"- {', '.join(qs)} on {'; '.join(cfg)}: `{err}`")
   return out
 
 
@@ -858,8 +866,8 @@ def quant_methods_section(path: pathlib.Path) -> list[str]:
            f'{quant_methods.ALPHA:g} (exact two-sided McNemar test on the same 5,000 images, '
            'tables below); "refused": the package refuses the configuration (messages below). '
            f'`python -m benchmarks.quant_methods --archs {cifar} --bits 4,6,8`, '
-           '`python -m benchmarks.quant_methods --archs mobilenet_v2 --ratios 0 --bits 4,6,8` '
-           '(and `--ratios 0.3 --bits 4`).', '',
+           '`python -m benchmarks.quant_methods --archs mobilenet_v2 --bits 4,6,8`; the paired '
+           'tests need `--paired` for rows stored without per-image correctness.', '',
            quant_methods.render(rows, archs, ratios, bits, split, packed=packed), '']
   act_archs = [a for a in archs if any(r['arch'] == a and r.get('act_bits') for r in rows)]
   if act_archs:
@@ -885,7 +893,10 @@ def quant_methods_section(path: pathlib.Path) -> list[str]:
             'runner-up are chosen after seeing the accuracies, so p there is optimistic for the '
             'best. Rows measured before the correctness file existed were rerun '
             f'(`python -m benchmarks.quant_methods --archs {cifar} --paired`): '
-            f'{len(same)} of {len(reruns)} reruns reproduced the stored top-1 exactly.', '',
+            f'{len(same)} of {len(reruns)} reruns reproduced the stored top-1 exactly. The '
+            f'tables hold {quant_methods.n_tests(rows, packed, archs, ratios, bits, split)} tests '
+            'without a correction for multiple comparisons, so a p just under 0.05 is weak '
+            'evidence on its own.', '',
             quant_methods.paired_tables(rows, packed, archs, ratios, bits, split), '']
   lines += _paper_lines(rows, packed, archs, ratios, bits, split)
   lines += ['#### Model bytes', '',

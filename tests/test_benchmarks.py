@@ -295,6 +295,8 @@ def test_quant_methods_paired_tests_bytes_and_refusals(tmp_path):
   assert '| W8 | squant 100.00 | rtn 70.00 | +30.00 | 30 | 0 | < 1e-4 |' in tables  # p = 2**-29
   assert ('| resnet20 | 0% | W4 | 58.00 | 60.00 | 50.00 | +2.00 | 0.5 | -8.00 | 0.0078 | '
           '-10.00 | 0.002 |') in tables
+  assert qm.n_tests(rows, packed, ['resnet20'], [0.0], [4, 6, 8], split) == 6
+  assert qm.n_tests(rows, {}, ['resnet20'], [0.0], [4, 6, 8], split) == 0
   summ = qm.paper_summary(rows, packed, ['resnet20'], [0.0], [4, 6], split)
   assert summ['squant'] == dict(above=[], below=[], unresolved=['resnet20 0% W4'], untested=[])
   assert summ['udfc']['below'] == ['resnet20 0% W4']
