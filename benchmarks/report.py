@@ -827,30 +827,145 @@ def heldout_section(results_dir: pathlib.Path) -> list[str]:
                 '']
   path = results_dir / 'quant_methods_heldout.json'
   if path.exists():
-    rows = json.loads(path.read_text())['rows']
-    archs = [a for a in CIFAR if any(r['arch'] == a for r in rows)]
-    lines += ['### Weight quantizers side by side', '',
-              'Round-to-nearest, OMSE, SQuant, DFQ, UDFC-style and DF-MPC (`--quant-method`), '
-              'per-channel symmetric weights, first and last layer at 8 bits; "30 %" is the default '
-              'LBYL pruning at ratio 0.3 before quantization (UDFC takes its joint path there). '
-              'The hyper-parameters of DF-MPC were chosen on the development split '
-              '([docs/quantization.md](../docs/quantization.md)); no paired tests yet, so '
-              'differences under about one point are not established. '
-              '`python -m benchmarks.quant_methods --archs resnet20,resnet56,resnet56_b --bits 4,6,8`.',
-              '', quant_methods.render(rows, archs, [0.0, 0.3], [4, 6, 8], quant_methods.HELD_OUT),
-              '']
-    act_archs = [a for a in archs if any(r['arch'] == a and r.get('act_bits') for r in rows)]
-    if act_archs:
-      lines += ['Weights and activations at the same bits (WnAn, `--act-bits n`): every conv / dense '
-                'input fake-quantized per tensor (unsigned after a ReLU), ranges from the BN '
-                "statistics (DFQ's rule, mean + k sigma, k = n; the development-split choice); "
-                'first-layer and classifier inputs at 8 bits. DFQ folds the BNs away, so its '
-                'column is empty here (`--act-ranges distilled` serves it). '
-                '`python -m benchmarks.quant_methods --archs '
-                f"{','.join(act_archs)} --act-bits same`.", '',
-                quant_methods.render(rows, act_archs, [0.0, 0.3], [4, 6, 8],
-                                     quant_methods.HELD_OUT, act=True), '']
+    lines += quant_methods_section(path)
   return lines
+
+
+def _names(items: list[str]) -> str:
+  return ', '.join(items) if items else 'no line'
+
+
+def _refusal_lines(rows: list[dict], archs: list[str]) -> list[str]:
+  """One bullet per distinct refusal: the quantizers and configurations, and the message."""
+  out = []
+  for err, keys in quant_methods.refusals(rows, archs).items():
+    mine = [r for r in rows if r['key'] in keys]
+    qs = list(dict.fromkeys(q for q in quant_methods.QUANTIZERS
+                            for r in mine if r['quantizer'] == q))
+    where = sorted({(r['arch'], r['ratio'], r['bits'], r.get('act_bits') or 0) for r in mine})
+    per: dict[str, dict[str, list[str]]] = {}  # arch -> ratio -> configurations
+    for a, r, b, ab in where:
+      per.setdefault(a, {}).setdefault(f'{r:.0%}', []).append(f'W{b}A{ab}' if ab else f'W{b}')
+    cfg = []
+    for a, by_ratio in per.items():
+      groups: dict[tuple[str, ...], list[str]] = {}
+      for r, labels in by_ratio.items():
+        groups.setdefault(tuple(labels), []).append(r)
+      cfg += [f"{a} {' and '.join(rs)} ({', '.join(labels)})" for labels, rs in groups.items()]
+    out.append(f"- {', '.join(qs)} on {'; '.join(cfg)}: `{err}`")
+  return out
+
+
+def quant_methods_section(path: pathlib.Path) -> list[str]:
+  """The quantizers side by side (`benchmarks.quant_methods`): top-1 tables with the significant
+  best cells in bold, the refusals, the paired tests, the UDFC paper's orderings and model bytes,
+  all from the rows file and its per-image correctness sidecar."""
+  rows = json.loads(path.read_text())['rows']
+  packed = quant_methods.load_correct(quant_methods.correct_path(path))
+  split, ratios, bits = quant_methods.HELD_OUT, [0.0, 0.3], [4, 6, 8]
+  archs = [a for a in quant_methods.ARCHS if any(r['arch'] == a for r in rows)]
+  cifar = ','.join(a for a in archs if a != 'mobilenet_v2')
+  reruns = [r for r in rows if 'rerun_top1' in r]
+  same = [r for r in reruns if quant_methods.same_count(r['rerun_top1'], r['top1'], r['n'])]
+  lines = ['### Quantizers side by side', '',
+           'Round-to-nearest, OMSE, SQuant, DFQ, UDFC-style and DF-MPC (`--quant-method`), '
+           'per-channel symmetric weights, first and last layer at 8 bits; "30 %" is the default '
+           'LBYL pruning at ratio 0.3 before quantization (UDFC takes its joint path there). '
+           'The hyper-parameters of DF-MPC were chosen on the development split '
+           '([docs/quantization.md](../docs/quantization.md)). `mobilenet_v2` is the shared '
+           'CIFAR-10 MobileNetV2 (preset `mobilenet_v2_cifar10`, images upsampled to 224 x 224). '
+           f'**Bold**: the best quantizer of a line is above the runner-up at p < '
+           f'{quant_methods.ALPHA:g} (exact two-sided McNemar test on the same 5,000 images, '
+           'tables below); "refused": the package refuses the configuration (messages below). '
+           f'`python -m benchmarks.quant_methods --archs {cifar} --bits 4,6,8`, '
+           '`python -m benchmarks.quant_methods --archs mobilenet_v2 --bits 4,6,8`; the paired '
+           'tests need `--paired` for rows stored without per-image correctness.', '',
+           quant_methods.render(rows, archs, ratios, bits, split, packed=packed), '']
+  act_archs = [a for a in archs if any(r['arch'] == a and r.get('act_bits') for r in rows)]
+  if act_archs:
+    lines += ['Weights and activations at the same bits (WnAn, `--act-bits n`): every conv / dense '
+              'input fake-quantized per tensor (unsigned after a ReLU), ranges from the BN '
+              "statistics (DFQ's rule, mean + k sigma, k = n; the development-split choice); "
+              'first-layer and classifier inputs at 8 bits. DFQ folds the BNs away, so its '
+              'column is empty here (`--act-ranges distilled` serves it). '
+              '`python -m benchmarks.quant_methods --archs '
+              f"{','.join(act_archs)} --act-bits same`.", '',
+              quant_methods.render(rows, act_archs, ratios, bits, split, act=True, packed=packed),
+              '']
+  refused = _refusal_lines(rows, archs)
+  if refused:
+    lines += ['Refused configurations (the stored error of each; nothing was worked around):', '']
+    lines += refused + ['']
+  lines += ['#### Paired tests', '',
+            'Per-image top-1 correctness of every row is kept bit-packed in '
+            '`benchmarks/results/quant_methods_correct.npz` (keyed by row). Each test pairs two '
+            'rows on the same 5,000 held-out images: "only X" counts the images exactly one of '
+            'them gets right; p is the exact two-sided McNemar test (binomial test of the '
+            'discordant pairs, `lbyl_jax.evaluation.paired_comparison`); the best and the '
+            'runner-up are chosen after seeing the accuracies, so p there is optimistic for the '
+            'best. Rows measured before the correctness file existed were rerun '
+            f'(`python -m benchmarks.quant_methods --archs {cifar} --paired`): '
+            f'{len(same)} of {len(reruns)} reruns reproduced the stored top-1 exactly. The '
+            f'tables hold {quant_methods.n_tests(rows, packed, archs, ratios, bits, split)} tests '
+            'without a correction for multiple comparisons, so a p just under 0.05 is weak '
+            'evidence on its own.', '',
+            quant_methods.paired_tables(rows, packed, archs, ratios, bits, split), '']
+  lines += _paper_lines(rows, packed, archs, ratios, bits, split)
+  lines += ['#### Model bytes', '',
+            'KiB stored by `save` (`bytes_after`): weights of 5-8 bits in int8 containers, of '
+            'at most 4 bits packed two per byte, scales, biases and BatchNorm in float32 (so W6 '
+            'takes as many bytes as W8); the float column is the float32 model (pruned at 30 %). '
+            'A quantizer whose bytes differ from the others is named with its own; DF-MPC here '
+            'runs at uniform bits (its mixed-precision mode, `--dfmpc-high-bits`, is not in '
+            'these rows).', '', quant_methods.bytes_table(rows, archs, ratios, bits, split), '']
+  return lines
+
+
+def _paper_lines(rows, packed, archs, ratios, bits, split) -> list[str]:
+  """The UDFC paper's Table 1 orderings against our paired tests, and the float-to-quantized
+  loss per model (MobileNetV2 is the paper's hard case)."""
+  summ = quant_methods.paper_summary(rows, packed, archs, ratios, bits, split)
+  names = dict(squant='SQuant above DFQ', udfc='UDFC-style above DFQ',
+               **{'udfc-squant': 'UDFC-style above SQuant'})
+  out = ['#### Against the UDFC paper\'s ordering', '',
+         "The UDFC paper's Table 1 (ImageNet, no significance tests) has SQuant and UDFC above DFQ "
+         'at W6A6 (ResNet-18: 70.74 and 72.76 against 66.30), UDFC above SQuant at W6A6 '
+         '(ResNet-18, ResNet-50) and W4A4 (ResNet-50), and MobileNetV2 as the hard case (UDFC at '
+         'W6A6 1.16 points under its float 73.03, ResNet-50 0.15). Here DFQ has no activation '
+         'ranges (it folds the BNs the rule reads), so the '
+         'orderings against DFQ are tested on the weight-only lines. Per ordering, the lines '
+         f'where our paired test agrees (A above B, p < {quant_methods.ALPHA:g}), contradicts '
+         '(A below B, p < 0.05), and the number it leaves unresolved:', '']
+  for kind, label in names.items():
+    s = summ[kind]
+    tested = len(s['above']) + len(s['below']) + len(s['unresolved'])
+    out.append(f"- {label}: agrees on {_names(s['above'])}; contradicts on "
+               f"{_names(s['below'])}; unresolved on {len(s['unresolved'])} of {tested} tested "
+               'lines' + (f"; {len(s['untested'])} lines without per-image rows"
+                          if s['untested'] else '') + '.')
+  by = {r['key']: r for r in rows}
+  drops = []
+  for a in archs:
+    fl = by.get(quant_methods.row_key(a, 0.0, None, None, split))
+    for b in bits:
+      got = quant_methods.line_rows(by, a, 0.0, b, split, False)
+      if quant_methods.measured(fl) and got:
+        q = max(got, key=lambda k: (got[k]['top1'], -quant_methods.QUANTIZERS.index(k)))
+        drops.append((fl['top1'] - got[q]['top1'], f'{a} W{b}', q))
+  if drops:
+    worst = max(drops)
+    out += ['', "Float top-1 minus the best quantizer's, unpruned, weight-only (points): "
+            + '; '.join(f'{w} {d:.2f} ({q})' for d, w, q in drops)
+            + f'. The largest loss is {worst[1]}.']
+  refused = {}
+  for r in rows:
+    if r['arch'] in archs and r.get('error') and not r.get('act_bits'):
+      refused.setdefault(r['arch'], set()).add(r['quantizer'])
+  for a, qs in refused.items():
+    qs = [q for q in quant_methods.QUANTIZERS if q in qs]
+    out.append(f"{a}: {', '.join(qs)} refuse it (refusals listed above), so the orderings that "
+               'need them are not tested on it.')
+  return out + ['']
 
 
 def command_speed_section(results_dir: pathlib.Path) -> list[str]:

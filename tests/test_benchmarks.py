@@ -188,8 +188,14 @@ def test_quant_methods_rows_plans_and_table():
   assert '| resnet20 | 30% | 4 | 77.50 | - | 12.35 | - | - | - | - |' in table
   assert 'NOT the held-out split' in qm.render(rows, ['resnet20'], [0.3], [4], '0:5000')
   stored = json.loads((ROOT / 'benchmarks' / 'results' / 'quant_methods_heldout.json').read_text())
-  assert stored['rows'] and all(r['split'] == '5000:10000' and r['n'] == 5000
-                                for r in stored['rows'])
+  assert stored['rows'] and all(r['split'] == '5000:10000' for r in stored['rows'])
+  assert all(r['n'] == 5000 if qm.measured(r) else r['error'] for r in stored['rows'])
+  # The per-image sidecar agrees with every row's top-1 it has bits for.
+  packed = qm.load_correct(qm.correct_path(ROOT / 'benchmarks' / 'results'
+                                           / 'quant_methods_heldout.json'))
+  with_bits = [r for r in stored['rows'] if r['key'] in packed]
+  assert with_bits and all(qm.same_count(100.0 * qm.unpack(packed, r).mean(), r['top1'], r['n'])
+                           for r in with_bits)
 
 
 def test_bn_reestimate_rows_plans_table_and_summary():
@@ -237,3 +243,66 @@ def test_bn_reestimate_rows_plans_table_and_summary():
   for m in ('lbyl', 'prune', 'bnm'):   # the first nine rows, kept when the script was generalized
     for r in (0.3, 0.4, 0.5):
       assert {bn._key(m, r, 'none'), bn._key(m, r, 'd64x50a')} <= set(stored['rows'])
+
+
+def test_quant_methods_paired_tests_bytes_and_refusals(tmp_path):
+  """benchmarks.quant_methods on synthetic rows: the per-image sidecar round trip, the pairs of a
+  line (best vs runner-up, the UDFC paper's orderings), bold only where McNemar p < 0.05, the
+  verdicts of the paper summary, refused rows, and the bytes table naming an odd quantizer."""
+  from benchmarks import quant_methods as qm
+
+  split, n = '5000:10000', 100
+
+  def row(q, bits, right, nbytes=1000, ratio=0.0):
+    key = qm.row_key('resnet20', ratio, bits, q, split)
+    c = np.zeros(n, bool)
+    c[:right] = True
+    return dict(key=key, arch='resnet20', ratio=ratio, bits=bits, act_bits=None,
+                quantizer=q or 'float', split=split, top1=float(right), n=n,
+                bytes_after=nbytes), c
+
+  made = [row(None, None, 70, 4000), row('squant', 4, 60), row('dfq', 4, 58), row('rtn', 4, 50),
+          row('udfc', 4, 50), row('dfmpc', 4, 10, 1500), row('squant', 6, 60), row('rtn', 6, 50),
+          row('squant', 8, 100), row('rtn', 8, 70)]
+  rows = [r for r, _ in made]
+  rows.append(dict(key=qm.row_key('resnet20', 0.0, 4, 'omse', split), arch='resnet20', ratio=0.0,
+                   bits=4, act_bits=None, quantizer='omse', split=split, top1=None, n=0,
+                   error='ValueError: no'))
+  path = qm.correct_path(tmp_path / 'quant_methods_heldout.json')
+  assert path.name == 'quant_methods_correct.npz'
+  qm.save_correct(path, {r['key']: np.packbits(c) for r, c in made})
+  packed = qm.load_correct(path)
+  assert all(np.array_equal(qm.unpack(packed, r), c) for r, c in made)
+
+  by = {r['key']: r for r in rows}
+  pairs = {k: (a['quantizer'], b['quantizer'])
+           for k, a, b in qm.line_pairs(by, 'resnet20', 0.0, 4, split, False)}
+  assert pairs == {'best': ('squant', 'dfq'), 'squant': ('squant', 'dfq'),
+                   'udfc': ('udfc', 'dfq'), 'udfc-squant': ('udfc', 'squant')}
+  assert set(qm.paired_keys(rows, ['resnet20'], [0.0], [4], split)) == {
+      qm.row_key('resnet20', 0.0, 4, q, split) for q in ('squant', 'dfq', 'udfc')}
+
+  table = qm.render(rows, ['resnet20'], [0.0], [4, 6], split, packed=packed)
+  # W4: squant 60 vs dfq 58 (2 discordant, p = 0.5): not bold; omse refused.
+  assert '| resnet20 | 0% | 4 | 70.00 | 50.00 | refused | 60.00 | 58.00 | 50.00 | 10.00 |' in table
+  # W6: squant 60 vs rtn 50 (10 discordant, all for squant: p = 2 / 2**10): bold.
+  assert '| resnet20 | 0% | 6 | 70.00 | 50.00 | - | **60.00** | - | - | - |' in table
+  assert '**' not in qm.render(rows, ['resnet20'], [0.0], [4, 6], split)  # no bits, no bold
+
+  tables = qm.paired_tables(rows, packed, ['resnet20'], [0.0], [4, 6, 8], split)
+  assert '| resnet20 | 0% | W4 | squant 60.00 | dfq 58.00 | +2.00 | 2 | 0 | 0.5 |' in tables
+  assert '| resnet20 | 0% | W6 | squant 60.00 | rtn 50.00 | +10.00 | 10 | 0 | 0.002 |' in tables
+  assert '| W8 | squant 100.00 | rtn 70.00 | +30.00 | 30 | 0 | < 1e-4 |' in tables  # p = 2**-29
+  assert ('| resnet20 | 0% | W4 | 58.00 | 60.00 | 50.00 | +2.00 | 0.5 | -8.00 | 0.0078 | '
+          '-10.00 | 0.002 |') in tables
+  assert qm.n_tests(rows, packed, ['resnet20'], [0.0], [4, 6, 8], split) == 6
+  assert qm.n_tests(rows, {}, ['resnet20'], [0.0], [4, 6, 8], split) == 0
+  summ = qm.paper_summary(rows, packed, ['resnet20'], [0.0], [4, 6], split)
+  assert summ['squant'] == dict(above=[], below=[], unresolved=['resnet20 0% W4'], untested=[])
+  assert summ['udfc']['below'] == ['resnet20 0% W4']
+  assert summ['udfc-squant']['below'] == ['resnet20 0% W4']
+  assert qm.refusals(rows, ['resnet20']) == {'ValueError: no': [rows[-1]['key']]}
+  assert qm.same_count(91.66, 91.66000000000001, 5000) and not qm.same_count(91.66, 91.64, 5000)
+
+  btable = qm.bytes_table(rows, ['resnet20'], [0.0], [4, 6], split)
+  assert '| resnet20 | 0% | 3.9 | 1.0 (dfmpc: 1.5) | 1.0 |' in btable
