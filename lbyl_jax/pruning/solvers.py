@@ -334,7 +334,30 @@ def _executable(kind: str, dtype: str, shapes: Sequence[jax.ShapeDtypeStruct]) -
   make = _make_shared_kernel if kind == 'shared' else _make_row_kernel
   with jax.enable_x64(dtype == 'float64'):
     exe = jax.jit(make(dtype == 'float32')).lower(*shapes).compile()
+  _WARM.add((kind, dtype))
   return exe, time.perf_counter() - t
+
+
+# (kind, dtype) pairs compiled at least once in this process. The first lowering and compile of a
+# kernel imports modules lazily (jaxlib's LAPACK kernels load scipy.linalg.cython_lapack, the
+# compilation cache its helpers); two threads importing the same chain at once can raise
+# importlib's _DeadlockError (seen: a background compile against the main thread's
+# single_threaded_blas). So the first executable of each pair is compiled in the calling thread,
+# before any other thread compiles one.
+_WARM: set[tuple[str, str]] = set()
+
+
+def _split_first(todo: Sequence[tuple[str, str, Any]]) -> tuple[list[int], list[int]]:
+  """Indices of ``todo`` (items (kind, dtype, ...)) to compile in the calling thread first (one
+  per (kind, dtype) not compiled yet in this process) and the rest, which may run concurrently."""
+  first, rest, seen = [], [], set(_WARM)
+  for i, (kind, dtype, *_) in enumerate(todo):
+    if (kind, dtype) in seen:
+      rest.append(i)
+    else:
+      seen.add((kind, dtype))
+      first.append(i)
+  return first, rest
 
 
 def _compile_all(todo: Sequence[tuple[str, str, Sequence[jax.ShapeDtypeStruct]]]
@@ -345,11 +368,16 @@ def _compile_all(todo: Sequence[tuple[str, str, Sequence[jax.ShapeDtypeStruct]]]
   if not todo:
     return [], []
   t0 = time.perf_counter()
-  if len(todo) == 1:
-    done = [_executable(*todo[0])]
-  else:
-    with concurrent.futures.ThreadPoolExecutor(max_workers=len(todo)) as pool:
-      done = list(pool.map(lambda item: _executable(*item), todo))
+  first, rest = _split_first(todo)
+  done: list[Any] = [None] * len(todo)
+  for i in first:  # in this thread: the first compile of a kind imports what it needs
+    done[i] = _executable(*todo[i])
+  if len(rest) == 1:
+    done[rest[0]] = _executable(*todo[rest[0]])
+  elif rest:
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(rest)) as pool:
+      for i, out in zip(rest, pool.map(lambda i: _executable(*todo[i]), rest)):
+        done[i] = out
   wall = time.perf_counter() - t0
   own = sum(d for _, d in done) or 1.0
   return [e for e, _ in done], [wall * d / own for _, d in done]
@@ -358,7 +386,8 @@ def _compile_all(todo: Sequence[tuple[str, str, Sequence[jax.ShapeDtypeStruct]]]
 def precompile(dims: Sequence[tuple[str, int, int, int]], *, dtype: str = 'float32') -> int:
   """Starts compiling, in background threads, the executables that :func:`solve` will need for
   systems of these (kind, m, p, D) (one tuple per system, as :class:`Deferred` declares them);
-  returns at once, with the number of compiles started.
+  returns with the number of compiles started. The first executable of a kernel kind in this
+  process is compiled before returning, in the calling thread (see ``_WARM``).
 
   A caller that knows the shapes of its systems before it can build them (the pipeline knows them
   from the architecture and the plan before the weights are loaded and the channels selected)
@@ -373,19 +402,25 @@ def precompile(dims: Sequence[tuple[str, int, int, int]], *, dtype: str = 'float
   for kind, m, p, d in dims:
     if p > 0:
       groups.setdefault((kind, int(m), int(p)), []).append(int(d))
-  started = 0
+  todo = {}
   for (kind, m, p), ds in groups.items():
     shapes = _bucket_shapes(kind, len(ds), m, p, max(ds),
                             np.float64 if dtype == 'float64' else np.float32)
     key = (kind, dtype, tuple(s.shape for s in shapes))
-    if key in _CACHE or key in _PENDING:
-      continue
+    if key not in _CACHE and key not in _PENDING:
+      todo[key] = (kind, dtype, shapes)
+  keys = list(todo)
+  first, rest = _split_first(list(todo.values()))
+  for i in first:  # the first compile of a kind, here (see _WARM); it is then ready at once
+    fut: concurrent.futures.Future = concurrent.futures.Future()
+    fut.set_result(_executable(*todo[keys[i]]))
+    _PENDING[keys[i]] = fut
+  for i in rest:
     if not _POOL:
       _POOL.append(concurrent.futures.ThreadPoolExecutor(
           max_workers=4, thread_name_prefix='lbyl_jax-precompile'))
-    _PENDING[key] = _POOL[0].submit(_executable, kind, dtype, shapes)
-    started += 1
-  return started
+    _PENDING[keys[i]] = _POOL[0].submit(_executable, *todo[keys[i]])
+  return len(todo)
 
 
 def _run(compiled, bucket: Sequence[System], dtype: str) -> tuple[list[np.ndarray], float]:
