@@ -197,7 +197,7 @@ def line_pairs(by: dict[str, dict], arch: str, ratio: float, bits: int, split: s
   """The paired comparisons of one table line: ('best', best, runner-up) (highest top-1 first,
   ties in :data:`QUANTIZERS` order) where two quantizers are measured, and the UDFC paper's
   orderings (its Table 1): ('squant', SQuant, DFQ) and ('udfc', UDFC-style, DFQ) where DFQ is
-  measured (weight-only lines), ('udfc-squant', UDFC-style, SQuant)."""
+  measured, ('udfc-squant', UDFC-style, SQuant)."""
   got = line_rows(by, arch, ratio, bits, split, act)
   pairs = []
   if len(got) >= 2:
@@ -406,8 +406,8 @@ def main(argv=None) -> None:
                  help='test images START:STOP (default: the held-out split 5000:10000)')
   p.add_argument('--out', default=str(DEFAULT_OUT), help='JSON file of rows (read and extended)')
   p.add_argument('--act-bits', choices=('none', 'same'), default='none',
-                 help='same: also quantize activations to the weight bits (WnAn; BN-rule ranges; '
-                      'DFQ folds the BNs away and is left out of these rows)')
+                 help='same: also quantize activations to the weight bits (WnAn; BN-rule ranges, '
+                      "for DFQ's folded network from the statistics it tracked)")
   p.add_argument('--paired', action='store_true',
                  help='compute nothing new; rerun the stored rows that the paired tests of the '
                       'tables of --archs / --ratios / --bits need and that have no stored '
@@ -459,8 +459,7 @@ def main(argv=None) -> None:
     for arch in archs:
       loaded = None
       configs = [(ratio, None, None) for ratio in ratios]
-      configs += [(ratio, b, q) for ratio in ratios for b in bits for q in quantizers
-                  if not (act and q == 'dfq')]
+      configs += [(ratio, b, q) for ratio in ratios for b in bits for q in quantizers]
       for ratio, b, q in configs:
         a = b if act and q is not None else None
         key = row_key(arch, ratio, b, q, split, a)

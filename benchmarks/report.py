@@ -886,8 +886,8 @@ def quant_methods_section(path: pathlib.Path) -> list[str]:
     lines += ['Weights and activations at the same bits (WnAn, `--act-bits n`): every conv / dense '
               'input fake-quantized per tensor (unsigned after a ReLU), ranges from the BN '
               "statistics (DFQ's rule, mean + k sigma, k = n; the development-split choice); "
-              'first-layer and classifier inputs at 8 bits. DFQ folds the BNs away, so its '
-              'column is empty here (`--act-ranges distilled` serves it). '
+              'first-layer and classifier inputs at 8 bits. DFQ folds the BNs into the layers; '
+              'the rule then reads the folded layers\' output statistics that DFQ tracked. '
               '`python -m benchmarks.quant_methods --archs '
               f"{','.join(act_archs)} --act-bits same`.", '',
               quant_methods.render(rows, act_archs, ratios, bits, split, act=True, packed=packed),
@@ -931,9 +931,9 @@ def _paper_lines(rows, packed, archs, ratios, bits, split) -> list[str]:
          "The UDFC paper's Table 1 (ImageNet, no significance tests) has SQuant and UDFC above DFQ "
          'at W6A6 (ResNet-18: 70.74 and 72.76 against 66.30), UDFC above SQuant at W6A6 '
          '(ResNet-18, ResNet-50) and W4A4 (ResNet-50), and MobileNetV2 as the hard case (UDFC at '
-         'W6A6 1.16 points under its float 73.03, ResNet-50 0.15). Here DFQ has no activation '
-         'ranges (it folds the BNs the rule reads), so the '
-         'orderings against DFQ are tested on the weight-only lines. Per ordering, the lines '
+         'W6A6 1.16 points under its float 73.03, ResNet-50 0.15). The orderings are tested on '
+         'the weight-only and the WnAn lines (DFQ\'s activation ranges come from the output '
+         'statistics it tracked through the BN fold). Per ordering, the lines '
          f'where our paired test agrees (A above B, p < {quant_methods.ALPHA:g}), contradicts '
          '(A below B, p < 0.05), and the number it leaves unresolved:', '']
   for kind, label in names.items():

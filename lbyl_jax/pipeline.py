@@ -215,7 +215,7 @@ def compress(spec, variables: Mapping[str, Any], plan: Plan | None = None, *,
     act_keep = (trace.first_and_last_layers(spec)
                 if plan.quantizer is None or plan.quantizer.keep_8bit_ends else ())
     ranges = _timed(phases, 'activation_ranges', plan.activations.ranges, spec, new,
-                    calib_images)
+                    calib_images, folded_stats=None if qres is None else qres.output_stats)
     act_meta = actquant.act_meta(ranges, plan.activations.act_bits, act_keep)
   before = _timed(phases, 'stats', stats.summary, spec, variables)
   after = _timed(phases, 'stats', stats.summary, spec, new)

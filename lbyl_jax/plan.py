@@ -92,10 +92,6 @@ class Plan:
       raise ValueError(f'quantizer must be a registered Quantizer instance, got {self.quantizer!r}')
     if not isinstance(self.activations, ActQuant):
       raise ValueError(f'activations must be an ActQuant instance, got {self.activations!r}')
-    if (self.activations.enabled and self.activations.act_ranges == 'bn'
-        and self.quantizer is not None and self.quantizer.name == 'dfq'):
-      raise ValueError('--act-ranges bn reads the BN statistics, which --quant-method dfq folds'
-                       ' into the weights (identity BNs); use --act-ranges distilled')
     if self.joint:
       bad = []
       if self.bias_correction not in ('on', 'off'):

@@ -291,8 +291,8 @@ def test_plan_stage_options_and_errors():
     Plan.from_options(method='prune', act_bits=4, act_k=0.0)
   with pytest.raises(ValueError, match='--act-k'):
     Plan.from_options(method='prune', act_bits=4, act_k=3.0, act_ranges='distilled')
-  with pytest.raises(ValueError, match='dfq'):
-    Plan.from_options(method='prune', act_bits=4, quant_method='dfq', bits=4)
+  # DFQ folds the BNs: the BN rule then reads the statistics DFQ tracked (test below).
+  assert Plan.from_options(method='prune', act_bits=4, quant_method='dfq', bits=4).activations.enabled
 
 
 def test_pipeline_act_quant_saves_and_loads(resnet20, tmp_path):
@@ -380,3 +380,34 @@ def test_stage_distilled_ranges_through_the_pipeline(resnet20, lenet, monkeypatc
   with pytest.raises(ValueError, match='no BatchNorm'):
     pipeline.compress(lenet[0], lenet[1], method='prune', ratio=0.5, act_bits=6,
                       act_ranges='distilled')
+
+
+def test_dfq_folded_network_gets_the_bn_rule_from_the_tracked_statistics(resnet20):
+  """DFQ folds every BN into its layer (the BNs become identities), so the BN rule reads the
+  output statistics DFQ tracked. Without equalization they are the original BNs' (beta, |gamma|):
+  the ranges equal those of the unfolded network exactly; with it (the plan's DFQ), the pipeline's
+  ranges are the rule on the tracked statistics, and the identity BNs alone would give others."""
+  from lbyl_jax import pipeline  # pylint: disable=import-outside-toplevel
+  from lbyl_jax.quant import dfq as dfq_lib  # pylint: disable=import-outside-toplevel
+  spec, v = resnet20
+  kw = dict(bits=8, per_channel=True, symmetric=True, bias_absorption=False,
+            bias_correction=False, keep_8bit=(), cle_tol=1e-8, cle_max_iter=1000)
+  qtree, qmeta, _, stats = dfq_lib._dfq(spec, v, cle=False, **kw)  # pylint: disable=protected-access
+  folded = quant.dequantize_tree(qtree, qmeta)
+  ref = actquant.bn_ranges(spec, v, k=4.0)
+  got = actquant.bn_ranges(spec, folded, k=4.0,
+                           bn_gaussians=actquant.dfq_bn_gaussians(spec, stats))
+  assert set(got.layers) == set(ref.layers)
+  for path, r in ref.layers.items():
+    assert (got.layers[path].lo, got.layers[path].hi) == pytest.approx((r.lo, r.hi), rel=1e-6), path
+  res = pipeline.compress(spec, v, method='prune', ratio=0.0, quant_method='dfq', bits=4,
+                          act_bits=4)
+  qtree, qmeta, _, stats = dfq_lib._dfq(  # pylint: disable=protected-access
+      spec, v, **dict(kw, bits=4, bias_correction=True,
+                      keep_8bit=tuple(trace.first_and_last_layers(spec))), cle=True)
+  expect = actquant.bn_ranges(spec, quant.dequantize_tree(qtree, qmeta), k=4.0, bits=4,
+                              bn_gaussians=actquant.dfq_bn_gaussians(spec, stats))
+  ranges, bits, _ = actquant.act_from_meta(res.act_meta)
+  assert bits == 4 and ranges.layers == expect.layers
+  identity = actquant.bn_ranges(spec, res.variables, k=4.0, bits=4)
+  assert any(identity.layers[p] != expect.layers[p] for p in expect.layers)

@@ -126,16 +126,11 @@ def test_act_bits_on_every_family(models, tmp_path, name):
   np.testing.assert_array_equal(np.asarray(exp.call(images)), logits)
 
 
-@pytest.mark.parametrize('method', [m for m in QUANTIZERS if m != 'dfq'])
+@pytest.mark.parametrize('method', QUANTIZERS)
 def test_act_bits_with_every_quantizer(models, tmp_path, method):
   result = _compress(models, 'resnet20', quant_method=method, bits=4, act_bits=4)
   assert result.report['act_quant']['bits'] == 4 and result.report['quant_method'] == method
   _check_reload(models, 'resnet20', result, tmp_path)
-
-
-def test_act_bits_refusals(models):
-  with pytest.raises(ValueError, match='dfq'):
-    _compress(models, 'resnet20', quant_method='dfq', bits=4, act_bits=4)
 
 
 def test_distilled_act_ranges_short(models, tmp_path, monkeypatch):

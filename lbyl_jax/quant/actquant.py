@@ -659,9 +659,13 @@ class ActQuant(Options):
     """Whether the ranges are observed on user images (``act_ranges='calibration'``)."""
     return self.enabled and self.act_ranges == 'calibration'
 
-  def ranges(self, spec, variables: Mapping[str, Any], images=None) -> ActRanges:
+  def ranges(self, spec, variables: Mapping[str, Any], images=None, *,
+             folded_stats: Mapping[str, Mapping[str, Any]] | None = None) -> ActRanges:
     """The ranges of the network that will run (``variables``: the compressed float weights);
-    ``images``: the unlabelled uint8 NHWC images (or a Dataset) of 'calibration', only there.
+    ``images``: the unlabelled uint8 NHWC images (or a Dataset) of 'calibration', only there;
+    ``folded_stats``: for a network whose BNs were folded into the layers (DFQ), the folded
+    layers' output statistics the quantizer tracked, which the BN rule reads in place of the
+    (identity) BNs (:func:`dfq_bn_gaussians`).
 
     Raises:
       ValueError: 'calibration' without images, or images with another source.
@@ -673,7 +677,8 @@ class ActQuant(Options):
       raise ValueError(f'calibration images were given but --act-ranges is {self.act_ranges} '
                        '(they are used by --act-ranges calibration)')
     if self.act_ranges == 'bn':
-      return bn_ranges(spec, variables, k=self.act_k, bits=self.act_bits)
+      override = None if folded_stats is None else dfq_bn_gaussians(spec, folded_stats)
+      return bn_ranges(spec, variables, k=self.act_k, bits=self.act_bits, bn_gaussians=override)
     if self.act_ranges == 'calibration':
       return calibration_ranges(spec, variables, images)
     return distilled_ranges(spec, variables)

@@ -29,6 +29,10 @@ class QuantResult:
   qtree: dict[str, Any]
   qmeta: dict[str, Any]
   report: dict[str, Any]
+  output_stats: dict[str, dict[str, Any]] | None = None
+  """For a quantizer that folds the BNs into the layers (DFQ): layer path -> {'mean', 'std'} of
+  the folded layer's output as it tracked them, for the BN range rule of activation quantization
+  (:func:`lbyl_jax.quant.actquant.dfq_bn_gaussians`); None otherwise."""
 
 
 @dataclasses.dataclass(frozen=True)

@@ -339,6 +339,17 @@ def dfq(spec, variables: Mapping[str, Any], *, bits: int = 8, per_channel: bool 
     same model (BNs in identity form). The report holds CLE convergence, absorption amounts,
     per-layer bias-correction status and quantization errors.
   """
+  qtree, qmeta, report, _ = _dfq(spec, variables, bits=bits, per_channel=per_channel,
+                                 symmetric=symmetric, cle=cle, bias_absorption=bias_absorption,
+                                 bias_correction=bias_correction, keep_8bit=keep_8bit,
+                                 cle_tol=cle_tol, cle_max_iter=cle_max_iter)
+  return qtree, qmeta, report
+
+
+def _dfq(spec, variables, *, bits, per_channel, symmetric, cle, bias_absorption, bias_correction,
+         keep_8bit, cle_tol, cle_max_iter):
+  """:func:`dfq`, plus the folded layers' output statistics it tracked (layer path -> mean, std;
+  after equalization and absorption)."""
   bits = quant.check_bits(bits, where='dfq')
   bn_of = trace.trace_layers(spec).bn
   folded, stats = fold_bn(spec, variables, bn_of=bn_of)
@@ -359,7 +370,7 @@ def dfq(spec, variables: Mapping[str, Any], *, bits: int = 8, per_channel: bool 
     qtree, status = bias_correct(spec, folded, qtree, qmeta, stats, bn_of=bn_of)
     report['bias_correction_status'] = status
   report['layer_errors'] = {p: d['rel_error'] for p, d in qmeta['layers'].items()}
-  return qtree, qmeta, report
+  return qtree, qmeta, report, stats
 
 
 @register
@@ -374,6 +385,8 @@ class DFQ(Quantizer):
 
   def quantize(self, spec, variables, *, keep_8bit, context):
     del context
-    qtree, qmeta, report = dfq(spec, variables, bits=self.bits, per_channel=self.per_channel,
-                               symmetric=self.symmetric, keep_8bit=keep_8bit)
-    return QuantResult(qtree, qmeta, report)
+    qtree, qmeta, report, stats = _dfq(
+        spec, variables, bits=self.bits, per_channel=self.per_channel, symmetric=self.symmetric,
+        cle=True, bias_absorption=False, bias_correction=True, keep_8bit=keep_8bit,
+        cle_tol=1e-8, cle_max_iter=1000)
+    return QuantResult(qtree, qmeta, report, output_stats=stats)
