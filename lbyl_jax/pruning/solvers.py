@@ -310,15 +310,18 @@ def single_threaded_blas():
       put(n)
 
 
-def _stacked_shapes(bucket: Sequence[System | Deferred], dtype) -> list[jax.ShapeDtypeStruct]:
-  """The shapes :func:`_stack` gives, without building the systems or the stacked arrays."""
-  kind, m, p, _ = _dims(bucket[0])
-  return _bucket_shapes(kind, len(bucket), m, p, max(_dims(s)[3] for s in bucket), dtype)
+def _compile_key(kind: str, dtype: str, n: int, m: int, p: int, d: int
+                 ) -> tuple[tuple, list[jax.ShapeDtypeStruct]]:
+  """The key of ``_CACHE`` / ``_PENDING`` for a bucket of n systems (kind, m, p) whose longest
+  filter has length d, and the stacked shapes its executable is compiled for."""
+  shapes = _bucket_shapes(kind, n, m, p, d, np.float64 if dtype == 'float64' else np.float32)
+  return (kind, dtype, tuple(s.shape for s in shapes)), shapes
 
 
 def _bucket_shapes(kind: str, n: int, m: int, p: int, d: int, dtype
                    ) -> list[jax.ShapeDtypeStruct]:
-  """The stacked shapes of a bucket of n systems (kind, m, p) whose longest filter has length d."""
+  """The shapes :func:`_stack` gives for a bucket of n systems (kind, m, p) whose longest filter
+  has length d, without building the systems or the stacked arrays."""
   if kind == 'shared':
     shapes = [(n, m, d), (n, p, d), (n, m), (n, p), (n,), (n,)]
   else:
@@ -404,9 +407,7 @@ def precompile(dims: Sequence[tuple[str, int, int, int]], *, dtype: str = 'float
       groups.setdefault((kind, int(m), int(p)), []).append(int(d))
   todo = {}
   for (kind, m, p), ds in groups.items():
-    shapes = _bucket_shapes(kind, len(ds), m, p, max(ds),
-                            np.float64 if dtype == 'float64' else np.float32)
-    key = (kind, dtype, tuple(s.shape for s in shapes))
+    key, shapes = _compile_key(kind, dtype, len(ds), m, p, max(ds))
     if key not in _CACHE and key not in _PENDING:
       todo[key] = (kind, dtype, shapes)
   keys = list(todo)
@@ -557,10 +558,9 @@ def _solve_buckets(systems, buckets, results, dtype: str, with_cond: bool) -> No
   # stacked and solved in turn: one bucket's stacked arrays at a time.
   cache_keys, todo, pending = {}, {}, {}
   for key, idx in buckets.items():
-    bucket = [systems[i] for i in idx]
-    kind = _dims(bucket[0])[0]
-    shapes = _stacked_shapes(bucket, np.float64 if dtype == 'float64' else np.float32)
-    cache_keys[key] = (kind, dtype, tuple(s.shape for s in shapes))
+    kind, m, p, _ = _dims(systems[idx[0]])
+    cache_keys[key], shapes = _compile_key(kind, dtype, len(idx), m, p,
+                                           max(_dims(systems[i])[3] for i in idx))
     if cache_keys[key] in _PENDING:
       pending[key] = _PENDING.pop(cache_keys[key])
     elif cache_keys[key] not in _CACHE:
