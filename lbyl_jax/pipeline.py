@@ -279,12 +279,10 @@ def _deliver(plan: Plan, spec, variables, problems, bc: str,
 
 
 def _check_units(spec, plan: Plan) -> None:
-  """Refuses a quantizer that assumes the presets' one-consumer units on other units."""
-  if plan.quantizer is None or plan.quantizer.per_layer:
+  """Refuses a quantizer on units it does not handle (:meth:`Quantizer.unsupported_units`)."""
+  if plan.quantizer is None:
     return
-  odd = [u.name for u in spec.units
-         if len(u.consumers) != 1 or u.through or u.consumers[0].offset
-         or u.consumers[0].flatten_order != 'nchw' or u.consumers[0].scale != 1.0]
+  odd = plan.quantizer.unsupported_units(spec)
   if odd:
     raise ValueError(f'--quant-method {plan.quantizer.name} handles units with one plain consumer;'
                      f' {spec.name} has units with several consumers, channel offsets or per-channel'

@@ -58,6 +58,18 @@ class Quantizer(Options):
     del method_name
     return False
 
+  def unsupported_units(self, spec) -> list[str]:
+    """Names of the units of ``spec`` this quantizer cannot handle (empty: it runs).
+
+    Per-layer quantizers handle everything; the others, by default, units with one plain
+    consumer (no several consumers, channel offsets, per-channel layers in between, NHWC flatten
+    or consumer scale). A quantizer that handles more overrides this."""
+    if self.per_layer:
+      return []
+    return [u.name for u in spec.units
+            if len(u.consumers) != 1 or u.through or u.consumers[0].offset
+            or u.consumers[0].flatten_order != 'nchw' or u.consumers[0].scale != 1.0]
+
   def quantize(self, spec, variables: Mapping[str, Any], *, keep_8bit: Sequence[str],
                context: Mapping[str, Any]) -> QuantResult:
     """Quantizes (already pruned) float variables; ``context`` carries the plan's selection
