@@ -66,11 +66,15 @@ NO_BN = {'lenet_300_100': 'LeNet-300-100 (FashionMNIST) has no BatchNorm layer, 
 WEIGHTS = ARCHS[ARCH][0]
 DATA = 'data/cifar10_test.npz'
 HELD_OUT = (5000, 10000)
+DEV = (0, 5000)
+SPLITS = {'held-out': HELD_OUT, 'dev': DEV}
 METHODS = ('lbyl', 'prune', 'nm', 'bnm')
 RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5)
 QUANT_METHODS = ('rtn', 'udfc')
 BITS = 4
 RECIPE = bn_lib.BNReestimation(bn_reestimate='distilled')   # d64x50a: the defaults
+# --recipe: the package's two data-free routes with their defaults (d64x50a, mom_shared_a).
+RECIPES = {'distilled': RECIPE, 'moments': bn_lib.BNReestimation(bn_reestimate='moments')}
 
 
 def shared_dir() -> pathlib.Path:
@@ -78,9 +82,13 @@ def shared_dir() -> pathlib.Path:
   return pathlib.Path(env) if env else ROOT.parent / 'shared'
 
 
-def out_path(arch: str, results_dir: pathlib.Path = RESULTS_DIR) -> pathlib.Path:
-  """The results file of one checkpoint (the original file name is kept for ``resnet56_b``)."""
+def out_path(arch: str, results_dir: pathlib.Path = RESULTS_DIR,
+             split: str = 'held-out') -> pathlib.Path:
+  """The results file of one checkpoint and split (the original file name is kept for the
+  held-out rows of ``resnet56_b``)."""
   _check_arch(arch)
+  if split == 'dev':
+    return results_dir / f'bn_reestimate_dev_{arch}.json'
   name = 'bn_reestimate_heldout.json' if arch == ARCH else f'bn_reestimate_heldout_{arch}.json'
   return results_dir / name
 
@@ -111,14 +119,16 @@ def _key(method: str, ratio: float, recipe: str, quant: str | None = None,
   return f'{_variant(method, quant, bits)}-r{ratio:g}-{recipe}'
 
 
-def load_results(path: pathlib.Path, arch: str = ARCH) -> dict:
+def load_results(path: pathlib.Path, arch: str = ARCH, split: str = 'held-out') -> dict:
   if path.exists():
     results = json.loads(path.read_text())
     if results['arch'] != arch:
       raise ValueError(f'{path} holds rows of {results["arch"]!r}, not of --arch {arch!r}')
+    if results.get('split', 'held-out') != split:
+      raise ValueError(f'{path} holds rows of another split, not of {split}')
     return results
   _check_arch(arch)
-  return dict(arch=arch, weights=ARCHS[arch][0], split='held-out', data_slice=list(HELD_OUT),
+  return dict(arch=arch, weights=ARCHS[arch][0], split=split, data_slice=list(SPLITS[split]),
               recipe=RECIPE.recipe, recipe_options=RECIPE.describe(), rows={})
 
 
@@ -138,20 +148,24 @@ def plan_options(method: str, ratio: float, quant: str | None, bits: int | None)
 
 
 def run(methods: Sequence[str], ratios: Sequence[float], path: pathlib.Path, arch: str = ARCH,
-        quants: Sequence[str | None] = (None,), bits: int = BITS) -> dict:
-  results = load_results(path, arch)
+        quants: Sequence[str | None] = (None,), bits: int = BITS,
+        recipe: bn_lib.BNReestimation = RECIPE, split: str = 'held-out') -> dict:
+  """Computes the missing rows (no re-estimation and ``recipe``) of ``path`` on ``split``."""
+  results = load_results(path, arch, split)
+  if recipe.recipe != results['recipe']:
+    results.setdefault('other_recipes', {})[recipe.recipe] = recipe.describe()
   rows = results['rows']
   todo = [(m, q, r) for q in quants for m in methods for r in ratios
           if _key(m, r, 'none', q, bits) not in rows
-          or _key(m, r, RECIPE.recipe, q, bits) not in rows]
+          or _key(m, r, recipe.recipe, q, bits) not in rows]
   if not todo:
     return results
   shared = shared_dir()
   spec = archs.get(arch)
   variables, source = weights_lib.load_weights(spec, str(shared / ARCHS[arch][0]), download=False,
                                                progress=False)
-  dataset = data_lib.load_dataset(str(shared / DATA), arch=spec, slice_=HELD_OUT, download=False,
-                                  progress=False)
+  dataset = data_lib.load_dataset(str(shared / DATA), arch=spec, slice_=SPLITS[split],
+                                  download=False, progress=False)
   evaluator = evaluation.Evaluator(spec, batch_size=500)
   results['machine'] = dict(platform=platform.platform(), cpus=os.cpu_count())
   if 'original' not in results:
@@ -159,23 +173,24 @@ def run(methods: Sequence[str], ratios: Sequence[float], path: pathlib.Path, arc
     results['original'] = dict(top1=100.0 * float(pred['correct'].mean()), n=len(dataset),
                                correct=_pack(pred['correct']))
     save_results(path, results)
-  _, info = bn_lib.distilled_inputs(spec, variables, RECIPE)
-  if not info['memoized']:
-    results.setdefault('distill_runs', []).append(
-        dict(seconds=info['seconds'], loss_start=info['loss_start'], loss_end=info['loss_end']))
+  if recipe.source == 'distilled':
+    _, info = bn_lib.distilled_inputs(spec, variables, recipe)
+    if not info['memoized']:
+      results.setdefault('distill_runs', []).append(
+          dict(seconds=info['seconds'], loss_start=info['loss_start'], loss_end=info['loss_end']))
   for m, q, r in todo:
     b = None if q is None else bits
     plan = Plan.from_options(**plan_options(m, r, q, b))
     t0 = time.perf_counter()
     res = pipeline.compress(spec, variables, plan)
     compress_s = time.perf_counter() - t0
-    for name, net in (('none', res), (RECIPE.recipe, None)):
+    for name, net in (('none', res), (recipe.recipe, None)):
       key = _key(m, r, name, q, b)
       if key in rows:
         continue
       bn_rep = None
       if net is None:
-        net = bn_lib.reestimate_compressed(res, variables, RECIPE)
+        net = bn_lib.reestimate_compressed(res, variables, recipe)
         bn_rep = net.report['bn_reestimate']
       pred = evaluator.predictions(net.variables, dataset, widths=net.widths, progress=False)
       rows[key] = dict(
@@ -183,21 +198,21 @@ def run(methods: Sequence[str], ratios: Sequence[float], path: pathlib.Path, arc
           quant_method=q, bits=b,
           top1=100.0 * float(pred['correct'].mean()), n=len(dataset),
           compress_seconds=compress_s, correct=_pack(pred['correct']),
-          bn_seconds=None if bn_rep is None else bn_rep['seconds'] - bn_rep['seconds_distill'],
+          bn_seconds=None if bn_rep is None else bn_rep['seconds'] - bn_rep.get('seconds_distill', 0.0),
           bn_data_free=None if bn_rep is None else bn_rep['data_free'],
-          distill_loss_end=None if bn_rep is None else bn_rep['distill_loss_end'])
+          distill_loss_end=None if bn_rep is None else bn_rep.get('distill_loss_end'))
       results['weights_source'] = str(source)
       save_results(path, results)
-      print(f'{arch} {key}: top-1 {rows[key]["top1"]:.2f} (held-out)', flush=True)
+      print(f'{arch} {key}: top-1 {rows[key]["top1"]:.2f} ({split})', flush=True)
   save_results(path, results)
   return results
 
 
-def _pairs(results: dict) -> list[tuple[str, float, dict, dict]]:
-  """Stored (variant, ratio, none row, re-estimated row) pairs: float methods in METHODS order,
-  then the quantized variants, ratios ascending."""
+def _pairs(results: dict, recipe: str | None = None) -> list[tuple[str, float, dict, dict]]:
+  """Stored (variant, ratio, none row, re-estimated row) pairs of ``recipe`` (default: the
+  file's recipe): float methods in METHODS order, then the quantized variants, ratios ascending."""
   rows = results['rows']
-  rec = results['recipe']
+  rec = recipe or results['recipe']
   found = {}
   for row in rows.values():
     v = _variant(row['method'], row.get('quant_method'), row.get('bits'))
@@ -216,12 +231,12 @@ def _pairs(results: dict) -> list[tuple[str, float, dict, dict]]:
   return out
 
 
-def summary(results: dict, variant: str = 'lbyl') -> str:
+def summary(results: dict, variant: str = 'lbyl', recipe: str | None = None) -> str:
   """One line from the stored pairs of ``variant``: the smallest and largest difference
   (re-estimated - none) and the ratios where re-estimation loses, with their McNemar p."""
   pairs = [(r, evaluation.paired_comparison(_unpack(a['correct'], a['n']),
                                             _unpack(b['correct'], b['n'])))
-           for v, r, b, a in _pairs(results) if v == variant]
+           for v, r, b, a in _pairs(results, recipe) if v == variant]
   if not pairs:
     return f'`{variant}`: no stored pair.'
   pairs = [(r, pc['diff'], pc['mcnemar_p']) for r, pc in pairs]
@@ -266,7 +281,7 @@ def target_table(results: dict) -> str:
 
 
 def table(results: dict, methods: Sequence[str] | None = None,
-          ratios: Sequence[float] | None = None) -> str:
+          ratios: Sequence[float] | None = None, recipe: str | None = None) -> str:
   """Markdown table of the stored pairs (every one, or those of ``methods`` / ``ratios``; a
   method name selects its quantized variants too), a summary line for lbyl under it."""
   distill = [d['seconds'] for d in results.get('distill_runs', [])]
@@ -274,12 +289,13 @@ def table(results: dict, methods: Sequence[str] | None = None,
   distill_s = ('not stored' if not distill else f'{lo_s} s' if len(distill) == 1 else
                f'{lo_s} s in each of {len(distill)} runs'
                if lo_s == hi_s else f'{lo_s}-{hi_s} s over {len(distill)} runs')
-  rec = results['recipe']
-  pairs = _pairs(results)
+  rec = recipe or results['recipe']
+  pairs = _pairs(results, rec)
   arch = results['arch']
+  split = 'development' if results.get('split') == 'dev' else results.get('split', 'held-out')
   name = ARCHS.get(arch, (None, arch))[1]
   lines = [
-      f"{name} (`{arch}`), L2, held-out split (CIFAR-10 test images "
+      f"{name} (`{arch}`), L2, {split} split (CIFAR-10 test images "
       f"{results['data_slice'][0]}-{results['data_slice'][1] - 1}); original network: "
       f"{results['original']['top1']:.2f}. `{rec}`: data-free; cost = seconds of the re-estimation "
       f'of that network, plus one distillation shared by the rows of a run ({distill_s}), on a '
@@ -302,7 +318,7 @@ def table(results: dict, methods: Sequence[str] | None = None,
     lines.append(f"| {v} | {100 * r:.0f}% | {b['top1']:.2f} | {a['top1']:.2f} | "
                  f"{pc['diff']:+.2f} | [{lo:+.2f}, {hi:+.2f}] | {p} | "
                  f"{a['bn_seconds']:.1f} |")
-  lines += ['', summary(results)]
+  lines += ['', summary(results, recipe=rec)]
   return '\n'.join(lines)
 
 
@@ -319,6 +335,10 @@ def main() -> None:
   p.add_argument('--out', type=pathlib.Path, default=None,
                  help='results file (default: the one of --arch under benchmarks/results)')
   p.add_argument('--table', action='store_true', help='print the table from stored rows only')
+  p.add_argument('--recipe', choices=tuple(RECIPES), default='distilled',
+                 help='data-free route compared with no re-estimation (package defaults)')
+  p.add_argument('--split', choices=tuple(SPLITS), default='held-out',
+                 help='dev: CIFAR-10 test images 0-4999 (for choices); held-out: 5000-9999')
   args = p.parse_args()
   try:
     _check_arch(args.arch)
@@ -327,12 +347,13 @@ def main() -> None:
   methods = [m for m in args.methods.split(',') if m]
   ratios = [float(r) for r in args.ratios.split(',') if r]
   quants = [None if q == 'float' else q for q in args.quant_methods.split(',') if q]
-  path = args.out or out_path(args.arch)
-  results = (load_results(path, args.arch) if args.table
-             else run(methods, ratios, path, args.arch, quants, args.bits))
+  path = args.out or out_path(args.arch, split=args.split)
+  recipe = RECIPES[args.recipe]
+  results = (load_results(path, args.arch, args.split) if args.table
+             else run(methods, ratios, path, args.arch, quants, args.bits, recipe, args.split))
   if 'original' not in results:
     raise SystemExit(f'{path}: no stored rows')
-  print(table(results, methods, ratios))
+  print(table(results, methods, ratios, recipe.recipe))
 
 
 if __name__ == '__main__':

@@ -391,9 +391,11 @@ def layer_output_moments(kernel: np.ndarray, bias: np.ndarray | None, mean: np.n
                      f'reading {C} channels')
   b = np.zeros(O) if bias is None else np.asarray(bias, np.float64)
   km = np.einsum('tco,c->to', K, mean)
+  # Quadratic forms k^T cov k per output channel as (cov @ k) * k summed over c: BLAS products
+  # (a plain three-operand einsum loops over c, d and o: seconds per ResNet-50 layer).
   if spatial == 'independent':
     kv = (np.einsum('tco,c->to', K * K, cov) if cov.ndim == 1
-          else np.einsum('tco,cd,tdo->to', K, cov, K))
+          else np.einsum('tco,tco->to', np.matmul(cov, K), K))
   elif spatial != 'shared':
     raise ValueError(f'spatial must be one of {SPATIAL}, got {spatial!r}')
   means, variances, weights = [], [], []
@@ -404,7 +406,7 @@ def layer_output_moments(kernel: np.ndarray, bias: np.ndarray | None, mean: np.n
     else:
       ks = K[valid].sum(0)
       variances.append(np.einsum('co,c->o', ks * ks, cov) if cov.ndim == 1
-                       else np.einsum('co,cd,do->o', ks, cov, ks))
+                       else np.einsum('co,co->o', cov @ ks, ks))
     weights.append(w)
   w = np.asarray(weights)[:, None]
   means, variances = np.asarray(means), np.asarray(variances)
