@@ -35,8 +35,8 @@ REFUSED = {
     ('mobilenet_v2_cifar10', 'dfmpc'): 'handles units with one plain consumer',
     ('custom', 'dfmpc'): 'BN-moment model of the preset families',
 }
-# The BN range rule covers every preset family; a user model needs calibration or distillation.
-BN_RULE_REFUSED = ('custom',)
+# The BN range rule covers every preset family and user models (lbyl_jax.quant.act_graph).
+BN_RULE_REFUSED = ()
 
 
 class SmallCNN(nn.Module):
