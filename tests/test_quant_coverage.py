@@ -30,13 +30,11 @@ ARCHS = ('resnet20', 'resnet18', 'vgg16_bn_cifar', 'lenet_300_100', 'mobilenet_v
 # (family, quantizer) -> the refusal: these quantizers assume one plain consumer per unit, or the
 # presets' BN-moment model.
 REFUSED = {
-    ('mobilenet_v2_cifar10', 'dfq'): 'handles units with one plain consumer',
-    ('mobilenet_v2_cifar10', 'udfc'): 'handles units with one plain consumer',
     ('mobilenet_v2_cifar10', 'dfmpc'): 'handles units with one plain consumer',
     ('custom', 'dfmpc'): 'BN-moment model of the preset families',
 }
-# The BN range rule covers every preset family; a user model needs calibration or distillation.
-BN_RULE_REFUSED = ('custom',)
+# The BN range rule covers every preset family and user models (lbyl_jax.quant.act_graph).
+BN_RULE_REFUSED = ()
 
 
 class SmallCNN(nn.Module):
@@ -145,6 +143,22 @@ def test_distilled_act_ranges_short(models, tmp_path, monkeypatch):
     assert result.report['act_quant']['source'] == 'distilled'
     assert result.report['act_quant']['data_free'] is True
     _check_reload(models, name, result, tmp_path / name)
+
+
+@pytest.mark.parametrize('method', ['dfq', 'udfc'])
+@pytest.mark.parametrize('ratio', [0.0, 0.3])
+def test_dfq_udfc_on_mobilenet_v2(models, tmp_path, method, ratio):
+  """DFQ / UDFC-style on MobileNetV2's depthwise units, unpruned and after LBYL 30 %; UDFC's
+  joint delivery (with LBYL) through the depthwise conv is refused by name."""
+  head, v, _, _ = models('mobilenet_v2_cifar10')
+  options = dict(method='lbyl' if ratio else 'prune', ratio=ratio, quant_method=method, bits=4)
+  if method == 'udfc' and ratio:
+    with pytest.raises(ValueError, match='joint delivery through the depthwise conv'):
+      lbyl_jax.compress(*head, v, **options)
+    return
+  result = lbyl_jax.compress(*head, v, **options)
+  assert result.report['quant_method'] == method and result.report['ratio'] == ratio
+  _check_reload(models, 'mobilenet_v2_cifar10', result, tmp_path)
 
 
 def test_joint_udfc_with_act_bits(models, tmp_path):

@@ -34,6 +34,8 @@ Ranges (:class:`ActRanges`, JSON-serializable for the checkpoint's meta,
       propagated mean and covariance (``moments.dense_preactivation``), per unit diagonal;
     * the first layer's input is the normalized image: exactly ``[(0 - mean) / std, (1 - mean) /
       std]`` over channels (no k).
+    * a user's model (``spec.family == 'custom'``): the same rules on its traced graph,
+      :mod:`lbyl_jax.quant.act_graph`.
     ``bn_gaussians`` overrides the BN output distribution per BN path (DFQ's folded networks keep
     their BNs as identities: pass the distributions DFQ tracked, :func:`dfq_bn_gaussians`).
 (b) :func:`distilled_ranges`: the observed ranges on BN-distilled inputs (:mod:`lbyl_jax.experimental.distill`,
@@ -70,6 +72,7 @@ from lbyl_jax.models import archs
 from lbyl_jax.models import trace
 from lbyl_jax.pruning import moments as moments_lib
 from lbyl_jax.pruning import terms
+from lbyl_jax.quant import act_graph
 from lbyl_jax.quant import uniform as quant
 
 COLLECTION = 'act_quant'
@@ -316,7 +319,8 @@ def bn_ranges(spec, variables: Mapping[str, Any], *, k: float | None = None,
   """Data-free ranges of every conv / dense input from the BN statistics (module docstring, a).
 
   Args:
-    spec: the architecture (families 'cifar_resnet', 'resnet', 'vgg_cifar', 'vgg', 'mlp').
+    spec: the architecture (families 'cifar_resnet', 'resnet', 'vgg_cifar', 'vgg', 'mlp',
+      'mobilenet_v2'; a user's model, 'custom': :func:`lbyl_jax.quant.act_graph.graph_sources`).
     variables: the variables that will run (original, pruned or compensated).
     k: the rule's number of standard deviations; default :func:`default_k` of ``bits``.
     bits: the activation bit width the ranges are for (only used to pick the default k).
@@ -340,6 +344,8 @@ def bn_ranges(spec, variables: Mapping[str, Any], *, k: float | None = None,
     sources = _mlp_sources(spec, variables)
   elif fam == 'mobilenet_v2':
     sources = _mobilenet_sources(spec, variables, bn_gaussians)
+  elif fam == 'custom':  # a user's model: the same rule on its traced graph
+    sources = act_graph.graph_sources(spec, variables, bn_gaussians)
   else:
     raise ValueError(f'{spec.name}: the BN range rule (--act-ranges bn) does not know family '
                      f'{fam!r}; use --act-ranges distilled (data-free) or --act-ranges calibration'

@@ -26,6 +26,14 @@ Bias correction is applied only where that expectation is known:
 - layers reading a residual sum (block inputs, shortcuts, the resnet head) and layers whose
   producer has no BN (LeNet) are skipped.
 Zero-padded borders are ignored, as in DFQ.
+
+MobileNetV2 (units with a depthwise "through" layer, :func:`through_pairs`; docs/quantization.md,
+"DFQ and UDFC-style on MobileNetV2"): the BN fold is exact everywhere; cross-layer equalization
+is exact only across positively homogeneous activations and ReLU6 is not (DFQ's paper replaces
+ReLU6 by ReLU for its MobileNetV2 runs, which our model cannot), so these units are NOT
+equalized (``report['cle_skipped']``); bias correction is exact for them and applied on both
+pairs of the unit: expansion -> depthwise (a depthwise consumer's error reaches only its own
+channel) and depthwise -> projection, with ``E[ReLU6(y)] = E[ReLU(y)] - E[ReLU(y - 6)]``.
 """
 
 from __future__ import annotations
@@ -73,6 +81,52 @@ def _layer(variables, path):
 # Pairs.
 
 
+def act_mean(mean, std, activation: str = 'relu') -> np.ndarray:
+  """E[act(y)], y ~ N(mean, std^2): ReLU, or ReLU6 = ReLU(y) - ReLU(y - 6) (``'relu6'``; any
+  other name is taken as ReLU, the rule DFQ always applied)."""
+  e = relu_mean(mean, std)
+  if activation == 'relu6':
+    e = e - relu_mean(np.asarray(mean, np.float64) - 6.0, std)
+  return e
+
+
+def depthwise_unit(unit: units_lib.Unit) -> units_lib.Through | None:
+  """The depthwise layer of a unit DFQ / UDFC handle through it (an inverted residual's
+  expansion: 'depthwise' compensation, one depthwise through layer (and its BN) at offset 0,
+  plain consumers,
+  ReLU / ReLU6 on both sides), or None."""
+  if unit.compensation != 'depthwise' or any(t.offset for t in unit.through):
+    return None
+  dws = [t for t in unit.through if t.kind == 'depthwise']
+  if len(dws) != 1 or len(unit.through) > 2:  # the depthwise conv, and its BN
+    return None
+  t = dws[0]
+  if unit.activation not in ('relu', 'relu6') or unit.through_activation not in ('relu', 'relu6'):
+    return None
+  if any(c.offset or c.flatten_order != 'nchw' or c.scale != 1.0 or c.kind != 'conv'
+         or c.through != unit.through for c in unit.consumers):
+    return None
+  return t
+
+
+def through_pairs(spec, bn_of: Mapping[str, str] | None = None) -> tuple[units_lib.Unit, ...]:
+  """Bias-correction pairs of the depthwise units (:func:`depthwise_unit`): producer ->
+  depthwise conv (the unit's activation) and depthwise conv -> each consumer (the activation after
+  the depthwise conv's BN), as plain one-consumer units with ``activation`` set."""
+  bn_of = {} if bn_of is None else bn_of
+  pairs = []
+  for u in spec.units:
+    t = depthwise_unit(u)
+    if t is None:
+      continue
+    pairs.append(units_lib.Unit.of(f'{u.name}>{t.path}', u.producer, u.bn, t.path, 'conv',
+                                   activation=u.activation))
+    for c in u.consumers:
+      pairs.append(units_lib.Unit.of(f'{t.path}>{c.path}', t.path, bn_of.get(t.path), c.path,
+                                     'conv', activation=u.through_activation))
+  return tuple(pairs)
+
+
 def cle_pairs(spec) -> tuple[units_lib.Unit, ...]:
   """Producer -> ReLU -> consumer pairs for equalization and bias correction: the prunable units
   (docs/README.md#which-layers-are-pruned) plus the VGG classifier chain (fc1 -> fc2 (-> fc3))."""
@@ -108,6 +162,12 @@ def _out_bias_owner(variables, path: str, bn_of: Mapping[str, str]) -> tuple[dic
 def _consumer_in_view(kernel: np.ndarray, unit: units_lib.Unit, n: int) -> np.ndarray:
   """The consumer kernel as (N, taps, out): input channel i first (a view-compatible copy)."""
   if unit.consumer_kind == 'conv':
+    if kernel.ndim == 4 and kernel.shape[2] == 1 and kernel.shape[3] == n and n > 1:
+      # depthwise: input channel i reaches output channel i only (a diagonal in (i, o))
+      taps = kernel.reshape(-1, n).T  # (n, taps)
+      out = np.zeros((n, taps.shape[1], n), taps.dtype)
+      out[np.arange(n), :, np.arange(n)] = taps
+      return out
     return np.transpose(kernel, (2, 0, 1, 3)).reshape(n, -1, kernel.shape[-1])
   if kernel.shape[0] != n * unit.flatten:
     raise ValueError(f'{unit.consumer}: expected {n * unit.flatten} inputs, got {kernel.shape[0]}')
@@ -162,10 +222,17 @@ def channel_ranges(variables, unit: units_lib.Unit) -> tuple[np.ndarray, np.ndar
   return r1, r2
 
 
+def _is_depthwise(kernel) -> bool:
+  shape = np.shape(kernel)
+  return len(shape) == 4 and shape[2] == 1 and shape[3] > 1
+
+
 def _absmax_matrix(kernel: np.ndarray, block: int) -> np.ndarray:
   """``M[j, i] = max |W[taps, j, i]|`` over kernel taps (conv) or over the ``block`` flatten
   positions of input channel j (dense): all that CLE needs of a kernel."""
   k = np.abs(np.asarray(kernel))
+  if _is_depthwise(k):  # input channel i reaches output channel i only: a diagonal
+    return np.diag(np.max(k[:, :, 0, :], axis=(0, 1))).astype(np.float64)
   if k.ndim == 4:
     return np.max(k, axis=(0, 1)).astype(np.float64)
   return np.max(k.reshape(k.shape[0] // block, block, k.shape[1]), axis=1).astype(np.float64)
@@ -224,7 +291,10 @@ def equalize(spec, variables: Mapping[str, Any], *, stats: Stats | None = None,
     layer = _layer(v, p)
     k = layer['kernel']
     rin = np.repeat(cin[p], block.get(p, 1))
-    layer['kernel'] = k * (rin[None, None, :, None] if k.ndim == 4 else rin[:, None]) * cout[p]
+    if _is_depthwise(k):
+      layer['kernel'] = k * (rin * cout[p])
+    else:
+      layer['kernel'] = k * (rin[None, None, :, None] if k.ndim == 4 else rin[:, None]) * cout[p]
   for u in pairs:
     owner, key = _out_bias_owner(v, u.producer, bn_of)
     owner[key] = owner[key] * cout[u.producer]
@@ -281,7 +351,8 @@ def bias_correct(spec, float_variables: Mapping[str, Any], qtree: Mapping[str, A
                  bn_of: Mapping[str, str] | None = None) -> tuple[dict[str, Any], dict[str, str]]:
   """Analytic bias correction (docs/quantization.md#dfq-bias-correction) of a quantized tree.
 
-  For each consumer whose input is ``ReLU(y)`` of a producer with known ``y ~ N(mean, std^2)``:
+  For each consumer whose input is ``ReLU(y)`` (``ReLU6(y)`` for a pair whose ``activation`` is
+  'relu6', :func:`act_mean`; a depthwise consumer reaches only its own channel) of a producer with known ``y ~ N(mean, std^2)``:
   ``eps = What - W`` and the consumer's output bias (its folded BN's bias, or its own bias)
   ``-= sum_{taps, i} eps[.., i, o] E[ReLU(y_i)]``.
 
@@ -309,7 +380,7 @@ def bias_correct(spec, float_variables: Mapping[str, Any], qtree: Mapping[str, A
     if unit.pool == 'max':
       status[unit.consumer] = 'skipped: max-pool between producer and consumer'
       continue
-    ex = relu_mean(stats[unit.producer]['mean'], stats[unit.producer]['std'])
+    ex = act_mean(stats[unit.producer]['mean'], stats[unit.producer]['std'], unit.activation)
     w = np.asarray(_layer(float_variables, unit.consumer)['kernel'], np.float64)
     wq = np.asarray(_layer(deq, unit.consumer)['kernel'], np.float64)
     eps = _consumer_in_view(wq - w, unit, ex.size)
@@ -327,7 +398,8 @@ def bias_correct(spec, float_variables: Mapping[str, Any], qtree: Mapping[str, A
 def dfq(spec, variables: Mapping[str, Any], *, bits: int = 8, per_channel: bool = False,
         symmetric: bool = False, cle: bool = True, bias_absorption: bool = False,
         bias_correction: bool = True, keep_8bit: Iterable[str] = (), cle_tol: float = 1e-8,
-        cle_max_iter: int = 1000) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+        cle_max_iter: int = 1000, relu6_cle: bool = False
+        ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
   """DFQ (docs/quantization.md#dfq): fold BN, equalize, (absorb), quantize, bias-correct.
 
   Defaults follow the DFQ paper's per-tensor asymmetric weights; pass ``per_channel=True,
@@ -342,32 +414,42 @@ def dfq(spec, variables: Mapping[str, Any], *, bits: int = 8, per_channel: bool 
   qtree, qmeta, report, _ = _dfq(spec, variables, bits=bits, per_channel=per_channel,
                                  symmetric=symmetric, cle=cle, bias_absorption=bias_absorption,
                                  bias_correction=bias_correction, keep_8bit=keep_8bit,
-                                 cle_tol=cle_tol, cle_max_iter=cle_max_iter)
+                                 cle_tol=cle_tol, cle_max_iter=cle_max_iter, relu6_cle=relu6_cle)
   return qtree, qmeta, report
 
 
 def _dfq(spec, variables, *, bits, per_channel, symmetric, cle, bias_absorption, bias_correction,
-         keep_8bit, cle_tol, cle_max_iter):
+         keep_8bit, cle_tol, cle_max_iter, relu6_cle=False):
   """:func:`dfq`, plus the folded layers' output statistics it tracked (layer path -> mean, std;
-  after equalization and absorption)."""
+  after equalization and absorption). ``relu6_cle``: also equalize the depthwise units' pairs
+  across their ReLU6 (NOT exact: ReLU6(y / s) s clips at 6 s; the development-split comparison
+  of docs/quantization.md rejected it)."""
   bits = quant.check_bits(bits, where='dfq')
   bn_of = trace.trace_layers(spec).bn
   folded, stats = fold_bn(spec, variables, bn_of=bn_of)
   report: dict[str, Any] = dict(method='dfq', bits=bits, per_channel=per_channel, symmetric=symmetric,
                                 cle=cle, bias_absorption=bias_absorption,
                                 bias_correction=bias_correction)
+  # Depthwise units (MobileNetV2): no equalization / absorption across ReLU6, bias correction on
+  # both of their pairs (module docstring).
+  plain = tuple(u for u in cle_pairs(spec) if not u.through)
+  extra = through_pairs(spec, bn_of)
+  if extra and not relu6_cle:
+    report['cle_skipped'] = {u.name: 'ReLU6 / depthwise unit: equalization is exact only across '
+                             'positively homogeneous activations' for u in spec.units if u.through}
   if cle:
-    folded, info = equalize(spec, folded, stats=stats, bn_of=bn_of, tol=cle_tol,
-                            max_iter=cle_max_iter)
+    folded, info = equalize(spec, folded, stats=stats, pairs=plain + (extra if relu6_cle else ()),
+                            bn_of=bn_of, tol=cle_tol, max_iter=cle_max_iter)
     stats = info.pop('stats')
     report['cle'] = info
   if bias_absorption:
-    folded, stats, absorbed = absorb_bias(spec, folded, stats, bn_of=bn_of)
+    folded, stats, absorbed = absorb_bias(spec, folded, stats, pairs=plain, bn_of=bn_of)
     report['absorbed'] = absorbed
   qtree, qmeta = quant.quantize_tree(folded, bits=bits, per_channel=per_channel,
                                      symmetric=symmetric, keep_8bit=keep_8bit)
   if bias_correction:
-    qtree, status = bias_correct(spec, folded, qtree, qmeta, stats, bn_of=bn_of)
+    qtree, status = bias_correct(spec, folded, qtree, qmeta, stats, pairs=plain + extra,
+                                 bn_of=bn_of)
     report['bias_correction_status'] = status
   report['layer_errors'] = {p: d['rel_error'] for p, d in qmeta['layers'].items()}
   return qtree, qmeta, report, stats
@@ -382,6 +464,12 @@ class DFQ(Quantizer):
 
   name = 'dfq'
   summary = 'DFQ: BN fold, equalization, bias correction'
+
+  def unsupported_units(self, spec) -> list[str]:
+    """The base rule's units, less the inverted residuals' depthwise units
+    (:func:`depthwise_unit`: folded, not equalized, bias-corrected)."""
+    by_name = {u.name: u for u in spec.units}
+    return [n for n in super().unsupported_units(spec) if depthwise_unit(by_name[n]) is None]
 
   def quantize(self, spec, variables, *, keep_8bit, context):
     del context

@@ -65,6 +65,7 @@ from lbyl_jax.pruning import solvers
 from lbyl_jax.pruning import surgery
 from lbyl_jax.pruning.moments import relu_mean
 from lbyl_jax.models import trace
+from lbyl_jax.quant import dfq as dfq_lib
 from lbyl_jax.quant import uniform as quant
 from lbyl_jax.quant.base import QuantResult, Quantizer, register
 
@@ -324,11 +325,20 @@ def udfc(spec, variables: Mapping[str, Any], *, bits: int,
     W_orig = _unit_rows(orig['kernel'], unit, orig_bias)
     S_P = delivery(orig_k_hat, alpha[keep], b[keep], W_orig[prune], alpha[prune], b[prune],
                    a1=d1, a2=d2)
-    # (c) V'_K = s V_K + S'^T V_P: scale the kept inputs, then let surgery mix and slice.
-    cons = dict(trees.get_path(work['params'], unit.consumer))
+    # (c) V'_K = s V_K + S'^T V_P: scale the kept inputs, then let surgery mix and slice. A
+    # depthwise unit (MobileNetV2): channel k's next linear map is the depthwise kernel's
+    # channel k, which takes s_k exactly (its bias is added after the product).
+    dw = dfq_lib.depthwise_unit(unit)
+    target = unit.consumer if dw is None else dw.path
+    cons = dict(trees.get_path(work['params'], target))
     kdt = np.asarray(cons['kernel']).dtype
-    cons['kernel'] = _scale_inputs(cons['kernel'], unit, keep, s).astype(kdt)
-    trees.set_path(work['params'], unit.consumer, cons)
+    if dw is None:
+      cons['kernel'] = _scale_inputs(cons['kernel'], unit, keep, s).astype(kdt)
+    else:
+      k = np.array(cons['kernel'], np.float64)
+      k[..., keep] = k[..., keep] * s
+      cons['kernel'] = k.astype(kdt)
+    trees.set_path(work['params'], target, cons)
     const = means.pruned_constant(index, S_P) if means is not None else None
     _, work = surgery.apply(spec, work, {unit.name: (keep, S_P, const)})
     lq1 = quant_objective(Wk, Wk_hat, alpha[keep], b[keep], 1.0, a1=a1, a2=a2).sum()
@@ -476,6 +486,13 @@ class UDFC(Quantizer):
   def joint_with(self, method_name: str) -> bool:
     return method_name == 'lbyl'
 
+  def unsupported_units(self, spec) -> list[str]:
+    """The base rule's units, less the inverted residuals' depthwise units
+    (:func:`lbyl_jax.quant.dfq.depthwise_unit`: the rescale folds into the depthwise kernel)."""
+    by_name = {u.name: u for u in spec.units}
+    return [n for n in super().unsupported_units(spec)
+            if dfq_lib.depthwise_unit(by_name[n]) is None]
+
   def quantize(self, spec, variables, *, keep_8bit, context):
     """The pruned network's quantization compensation (docs/quantization.md, rescale), nothing pruned here."""
     sel = selection_lib.Selection(ratio=0.0, criterion=context['selection'].criterion,
@@ -487,7 +504,20 @@ class UDFC(Quantizer):
 
   def joint(self, spec, variables, *, selection, keep_8bit, bias_correction: str, bias_fold: str
             ) -> tuple[tuple[int, ...], QuantResult]:
-    """Pruning + quantization together (docs/quantization.md, joint delivery): the ORIGINAL variables in, the plan's selection."""
+    """Pruning + quantization together (docs/quantization.md, joint delivery): the ORIGINAL variables in, the plan's selection.
+
+    Raises:
+      ValueError: units with a depthwise layer (MobileNetV2): the joint delivery is the plain
+        unit's closed form, not the depthwise one of :mod:`lbyl_jax.pruning.depthwise`.
+    """
+    dw = [u.name for u in spec.units if u.through]
+    if dw:
+      raise ValueError(
+          f'--quant-method udfc with --method lbyl (the joint pruning delivery on quantized '
+          f'filters) handles units without per-channel layers in between; {spec.name} has '
+          f'depthwise units ({", ".join(dw[:3])}, ...): the joint delivery through the depthwise '
+          'conv is not implemented. Use --quant-method udfc with --ratio 0 or another --method '
+          '(nm, bnm, prune), or --quant-method dfq / rtn / omse / squant with --method lbyl')
     widths, qtree, qmeta, report = udfc(
         spec, variables, bits=self.bits, selection=selection, a1=self.a1, a2=self.a2,
         per_channel=self.per_channel, symmetric=self.symmetric, keep_8bit=keep_8bit,
