@@ -27,13 +27,11 @@ from lbyl_jax.quant import actquant
 QUANTIZERS = tuple(quant.names())
 ARCHS = ('resnet20', 'resnet18', 'vgg16_bn_cifar', 'lenet_300_100', 'mobilenet_v2_cifar10',
          'custom')
-# (family, quantizer) -> the refusal: these quantizers assume one plain consumer per unit, or the
-# presets' BN-moment model.
+# (family, quantizer) -> the refusal: these quantizers assume one plain consumer per unit (DF-MPC
+# also handles MobileNetV2's depthwise paths and user models, tests/test_dfmpc_through.py).
 REFUSED = {
     ('mobilenet_v2_cifar10', 'dfq'): 'handles units with one plain consumer',
     ('mobilenet_v2_cifar10', 'udfc'): 'handles units with one plain consumer',
-    ('mobilenet_v2_cifar10', 'dfmpc'): 'handles units with one plain consumer',
-    ('custom', 'dfmpc'): 'BN-moment model of the preset families',
 }
 # The BN range rule covers every preset family; a user model needs calibration or distillation.
 BN_RULE_REFUSED = ('custom',)
