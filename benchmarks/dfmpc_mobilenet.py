@@ -3,13 +3,15 @@ depthwise convs too (``lbyl_jax.quant.dfmpc.DEPTHWISE_UNIFORM``).
 
 Rows (unpruned, weight-only, first and last layer at 8 bits, as the package's defaults): RTN,
 DF-MPC with the expansion units only (``depthwise=False``), DF-MPC with the depthwise convs
-compensated in the projections as well (``depthwise=True``), at each ``--bits``; plus the float
+compensated in the projections as well (``depthwise=True``), both at the ridge ``lam = 1``
+(``DEFAULT_LAM``), at each ``--bits``; plus the float
 model; ``--lams`` adds DF-MPC rows (with the depthwise convs) at other ridge weights
-``--dfmpc-lam`` than the default (variant ``dfmpc_depthwise@LAM``). Every row is :func:`lbyl_jax.pipeline.compress` with the plan of
-``benchmarks.quant_methods`` (``method='prune', ratio=0``); the depthwise variant is selected by
-setting ``DEPTHWISE_UNIFORM`` for the call. CIFAR-10 test images 0-4999 only (the development
-split of ../shared/DATA.md: this script refuses a slice reaching past image 4999), evaluated at
-224 x 224. Rows are cached in ``--out`` by configuration.
+``--dfmpc-lam`` than the default (variant ``dfmpc_depthwise@LAM``). Every row is
+:func:`lbyl_jax.pipeline.compress` with the plan of ``benchmarks.quant_methods``
+(``method='prune', ratio=0``); the depthwise variant is selected by setting ``DEPTHWISE_UNIFORM``
+for the call. CIFAR-10 test images 0-4999 only (the development split of ../shared/DATA.md: this
+script refuses a slice reaching past image 4999), evaluated at 224 x 224. Rows are cached in
+``--out`` by configuration.
 
   nice -n 10 python -m benchmarks.dfmpc_mobilenet --bits 4,6
 """
@@ -45,12 +47,13 @@ def _depthwise(flag: bool):
 def run(loaded: qm.Loaded, variant: str, bits: int | None) -> dict:
   from lbyl_jax import pipeline  # pylint: disable=import-outside-toplevel
   from lbyl_jax.plan import Plan  # pylint: disable=import-outside-toplevel
+  from lbyl_jax.quant import dfmpc as dfmpc_lib  # pylint: disable=import-outside-toplevel
 
   base, _, lam = variant.partition('@')
   quantizer = None if base == 'float' else ('rtn' if base == 'rtn' else 'dfmpc')
   opts = qm.plan_options(0.0, bits, quantizer)
-  if lam:
-    opts['dfmpc_lam'] = float(lam)
+  if quantizer == 'dfmpc':  # explicit ridge: the unsuffixed variants are at DEFAULT_LAM (1)
+    opts['dfmpc_lam'] = float(lam) if lam else dfmpc_lib.DEFAULT_LAM
   t = time.perf_counter()
   with _depthwise(base != 'dfmpc_expansion'):
     res = pipeline.compress(loaded.spec, loaded.variables, Plan.from_options(**opts))

@@ -257,6 +257,18 @@ def test_through_units_in_full_mode_use_diag(tiny):
     dfmpc.fold(trees.copy_arrays(v)['params'], spec.units[0], np.eye(12))
 
 
+def test_lam_depthwise_applies_to_depthwise_paths_only(tiny):
+  _, spec, v = tiny
+  dep = lambda p, k: quant.fake_quantize(k, bits=3)  # noqa: E731
+  _, mixed = dfmpc.compensate(spec, v, dep, lam=1.0, lam_depthwise=0.1, depthwise=True)
+  _, small = dfmpc.compensate(spec, v, dep, lam=0.1, depthwise=True)
+  _, large = dfmpc.compensate(spec, v, dep, lam=1.0, depthwise=True)
+  assert mixed['Conv_0'] == small['Conv_0'] and mixed['Conv_1'] == small['Conv_1']
+  assert mixed['Conv_2'] == large['Conv_2'] and small['Conv_2'] != large['Conv_2']
+  with pytest.raises(ValueError, match='lam'):
+    dfmpc.compensate(spec, v, dep, lam_depthwise=-1.0)
+
+
 # --------------------------------------------------------------------------------------------
 # Through the API: MobileNetV2 and user CNNs, saved and reloaded.
 
@@ -315,6 +327,7 @@ def test_mobilenet_v2_dfmpc(mobilenet, tmp_path, kw):
   result = lbyl_jax.compress('mobilenet_v2_cifar10', v, quant_method='dfmpc', bits=4, **kw)
   units = _check(result, images, tmp_path)
   assert result.report['quant_report']['depthwise'] is True
+  assert result.report['quant_report']['lam_depthwise'] == dfmpc.DEPTHWISE_LAM
   assert set(units) == ({u.name for u in spec.units}
                         | {u.through[0].path for u in spec.units})
   assert not any('skipped' in r for r in units.values())

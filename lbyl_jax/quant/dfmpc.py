@@ -66,7 +66,7 @@ compensation. The producers are quantized by ``base`` ('rtn', 'omse' or 'squant'
 stored integers come from the same quantizer, so the compensation is computed against exactly the
 deployed producer.
 
-Beyond the presets' plain units (docs/quantization.md#df-mpc-beyond-plain-units-mobilenetv2-and-user-models):
+Beyond the presets' plain units (docs/quantization.md, "DF-MPC beyond plain units"):
 ReLU6 feature maps use the clipped-Gaussian moments (:func:`clipped_moments`,
 :func:`relu6_cross_moment`); a unit whose activation feeds a depthwise conv (MobileNetV2's
 expansion units) folds ``c_k`` into that conv's channel k (:func:`fold`; per-channel form only);
@@ -114,6 +114,12 @@ MIXED_MODE, MIXED_LAM = 'full', 10.0
 # compensators and are left alone. Chosen on the development split (docs/quantization.md#df-mpc,
 # benchmarks/dfmpc_mobilenet.py).
 DEPTHWISE_UNIFORM = True
+# With uniform bits and no --dfmpc-lam, the ridge of the units on a depthwise path (MobileNetV2's
+# expansion units and its depthwise convs); the presets' plain units keep DEFAULT_LAM. Chosen on
+# the development split among 0, 0.1, 0.3, 1 (highest mean top-1 over W4 and W6, unpruned;
+# docs/quantization.md#df-mpc,
+# benchmarks/dfmpc_mobilenet.py).
+DEPTHWISE_LAM = 0.0
 
 
 ACTIVATIONS = ('relu', 'relu6', 'identity')
@@ -450,13 +456,13 @@ def traced_input_moments(spec, variables: Mapping[str, Any], *, input_mean: floa
 
   The BN-moment model of :func:`lbyl_jax.pruning.moments.propagate`, driven by the discovered
   units instead of a family's layout: the first conv / dense layer (call order) reads the
-  normalized image (per channel mean ``input_mean``, variance ``input_var``); any other
-  producer's input channels must each be read (as a consumer, at its offset / flatten rows,
-  with no per-channel layer in between) from exactly one unit or policy-excluded unit ``U``,
-  whose channels are ``act_U(N(beta, gamma^2))`` with ``U``'s BN, or, without BN,
-  ``act_U(z)`` with z's mean and variance propagated from ``U``'s own input moments (independent
-  inputs); through a depthwise conv and a BN (an inverted residual), the channels are that BN's
-  ``act(N(beta, gamma^2))``. A pooling between ``U``'s activation and the producer is ignored (the mean of an
+  normalized image (per channel mean ``input_mean``, variance ``input_var``); any other producer's
+  input channels must each be read (as a consumer, at its offset / flatten rows, with no
+  per-channel layer in between) from exactly one unit or policy-excluded unit ``U``, whose
+  channels are ``act_U(N(beta, gamma^2))`` with ``U``'s BN, or, without BN, ``act_U(z)`` with z's
+  mean and variance propagated from ``U``'s own input moments (independent inputs); through a
+  depthwise conv and a BN (an inverted residual), the channels are that BN's ``act(N(beta,
+  gamma^2))``. A pooling between ``U``'s activation and the producer is ignored (the mean of an
   average pool is exact; its variance and a max pool's moments are approximated by the unpooled
   ones). Anything else (a residual sum, a layer that is no unit, a scaled path) leaves the
   producer's input unknown.
@@ -655,8 +661,8 @@ def compensate(spec, variables: Mapping[str, Any],
                lam: float = DEFAULT_LAM, target: str = DEFAULT_TARGET,
                moments: Mapping[str, moments_lib.InputMoments] | None = None,
                units: Iterable[units_lib.Unit] | None = None, dtype: str = 'float64',
-               replace_producers: bool = True, depthwise: bool = False
-               ) -> tuple[dict[str, Any], dict[str, Any]]:
+               replace_producers: bool = True, depthwise: bool = False,
+               lam_depthwise: float | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
   """Folds DF-MPC's compensation of every unit's deployed producer into its consumer.
 
   Args:
@@ -676,6 +682,8 @@ def compensate(spec, variables: Mapping[str, Any],
       False keeps the float kernels (to be quantized later by the same deterministic quantizer).
     depthwise: also compensate every depthwise through layer, as a producer of its own, in the
       unit's consumer (:func:`depthwise_units`), after its expansion unit.
+    lam_depthwise: the ridge of the units on a depthwise path (those with a depthwise through
+      layer and the depthwise units); None: ``lam``.
 
   Returns:
     ``(variables, report)``: float32 variables with the consumers compensated (and the producers'
@@ -685,8 +693,9 @@ def compensate(spec, variables: Mapping[str, Any],
   """
   if mode not in MODES:
     raise ValueError(f'dfmpc: mode must be one of {", ".join(MODES)}, got {mode!r}')
-  if not (np.isfinite(lam) and lam >= 0):
-    raise ValueError(f'dfmpc: lam must be a finite number >= 0, got {lam!r}')
+  for v in (lam, lam if lam_depthwise is None else lam_depthwise):
+    if not (np.isfinite(v) and v >= 0):
+      raise ValueError(f'dfmpc: lam must be a finite number >= 0, got {v!r}')
   _check_target(target)
   units = tuple(spec.units if units is None else units)
   bad = {u.name: r for u in units if (r := unit_problem(u)) is not None}
@@ -733,7 +742,9 @@ def compensate(spec, variables: Mapping[str, Any],
                               for u, F, Fh, t, th, _ in full], dtype=dtype) if full else ())
     for u, F, Fh, t, th, form in items:
       if form == 'diag':
-        S, dg = diag_coefficients(F, Fh, t, th, lam, target, u.activation), {}
+        lam_u = lam if lam_depthwise is None or not (u.through or u.name in dw_names) else \
+            lam_depthwise
+        S, dg = diag_coefficients(F, Fh, t, th, lam_u, target, u.activation), {}
       else:
         r = next(res)
         S = r.S_P
@@ -758,7 +769,7 @@ def dfmpc(spec, variables: Mapping[str, Any], *, bits: int, high_bits: int | Non
           target: str = DEFAULT_TARGET, per_channel: bool = True, symmetric: bool = True,
           keep_8bit: Iterable[str] = (),
           moments: Mapping[str, moments_lib.InputMoments] | None = None,
-          depthwise: bool = False
+          depthwise: bool = False, lam_depthwise: float | None = None
           ) -> tuple[tuple[int, ...], dict[str, Any], dict[str, Any], dict[str, Any]]:
   """DF-MPC quantization of a network (module docstring).
 
@@ -774,6 +785,7 @@ def dfmpc(spec, variables: Mapping[str, Any], *, bits: int, high_bits: int | Non
     moments: the producer inputs' moments (default :func:`input_moments`).
     depthwise: also compensate the depthwise convs of depthwise units in their consumers
       (:func:`compensate`); they stay at ``high_bits`` like every layer that is no unit producer.
+    lam_depthwise: the ridge of the units on a depthwise path (default ``lam``).
 
   Returns:
     ``(widths, qtree, qmeta, report)``: the stored format of :func:`lbyl_jax.quant.uniform.quantize_tree`
@@ -793,7 +805,8 @@ def dfmpc(spec, variables: Mapping[str, Any], *, bits: int, high_bits: int | Non
     return quant.dequantize(qt)
 
   work, unit_reports = compensate(spec, variables, deployed, mode=mode, lam=lam, target=target,
-                                  moments=moments, replace_producers=False, depthwise=depthwise)
+                                  moments=moments, replace_producers=False, depthwise=depthwise,
+                                  lam_depthwise=lam_depthwise)
   qtree, qmeta = quant.quantize_tree(work, bits=bits, per_channel=per_channel,
                                      symmetric=symmetric, keep_8bit=sorted(keep8),
                                      layer_bits=layer_bits, quantizer=qfun)
@@ -806,6 +819,8 @@ def dfmpc(spec, variables: Mapping[str, Any], *, bits: int, high_bits: int | Non
                 layer_errors={p: d['rel_error'] for p, d in qmeta['layers'].items()})
   if depthwise:
     report['depthwise'] = True
+  if lam_depthwise is not None:
+    report['lam_depthwise'] = lam_depthwise
   skipped = {k: v['skipped'] for k, v in unit_reports.items() if 'skipped' in v}
   if skipped:
     report['skipped'] = skipped
@@ -864,6 +879,13 @@ class DFMPC(Quantizer):
       return mode, float(self.dfmpc_lam)
     return mode, MIXED_LAM if self.mixed else DEFAULT_LAM
 
+  def lam_depthwise(self) -> float | None:
+    """The ridge of the units on a depthwise path: :data:`DEPTHWISE_LAM` with uniform bits when
+    ``--dfmpc-lam`` is not given, else None (the same ``lam`` as every unit)."""
+    if self.dfmpc_lam is not None or self.mixed:
+      return None
+    return DEPTHWISE_LAM
+
   def unsupported_units(self, spec) -> list[str]:
     """Units DF-MPC cannot compensate (:func:`unit_problem`): an activation other than ReLU,
     ReLU6 or none, or per-channel layers in between that do not start with a depthwise conv.
@@ -883,5 +905,7 @@ class DFMPC(Quantizer):
                                     base=self.dfmpc_base, target=self.dfmpc_target,
                                     per_channel=self.per_channel, symmetric=self.symmetric,
                                     keep_8bit=keep_8bit,
-                                    depthwise=DEPTHWISE_UNIFORM and not self.mixed)
+                                    depthwise=DEPTHWISE_UNIFORM and not self.mixed,
+                                    lam_depthwise=self.lam_depthwise()
+                                    if any(u.through for u in spec.units) else None)
     return QuantResult(qtree, qmeta, report)
