@@ -326,15 +326,19 @@ def test_mobilenet_v2_dfmpc(mobilenet, tmp_path, kw):
   spec, v, images = mobilenet
   result = lbyl_jax.compress('mobilenet_v2_cifar10', v, quant_method='dfmpc', bits=4, **kw)
   units = _check(result, images, tmp_path)
-  assert result.report['quant_report']['depthwise'] is True
-  assert result.report['quant_report']['lam_depthwise'] == dfmpc.DEPTHWISE_LAM
-  assert set(units) == ({u.name for u in spec.units}
-                        | {u.through[0].path for u in spec.units})
+  rep = result.report['quant_report']
   assert not any('skipped' in r for r in units.values())
   expansion = units['features_5/conv_0_0']
   assert expansion['rel_error_after'] < expansion['rel_error_before']
-  dw = units['features_5/conv_1_0']
-  assert dw['depthwise'] and dw['rel_error_after'] < dw['rel_error_before']
+  if kw['ratio'] == 0.0:  # unpruned: the depthwise convs too, at DEPTHWISE_LAM
+    assert rep['depthwise'] is True and rep['lam_depthwise'] == dfmpc.DEPTHWISE_LAM
+    assert set(units) == ({u.name for u in spec.units}
+                          | {u.through[0].path for u in spec.units})
+    dw = units['features_5/conv_1_0']
+    assert dw['depthwise'] and dw['rel_error_after'] < dw['rel_error_before']
+  else:  # pruned: the expansion units only, at the plain lam
+    assert 'depthwise' not in rep and 'lam_depthwise' not in rep and rep['lam'] == 1.0
+    assert set(units) == {u.name for u in spec.units}
   ref = lbyl_jax.compress('mobilenet_v2_cifar10', v, quant_method='rtn', bits=4, **kw)
   assert not np.array_equal(np.asarray(ref.apply(images)), np.asarray(result.apply(images)))
 
@@ -368,7 +372,8 @@ def test_user_cnn_dfmpc(tmp_path, name, tiny):
                                **kw)
     units = _check(result, images, tmp_path / str(kw['ratio']), module=module)
     assert not any('skipped' in r for r in units.values())
-    assert len(units) == len(result.spec.units) + (1 if name == 'tiny' else 0)
+    # the depthwise conv is a unit of its own on the unpruned network only
+    assert len(units) == len(result.spec.units) + (name == 'tiny' and kw['ratio'] == 0.0)
     assert any(r['rel_error_after'] < r['rel_error_before'] for r in units.values())
 
 

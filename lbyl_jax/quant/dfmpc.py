@@ -109,13 +109,16 @@ DEFAULT_MODE = 'diag'
 DEFAULT_LAM = 1.0
 DEFAULT_BASE = 'rtn'
 MIXED_MODE, MIXED_LAM = 'full', 10.0
-# With uniform bits, the depthwise convs of MobileNetV2's expansion units are compensated too (in
-# the projection conv); with mixed precision they are the expansion convs' high-precision
-# compensators and are left alone. Chosen on the development split (docs/quantization.md#df-mpc,
-# benchmarks/dfmpc_mobilenet.py).
+# With uniform bits on an unpruned network, the depthwise convs of MobileNetV2's expansion units
+# are compensated too (in the projection conv); with mixed precision they are the expansion convs'
+# high-precision compensators and are left alone; on a pruned network (LBYL 30 %) compensating them
+# lost accuracy on the development split, so they are left alone there too. Chosen on the
+# development split (docs/quantization.md#df-mpc, benchmarks/dfmpc_mobilenet.py).
 DEPTHWISE_UNIFORM = True
-# With uniform bits and no --dfmpc-lam, the ridge of the units on a depthwise path (MobileNetV2's
-# expansion units and its depthwise convs); the presets' plain units keep DEFAULT_LAM. Chosen on
+DEPTHWISE_PRUNED = False
+# With uniform bits, an unpruned network and no --dfmpc-lam, the ridge of the units on a depthwise
+# path (MobileNetV2's expansion units and its depthwise convs); the presets' plain units, and every
+# unit of a pruned network, keep DEFAULT_LAM. Chosen on
 # the development split among 0, 0.1, 0.3, 1 (highest mean top-1 over W4 and W6, unpruned;
 # docs/quantization.md#df-mpc,
 # benchmarks/dfmpc_mobilenet.py).
@@ -879,10 +882,11 @@ class DFMPC(Quantizer):
       return mode, float(self.dfmpc_lam)
     return mode, MIXED_LAM if self.mixed else DEFAULT_LAM
 
-  def lam_depthwise(self) -> float | None:
-    """The ridge of the units on a depthwise path: :data:`DEPTHWISE_LAM` with uniform bits when
-    ``--dfmpc-lam`` is not given, else None (the same ``lam`` as every unit)."""
-    if self.dfmpc_lam is not None or self.mixed:
+  def lam_depthwise(self, pruned: bool = False) -> float | None:
+    """The ridge of the units on a depthwise path: :data:`DEPTHWISE_LAM` with uniform bits on an
+    unpruned network when ``--dfmpc-lam`` is not given, else None (the same ``lam`` as every
+    unit)."""
+    if self.dfmpc_lam is not None or self.mixed or (pruned and not DEPTHWISE_PRUNED):
       return None
     return DEPTHWISE_LAM
 
@@ -898,14 +902,17 @@ class DFMPC(Quantizer):
             '--quant-method rtn, omse or squant')
 
   def quantize(self, spec, variables, *, keep_8bit, context):
-    del context
+    original = context.get('original')
+    pruned = original is not None and (units_lib.widths_of(variables, spec.units)
+                                       != units_lib.widths_of(original, spec.units))
     mode, lam = self.resolved()
     _, qtree, qmeta, report = dfmpc(spec, variables, bits=self.bits,
                                     high_bits=self.dfmpc_high_bits, mode=mode, lam=lam,
                                     base=self.dfmpc_base, target=self.dfmpc_target,
                                     per_channel=self.per_channel, symmetric=self.symmetric,
                                     keep_8bit=keep_8bit,
-                                    depthwise=DEPTHWISE_UNIFORM and not self.mixed,
-                                    lam_depthwise=self.lam_depthwise()
+                                    depthwise=DEPTHWISE_UNIFORM and not self.mixed
+                                    and (DEPTHWISE_PRUNED or not pruned),
+                                    lam_depthwise=self.lam_depthwise(pruned)
                                     if any(u.through for u in spec.units) else None)
     return QuantResult(qtree, qmeta, report)
