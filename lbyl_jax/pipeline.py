@@ -284,10 +284,7 @@ def _check_units(spec, plan: Plan) -> None:
     return
   odd = plan.quantizer.unsupported_units(spec)
   if odd:
-    raise ValueError(f'--quant-method {plan.quantizer.name} handles units with one plain consumer;'
-                     f' {spec.name} has units with several consumers, channel offsets or per-channel'
-                     f' layers in between ({", ".join(odd[:4])}); use --quant-method rtn, omse'
-                     f' or squant')
+    raise ValueError(plan.quantizer.unsupported_message(spec, odd))
 
 
 def _discovery_report(spec) -> dict[str, Any]:

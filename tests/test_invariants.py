@@ -112,6 +112,14 @@ CASES = {
                              False),
     'lenet-udfc-w4': (LENET, dict(method='lbyl', criterion='l2', ratio=0.5),
                       dict(bits=4, method='udfc'), False),
+    # DF-MPC on the presets' plain units (digests recorded with the code before DF-MPC learned
+    # MobileNetV2 and user models, commit b9fdfe2).
+    'r20-dfmpc-lbyl-w4': (R20, dict(method='lbyl', criterion='l2', ratio=0.3),
+                          dict(bits=4, method='dfmpc'), False),
+    'lenet-dfmpc-mixed-w3': (LENET, dict(method='lbyl', criterion='l2', ratio=0.5),
+                             dict(bits=3, method='dfmpc', dfmpc_high_bits=8), False),
+    'vgg-dfmpc-w4': (VGG, dict(method='prune', criterion='l2', ratio=0.3),
+                     dict(bits=4, method='dfmpc'), False),
 }
 
 

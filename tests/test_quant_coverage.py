@@ -27,12 +27,9 @@ from lbyl_jax.quant import actquant
 QUANTIZERS = tuple(quant.names())
 ARCHS = ('resnet20', 'resnet18', 'vgg16_bn_cifar', 'lenet_300_100', 'mobilenet_v2_cifar10',
          'custom')
-# (family, quantizer) -> the refusal: these quantizers assume one plain consumer per unit, or the
-# presets' BN-moment model.
-REFUSED = {
-    ('mobilenet_v2_cifar10', 'dfmpc'): 'handles units with one plain consumer',
-    ('custom', 'dfmpc'): 'BN-moment model of the preset families',
-}
+# (family, quantizer) -> the refusal. None left: DFQ and UDFC handle MobileNetV2's depthwise units
+# (tests/test_quant_depthwise.py), DF-MPC those and user models (tests/test_dfmpc_through.py).
+REFUSED: dict[tuple[str, str], str] = {}
 # The BN range rule covers every preset family and user models (lbyl_jax.quant.act_graph).
 BN_RULE_REFUSED = ()
 

@@ -70,6 +70,12 @@ class Quantizer(Options):
             if len(u.consumers) != 1 or u.through or u.consumers[0].offset
             or u.consumers[0].flatten_order != 'nchw' or u.consumers[0].scale != 1.0]
 
+  def unsupported_message(self, spec, names: Sequence[str]) -> str:
+    """The error for :meth:`unsupported_units` ``names`` (non-empty)."""
+    return (f'--quant-method {self.name} handles units with one plain consumer; {spec.name} has '
+            'units with several consumers, channel offsets or per-channel layers in between '
+            f'({", ".join(names[:4])}); use --quant-method rtn, omse or squant')
+
   def quantize(self, spec, variables: Mapping[str, Any], *, keep_8bit: Sequence[str],
                context: Mapping[str, Any]) -> QuantResult:
     """Quantizes (already pruned) float variables; ``context`` carries the plan's selection
