@@ -87,8 +87,9 @@ def _relu6_mean64(m, s):
   return np.asarray(out)
 
 
-def _reference(v, keep, prune, a1, a2):
-  """s_K, the deployed depthwise kernel (kh, kw, 1, m) and S'_P, all float64 NumPy."""
+def _reference(v, keep, prune, a1, a2, dw_rounded=True):
+  """s_K, the deployed depthwise kernel (kh, kw, 1, m) and S'_P, all float64 NumPy
+  (``dw_rounded=False``: the delivery sees s_k d_k before rounding)."""
   alpha1, b1 = _bn64(v, 'bn1')
   alpha2, b2 = _bn64(v, 'bn2')
   W = _np(v['params']['expand']['kernel'])[0, 0].T  # (N, C_in)
@@ -98,7 +99,8 @@ def _reference(v, keep, prune, a1, a2):
   dk = _np(v['params']['dw']['kernel'])[:, :, 0, :]  # (3, 3, N)
   d = dk.reshape(9, N).T  # (N, 9) rows
   d_dep = _q(d[keep] * s[:, None], 1)  # Q(s_k d_k)
-  f_K, g_K = alpha1[keep, None] * What[keep], alpha2[keep, None] * d_dep
+  g_K = alpha2[keep, None] * (d_dep if dw_rounded else d[keep] * s[:, None])
+  f_K = alpha1[keep, None] * What[keep]
   f_P, g_P = alpha1[prune, None] * W[prune], alpha2[prune, None] * d[prune]
   H_K = np.einsum('kc,kt->kct', f_K, g_K).reshape(keep.size, -1)
   H_P = np.einsum('jc,jt->jct', f_P, g_P).reshape(prune.size, -1)
@@ -198,3 +200,30 @@ def test_joint_path_runs_on_the_stack_through_the_quantizer(stack):
   x = np.random.default_rng(2).normal(size=(2, 6, 6, C_IN)).astype(np.float32)
   out = np.asarray(spec.build(widths).apply(deq, x))
   assert out.shape == (2, 3) and np.all(np.isfinite(out))
+
+
+def test_development_alternatives(stack, monkeypatch):
+  """udfc()'s two development-split alternatives: the delivery on s_k d_k before rounding, and
+  the constant without the kept channels' mean match; a bad value is refused by name."""
+  spec, v = stack
+  p = _problem(spec, v)
+  a1, a2 = udfc_lib.DEFAULT_A1, udfc_lib.DEFAULT_A2
+  sel = selection_lib.Selection(ratio=RATIO)
+  _, _, S_float = _reference(v, p.keep, p.prune, a1, a2, dw_rounded=False)
+  _, _, S_q = _reference(v, p.keep, p.prune, a1, a2)
+  assert np.abs(S_float - S_q).max() > 1e-4
+  _, qtree, qmeta, _ = udfc_lib.udfc(spec, v, bits=4, selection=sel, depthwise_kernel='float')
+  deq = uniform.dequantize_tree(qtree, qmeta)
+  V = _np(v['params']['project']['kernel'])[0, 0]
+  np.testing.assert_allclose(_np(deq['params']['project']['kernel'])[0, 0],
+                             _q(V[p.keep] + S_float.T @ V[p.prune], 0), rtol=1e-5, atol=1e-6)
+  monkeypatch.setattr(udfc_lib.moments_lib, 'propagate', lambda spec, variables: {
+      'expand': moments_lib.InputMoments(mean=np.zeros(C_IN), var=np.ones(C_IN))})
+  _, qtree, qmeta, report = udfc_lib.udfc(spec, v, bits=4, selection=sel, bias_correction=True,
+                                          kept_mean_match=False)
+  deq = uniform.dequantize_tree(qtree, qmeta)
+  np.testing.assert_array_equal(deq['params']['bn1']['bias'], v['params']['bn1']['bias'][p.keep])
+  assert 'mean_shift' not in report['units']['expand']
+  assert report['units']['expand']['bias_constant']['max'] > 0
+  with pytest.raises(ValueError, match='depthwise_kernel'):
+    udfc_lib.udfc(spec, v, bits=4, selection=sel, depthwise_kernel='fp32')

@@ -326,7 +326,8 @@ def udfc(spec, variables: Mapping[str, Any], *, bits: int,
          a1: float = DEFAULT_A1, a2: float = DEFAULT_A2, per_channel: bool = True,
          symmetric: bool = True, keep_8bit: Iterable[str] = (), scale_from: str = 'compensated',
          rescale_others: bool = False, delivery_lambdas: tuple[float, float] | None = None,
-         bias_correction: bool = False, bias_fold: str = 'padding_aware'
+         bias_correction: bool = False, bias_fold: str = 'padding_aware',
+         kept_mean_match: bool = True, depthwise_kernel: str = 'quantized'
          ) -> tuple[tuple[int, ...], dict[str, Any], dict[str, Any], dict[str, Any]]:
   """UDFC-style pruning + weight quantization of a whole network (docs/quantization.md#udfc-style-compensation).
 
@@ -347,6 +348,11 @@ def udfc(spec, variables: Mapping[str, Any], *, bits: int,
     bias_correction: add the pruned channels' constant and the kept channels' mean match (module
       docstring); needs the ORIGINAL variables (the moments are those of the unpruned network).
     bias_fold: 'padding_aware' (default) or 'all_taps' for the pruned channels' constant.
+    kept_mean_match: with ``bias_correction``, also the kept channels' mean match (default; False
+      keeps only the pruned channels' constant: the development-split comparison of
+      docs/quantization.md#udfc-style-on-mobilenetv2-joint-with-lbyl).
+    depthwise_kernel: in the delivery of a depthwise unit, the kept channels' depthwise filters as
+      stored, Q(s_k d_k) ('quantized', default), or s_k d_k before rounding ('float').
 
   Returns:
     ``(widths, qtree, qmeta, report)``: ``quant.dequantize_tree(qtree, qmeta)`` are float
@@ -358,6 +364,8 @@ def udfc(spec, variables: Mapping[str, Any], *, bits: int,
   selection = selection if selection is not None else selection_lib.Selection(ratio=0.0)
   if bias_fold not in bias_lib.FOLDS:
     raise ValueError(f'bias_fold must be one of {bias_lib.FOLDS}, got {bias_fold!r}')
+  if depthwise_kernel not in ('quantized', 'float'):
+    raise ValueError(f"depthwise_kernel must be 'quantized' or 'float', got {depthwise_kernel!r}")
   d1, d2 = (a1, a2) if delivery_lambdas is None else delivery_lambdas
   keep8 = _normalize_paths(variables, keep_8bit)
   qopts = dict(per_channel=per_channel, symmetric=symmetric)
@@ -405,8 +413,9 @@ def udfc(spec, variables: Mapping[str, Any], *, bits: int,
     # with pruned channels: the composite system of lbyl (pruning.depthwise) on the deployed kept
     # channels, Q(W_K) and the depthwise kernel Q(s_K d_K) as it will be stored.
     if dw is not None and prune.size:
-      dw_hat = quant.fake_quantize(np.take(cons['kernel'], keep, axis=-1),
-                                   bits=_bits_for(dw.path, bits, keep8), **qopts)
+      dw_hat = np.take(cons['kernel'], keep, axis=-1)
+      if depthwise_kernel == 'quantized':
+        dw_hat = quant.fake_quantize(dw_hat, bits=_bits_for(dw.path, bits, keep8), **qopts)
       dterms = deployed_block_terms(
           spec, variables, problem, sigma=selection.bn_sigma,
           producer_hat_K=quant.fake_quantize(orig_k, bits=b_unit, **qopts), depthwise_hat_K=dw_hat)
@@ -426,13 +435,16 @@ def udfc(spec, variables: Mapping[str, Any], *, bits: int,
         quant_loss_rtn=float(lq1), quant_loss_udfc=float(lqs))
     if dw is not None and prune.size:
       unit_reports[unit.name]['delivery'] = 'depthwise_composite'
-    if means is not None:
+    if means is not None and kept_mean_match:
       delta, n_skipped = means.kept_shift(index, np.asarray(dep_hat, np.float64)
                                           - np.asarray(dep, np.float64), s)
       _shift_producer(work, unit, delta)
       unit_reports[unit.name].update(
           bias_constant=_stats(np.abs(const)) if const is not None else None,
           mean_shift=_stats(delta), mean_match_skipped=n_skipped)
+    elif means is not None:
+      unit_reports[unit.name].update(
+          bias_constant=_stats(np.abs(const)) if const is not None else None)
 
   producers = {u.producer for u in spec.units}
   traced = trace.trace_layers(spec)
