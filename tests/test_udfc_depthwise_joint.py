@@ -5,11 +5,13 @@ expansion 1x1 conv -> BN -> ReLU6 -> depthwise 3x3 -> BN -> ReLU6 -> projection 
 global mean -> Dense (the stack of tests/test_quant_depthwise.py).
 
 Reference (docs/quantization.md#udfc-style-on-mobilenetv2-joint-with-lbyl), per kept channel k:
-s_k the closed-form rescale of the expansion filter; deployed composite filter
-H^_k = alpha1_k Q(W_k) (x) alpha2_k Q(s_k d_k), bias B^_k = b2_k + sum_t alpha2_k Q(s_k d_k)_t b1_k;
+s_k the closed-form rescale of the expansion filter; kept composite filter
+H^_k = alpha1_k Q(W_k) (x) alpha2_k s_k d_k, bias B^_k = b2_k + sum_t alpha2_k s_k d_{k,t} b1_k
+(the default; with ``depthwise_kernel='quantized'`` Q(s_k d_k) in place of s_k d_k);
 pruned j: H_j = alpha1_j W_j (x) alpha2_j d_j, B_j = b2_j + sum_t alpha2_j d_{j,t} b1_j; the rows
 S'_P = (H^_K H^_K^T + a1 B^_K B^_K^T + a2 I)^{-1} (H^_K H_P^T + a1 B^_K B_P^T), transposed; the
-projection V'_K = V_K + S'^T V_P (s_k lives in the depthwise kernel), then rounded. With the mean
+projection V'_K = V_K + S'^T V_P (s_k lives in the depthwise kernel, stored as Q(s_k d_k)), then
+rounded. With the mean
 terms: the constant c = E[c_P] - S'_P E[c_K] (E[ReLU6(N(beta2, gamma2^2))]) in the projection's BN
 mean, and beta1_k moved so that s_k E[ReLU6(N(beta1_k', gamma1_k^2))] = E[ReLU6(N(beta1_k,
 gamma1_k^2))] (zero-mean input: the quantization's mean shift is 0).
@@ -121,7 +123,7 @@ def test_joint_delivery_matches_the_float64_reference(stack):
   spec, v = stack
   p = _problem(spec, v)
   a1, a2 = udfc_lib.DEFAULT_A1, udfc_lib.DEFAULT_A2
-  s_ref, dw_ref, S_ref = _reference(v, p.keep, p.prune, a1, a2)
+  s_ref, dw_ref, S_ref = _reference(v, p.keep, p.prune, a1, a2, dw_rounded=False)
   widths, qtree, qmeta, report = udfc_lib.udfc(
       spec, v, bits=4, selection=selection_lib.Selection(ratio=RATIO), a1=a1, a2=a2)
   assert widths == (N // 2,)
@@ -138,7 +140,7 @@ def test_joint_delivery_matches_the_float64_reference(stack):
   terms = udfc_lib.deployed_block_terms(
       spec, v, p, producer_hat_K=uniform.fake_quantize(
           np.take(np.asarray(v['params']['expand']['kernel']), p.keep, axis=-1), bits=4),
-      depthwise_hat_K=uniform.fake_quantize(dk.astype(np.float32), bits=4))
+      depthwise_hat_K=dk.astype(np.float32))
   S = udfc_lib.depthwise_delivery(terms, p.keep, p.prune, a1=a1, a2=a2)
   np.testing.assert_allclose(S, S_ref, rtol=1e-5, atol=1e-6)
   assert np.abs(S_ref).max() > 1e-2  # the delivery does something
@@ -160,7 +162,7 @@ def test_joint_mean_terms_match_the_float64_reference(stack, monkeypatch):
   monkeypatch.setattr(udfc_lib.moments_lib, 'propagate', lambda spec, variables: {
       'expand': moments_lib.InputMoments(mean=np.zeros(C_IN), var=np.ones(C_IN))})
   a1, a2 = udfc_lib.DEFAULT_A1, udfc_lib.DEFAULT_A2
-  s_ref, _, S_ref = _reference(v, p.keep, p.prune, a1, a2)
+  s_ref, _, S_ref = _reference(v, p.keep, p.prune, a1, a2, dw_rounded=False)
   _, qtree, qmeta, report = udfc_lib.udfc(
       spec, v, bits=4, selection=selection_lib.Selection(ratio=RATIO), a1=a1, a2=a2,
       bias_correction=True)
@@ -203,7 +205,7 @@ def test_joint_path_runs_on_the_stack_through_the_quantizer(stack):
 
 
 def test_development_alternatives(stack, monkeypatch):
-  """udfc()'s two development-split alternatives: the delivery on s_k d_k before rounding, and
+  """udfc()'s two development-split alternatives: the delivery on the stored Q(s_k d_k), and
   the constant without the kept channels' mean match; a bad value is refused by name."""
   spec, v = stack
   p = _problem(spec, v)
@@ -212,11 +214,11 @@ def test_development_alternatives(stack, monkeypatch):
   _, _, S_float = _reference(v, p.keep, p.prune, a1, a2, dw_rounded=False)
   _, _, S_q = _reference(v, p.keep, p.prune, a1, a2)
   assert np.abs(S_float - S_q).max() > 1e-4
-  _, qtree, qmeta, _ = udfc_lib.udfc(spec, v, bits=4, selection=sel, depthwise_kernel='float')
+  _, qtree, qmeta, _ = udfc_lib.udfc(spec, v, bits=4, selection=sel, depthwise_kernel='quantized')
   deq = uniform.dequantize_tree(qtree, qmeta)
   V = _np(v['params']['project']['kernel'])[0, 0]
   np.testing.assert_allclose(_np(deq['params']['project']['kernel'])[0, 0],
-                             _q(V[p.keep] + S_float.T @ V[p.prune], 0), rtol=1e-5, atol=1e-6)
+                             _q(V[p.keep] + S_q.T @ V[p.prune], 0), rtol=1e-5, atol=1e-6)
   monkeypatch.setattr(udfc_lib.moments_lib, 'propagate', lambda spec, variables: {
       'expand': moments_lib.InputMoments(mean=np.zeros(C_IN), var=np.ones(C_IN))})
   _, qtree, qmeta, report = udfc_lib.udfc(spec, v, bits=4, selection=sel, bias_correction=True,

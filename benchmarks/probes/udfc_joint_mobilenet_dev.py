@@ -4,11 +4,15 @@
 Rows (the shared MobileNetV2 CIFAR-10 checkpoint, LBYL 30 % with its defaults, UDFC's joint path:
 the depthwise composite delivery on the deployed kept channels, per-channel symmetric weights,
 first and last layer at 8 bits, float activations), on the DEVELOPMENT split (test images
-0-4999): ``--bias-correction on`` (lbyl's default: the pruned channels' constant and the kept
-channels' mean match through ReLU6) and ``off``; and two alternatives of ``udfc()`` with the bias
-correction on: the constant without the kept channels' mean match (``no_kept_mean_match``), and the
-delivery with the kept depthwise filters s_k d_k before rounding (``float_dw_in_delivery``); at
-W4 and W6. Rows are cached in the JSON (``--out``).
+0-4999): the pipeline with ``--bias-correction on`` (lbyl's default: the pruned channels' constant
+and the kept channels' mean match through ReLU6) and ``off``; and alternatives of ``udfc()`` with
+the bias correction on: the delivery with the kept depthwise filters s_k d_k before rounding
+(``float_dw_in_delivery``, the default chosen here) or as stored, Q(s_k d_k)
+(``quantized_dw_in_delivery``); the constant without the kept channels' mean match
+(``no_kept_mean_match``, with either depthwise filter); and,
+as a diagnostic of where the loss against round-to-nearest comes from, the joint path with the
+rescale s_k pinned to 1 (``no_rescale``: a1 = 0, a2 = 1e12 in the rescale, the delivery's lambdas
+(0.01, 0.008) unchanged); at W4 and W6. Rows are cached in the JSON (``--out``).
 
   nice -n 10 python -m benchmarks.probes.udfc_joint_mobilenet_dev [--out PATH] [--bits 4,6]
 """
@@ -51,8 +55,7 @@ def joint_row(loaded, bits: int, bias_correction: str) -> dict:
               kept=sum(u['kept'] for u in units.values()))
 
 
-def variant_row(loaded, bits: int, *, kept_mean_match: bool = True,
-                depthwise_kernel: str = 'quantized') -> dict:
+def variant_row(loaded, bits: int, **options) -> dict:
   """The joint path (bias correction on) with one of udfc()'s development-split alternatives."""
   from lbyl_jax.core import units as units_lib  # pylint: disable=import-outside-toplevel
   from lbyl_jax.models import trace  # pylint: disable=import-outside-toplevel
@@ -64,8 +67,7 @@ def variant_row(loaded, bits: int, *, kept_mean_match: bool = True,
   t = time.perf_counter()
   _, qtree, qmeta, report = udfc_lib.udfc(
       spec, loaded.variables, bits=bits, selection=selection_lib.Selection(ratio=RATIO),
-      keep_8bit=trace.first_and_last_layers(spec), bias_correction=True,
-      kept_mean_match=kept_mean_match, depthwise_kernel=depthwise_kernel)
+      keep_8bit=trace.first_and_last_layers(spec), bias_correction=True, **options)
   deq = uniform.dequantize_tree(qtree, qmeta)
   t_c = time.perf_counter() - t
   pred = loaded.ev.predictions(deq, loaded.ds, widths=units_lib.widths_of(deq, spec.units),
@@ -77,15 +79,23 @@ def variant_row(loaded, bits: int, *, kept_mean_match: bool = True,
                                             for u in report['units'].values()))
 
 
-VARIANTS = {'no_kept_mean_match': dict(kept_mean_match=False),
-            'float_dw_in_delivery': dict(depthwise_kernel='float')}
+# udfc()'s options per variant; the first three rows were made while 'quantized' was the default
+# of depthwise_kernel, which they name explicitly.
+VARIANTS = {'quantized_dw_in_delivery': dict(depthwise_kernel='quantized'),
+            'float_dw_in_delivery': dict(depthwise_kernel='float'),
+            'no_kept_mean_match': dict(kept_mean_match=False, depthwise_kernel='quantized'),
+            'no_kept_mean_match_float_dw': dict(kept_mean_match=False, depthwise_kernel='float'),
+            # a diagnostic, not an alternative: s_k = 1 (a2 -> infinity in the rescale), the
+            # delivery's lambdas kept at (a1, a2) = (0.01, 0.008)
+            'no_rescale': dict(a1=0.0, a2=1e12, delivery_lambdas=(0.01, 0.008),
+                               depthwise_kernel='quantized')}
 
 
 def main(argv=None) -> None:
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   p.add_argument('--out', default=str(DEFAULT_OUT))
   p.add_argument('--bits', default='4,6')
-  p.add_argument('--modes', default='on,off,no_kept_mean_match,float_dw_in_delivery',
+  p.add_argument('--modes', default='on,off,' + ','.join(VARIANTS),
                  help='bias-correction modes of the pipeline (on, off) and udfc() variants')
   args = p.parse_args(argv)
   out = pathlib.Path(args.out)

@@ -9,6 +9,10 @@ Per prunable unit (producer l -> BN -> ReLU -> consumer l+1; K kept, P pruned, W
     a1 / a2 in place of lam1 / lam2;
 (c) :func:`consumer_update` -- V'_{:,k} = s_k V_{:,k} + sum_j S'_{j,k} V_{:,j}, columns P dropped;
     the consumer is quantized only AFTER this input compensation;
+    On an inverted residual's depthwise unit (MobileNetV2): :func:`depthwise_delivery`, the
+    composite system of :mod:`lbyl_jax.pruning.depthwise` with the kept channels' expansion
+    filters quantized and their depthwise filters rescaled by s_k
+    (docs/quantization.md#udfc-style-on-mobilenetv2-joint-with-lbyl);
 (d) :func:`udfc` runs the units from input to output; the pruning delivery of every unit is
     computed from the ORIGINAL full-precision W of that layer (kept channels ranked by a criterion
     of :mod:`lbyl_jax.pruning.criteria` on the original filters, docs/README.md#coefficients-from-the-original-weights).
@@ -143,13 +147,13 @@ def deployed_block_terms(spec, variables: Mapping[str, Any], problem, *, produce
     spec, variables: the architecture and its ORIGINAL variables.
     problem: the unit's :class:`lbyl_jax.pruning.problem.UnitProblem` (original filters).
     producer_hat_K: the producer's kept output channels as deployed, HWIO (..., m): Q(W_K).
-    depthwise_hat_K: the depthwise kernel's kept channels as deployed, (kh, kw, 1, m): Q(s_K d_K),
-      the rescale folded in before rounding.
+    depthwise_hat_K: the depthwise kernel's kept channels, (kh, kw, 1, m): s_K d_K (the rescale
+      folded in; ``udfc``'s default) or Q(s_K d_K) as stored.
     sigma: BN sigma of the algebra ('std' or 'variance').
 
   Returns:
-    The terms: f_k = alpha1_k Q(W_k), g_k = alpha2_k Q(s_k d_k) for k in K; f_j, g_j original for j
-    in P; b1, b2 (the BN shifts) unchanged.
+    The terms: f_k = alpha1_k Q(W_k), g_k = alpha2_k ``depthwise_hat_K``_k for k in K; f_j, g_j
+    original for j in P; b1, b2 (the BN shifts) unchanged.
   """
   unit, keep = problem.unit, np.asarray(problem.keep)
   dw = dfq_lib.depthwise_unit(unit)
@@ -172,14 +176,16 @@ def deployed_block_terms(spec, variables: Mapping[str, Any], problem, *, produce
 
 def depthwise_delivery(terms: depthwise_lib.BlockTerms, keep, prune, *, a1: float = DEFAULT_A1,
                        a2: float = DEFAULT_A2) -> np.ndarray:
-  """Delivery rows S'_P (|P| x m) of a depthwise unit on its deployed kept channels
+  """Delivery rows S'_P (|P| x m) of a depthwise unit on its kept channels with quantized
+  expansion filters
   (docs/quantization.md#udfc-style-on-mobilenetv2-joint-with-lbyl).
 
   LBYL's consistent form on the composite surrogate (docs/mobilenet_v2.md#lbyl-on-the-composite-channel,
   :func:`lbyl_jax.pruning.depthwise.lbyl_system`) with ``terms`` from :func:`deployed_block_terms`:
   per pruned j, min ``||H_j - H^_K^T s_j||^2 + a1 (B_j - B^_K^T s_j)^2 + a2 ||s_j||^2`` with
-  H^_k = f^_k (x) g^_k, B^_k = b2_k + (sum_t g^_{k,t}) b1_k (the deployed kept channels) and
-  H_j, B_j full precision; solved in float64 on the host.
+  H^_k = f^_k (x) g^_k, B^_k = b2_k + (sum_t g^_{k,t}) b1_k (the kept channels, quantized
+  expansion filter, rescaled depthwise filter) and H_j, B_j full precision; solved in float64 on
+  the host.
   """
   if a1 < 0 or a2 < 0:
     raise ValueError(f'depthwise_delivery: a1 and a2 must be >= 0, got {a1}, {a2}')
@@ -327,7 +333,7 @@ def udfc(spec, variables: Mapping[str, Any], *, bits: int,
          symmetric: bool = True, keep_8bit: Iterable[str] = (), scale_from: str = 'compensated',
          rescale_others: bool = False, delivery_lambdas: tuple[float, float] | None = None,
          bias_correction: bool = False, bias_fold: str = 'padding_aware',
-         kept_mean_match: bool = True, depthwise_kernel: str = 'quantized'
+         kept_mean_match: bool = True, depthwise_kernel: str = 'float'
          ) -> tuple[tuple[int, ...], dict[str, Any], dict[str, Any], dict[str, Any]]:
   """UDFC-style pruning + weight quantization of a whole network (docs/quantization.md#udfc-style-compensation).
 
@@ -351,8 +357,9 @@ def udfc(spec, variables: Mapping[str, Any], *, bits: int,
     kept_mean_match: with ``bias_correction``, also the kept channels' mean match (default; False
       keeps only the pruned channels' constant: the development-split comparison of
       docs/quantization.md#udfc-style-on-mobilenetv2-joint-with-lbyl).
-    depthwise_kernel: in the delivery of a depthwise unit, the kept channels' depthwise filters as
-      stored, Q(s_k d_k) ('quantized', default), or s_k d_k before rounding ('float').
+    depthwise_kernel: in the delivery of a depthwise unit, the kept channels' depthwise filters
+      s_k d_k before rounding ('float', default: like a plain unit's consumer, rounded after the
+      delivery; chosen on the development split) or as stored, Q(s_k d_k) ('quantized').
 
   Returns:
     ``(widths, qtree, qmeta, report)``: ``quant.dequantize_tree(qtree, qmeta)`` are float
@@ -410,8 +417,9 @@ def udfc(spec, variables: Mapping[str, Any], *, bits: int,
       k[..., keep] = k[..., keep] * s
       cons['kernel'] = k.astype(kdt)
     # (b) pruning delivery from the ORIGINAL filters, the kept ones quantized. A depthwise unit
-    # with pruned channels: the composite system of lbyl (pruning.depthwise) on the deployed kept
-    # channels, Q(W_K) and the depthwise kernel Q(s_K d_K) as it will be stored.
+    # with pruned channels: the composite system of lbyl (pruning.depthwise) on the kept channels
+    # Q(W_K) with the depthwise kernel s_K d_K (rounded after, like a plain unit's consumer), or
+    # Q(s_K d_K) as it will be stored (depthwise_kernel='quantized').
     if dw is not None and prune.size:
       dw_hat = np.take(cons['kernel'], keep, axis=-1)
       if depthwise_kernel == 'quantized':
@@ -612,8 +620,8 @@ class UDFC(Quantizer):
     """Pruning + quantization together (docs/quantization.md, joint delivery): the ORIGINAL variables in, the plan's selection.
 
     The inverted residuals' depthwise units (MobileNetV2, :func:`lbyl_jax.quant.dfq.depthwise_unit`)
-    get the composite delivery of :mod:`lbyl_jax.pruning.depthwise` on their deployed kept
-    channels (:func:`depthwise_delivery`).
+    get the composite delivery of :mod:`lbyl_jax.pruning.depthwise` on their kept channels with
+    quantized expansion filters and rescaled depthwise filters (:func:`depthwise_delivery`).
 
     Raises:
       ValueError: units with per-channel layers in between that are not such depthwise units.
