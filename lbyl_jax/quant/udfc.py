@@ -46,6 +46,9 @@ With ``bias_correction=True`` (what ``lbyl``'s default asks for in the joint pat
   DFQ's bias-correction term, docs/quantization.md#dfq-bias-correction). The scalar s_k of (a) is a least-squares shrinkage
   (s_k ~ 1 / (1 + ||e||^2 / ||W||^2)) that also shrinks the channel's mean; this puts the mean
   back and leaves s_k acting on the fluctuation only.
+On a depthwise unit (MobileNetV2) the constant is E[c_P] - S'_P E[c_K] with c the ReLU6 output of
+the depthwise conv's BN (pruning.depthwise's constant), and the mean match is made on the depthwise
+conv's input, s_k ReLU6(z_hat_k), with clipped means (:func:`mean_match` ``clip``).
 
 All per-unit math is float64 NumPy on the host.
 """
@@ -139,14 +142,15 @@ def delivery(What_K, alpha_K, b_K, W_P, alpha_P, b_P, *, a1: float = DEFAULT_A1,
 
 def deployed_block_terms(spec, variables: Mapping[str, Any], problem, *, producer_hat_K,
                          depthwise_hat_K, sigma: str = 'std') -> depthwise_lib.BlockTerms:
-  """:class:`lbyl_jax.pruning.depthwise.BlockTerms` of a depthwise unit whose KEPT channels are
-  the deployed ones (docs/quantization.md#udfc-style-on-mobilenetv2-joint-with-lbyl) and whose
-  pruned channels are the ORIGINAL full-precision ones.
+  """:class:`lbyl_jax.pruning.depthwise.BlockTerms` of a depthwise unit whose KEPT channels carry
+  the given quantized expansion filters and rescaled depthwise filters
+  (docs/quantization.md#udfc-style-on-mobilenetv2-joint-with-lbyl) and whose pruned channels are
+  the ORIGINAL full-precision ones.
 
   Args:
     spec, variables: the architecture and its ORIGINAL variables.
     problem: the unit's :class:`lbyl_jax.pruning.problem.UnitProblem` (original filters).
-    producer_hat_K: the producer's kept output channels as deployed, HWIO (..., m): Q(W_K).
+    producer_hat_K: the producer's kept output channels as stored, HWIO (..., m): Q(W_K).
     depthwise_hat_K: the depthwise kernel's kept channels, (kh, kw, 1, m): s_K d_K (the rescale
       folded in; ``udfc``'s default) or Q(s_K d_K) as stored.
     sigma: BN sigma of the algebra ('std' or 'variance').
