@@ -145,16 +145,16 @@ def test_distilled_act_ranges_short(models, tmp_path, monkeypatch):
 @pytest.mark.parametrize('method', ['dfq', 'udfc'])
 @pytest.mark.parametrize('ratio', [0.0, 0.3])
 def test_dfq_udfc_on_mobilenet_v2(models, tmp_path, method, ratio):
-  """DFQ / UDFC-style on MobileNetV2's depthwise units, unpruned and after LBYL 30 %; UDFC's
-  joint delivery (with LBYL) through the depthwise conv is refused by name."""
+  """DFQ / UDFC-style on MobileNetV2's depthwise units, unpruned and after LBYL 30 %; UDFC with
+  LBYL takes the joint path (the depthwise composite delivery on the deployed kept channels)."""
   head, v, _, _ = models('mobilenet_v2_cifar10')
   options = dict(method='lbyl' if ratio else 'prune', ratio=ratio, quant_method=method, bits=4)
-  if method == 'udfc' and ratio:
-    with pytest.raises(ValueError, match='joint delivery through the depthwise conv'):
-      lbyl_jax.compress(*head, v, **options)
-    return
   result = lbyl_jax.compress(*head, v, **options)
   assert result.report['quant_method'] == method and result.report['ratio'] == ratio
+  if method == 'udfc' and ratio:
+    units = result.report['quant_report']['units']
+    pruned = [n for n, u in units.items() if u['pruned']]
+    assert pruned and all(units[n]['delivery'] == 'depthwise_composite' for n in pruned)
   _check_reload(models, 'mobilenet_v2_cifar10', result, tmp_path)
 
 

@@ -10,7 +10,7 @@ global mean -> Dense.
   corrected layer equals the float network's under the BN model.
 - UDFC-style (unpruned): the per-channel rescale s_k of the expansion's channel k, fitted by the
   closed form, lands on the depthwise kernel's channel k; the rest is rounding.
-- The joint UDFC path (with LBYL pruning) refuses depthwise units with a specific message.
+- The joint UDFC path (with LBYL pruning) on these units: tests/test_udfc_depthwise_joint.py.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from scipy import integrate, stats
 from lbyl_jax.core import trees
 from lbyl_jax.core.bn import BN_EPS
 from lbyl_jax.models import custom
-from lbyl_jax.pruning import selection as selection_lib
 from lbyl_jax.quant import dfq as dfq_lib
 from lbyl_jax.quant import udfc as udfc_lib
 from lbyl_jax.quant import uniform
@@ -173,10 +172,3 @@ def test_udfc_rescale_folds_into_the_depthwise_kernel(stack):
   for k in ('bn1', 'bn2', 'bn3'):
     np.testing.assert_array_equal(trees.get_path(deq['params'], k)['bias'],
                                   v['params'][k]['bias'])
-
-
-def test_joint_udfc_refuses_depthwise_units(stack):
-  spec, v = stack
-  with pytest.raises(ValueError, match='joint delivery through the depthwise conv'):
-    udfc_lib.UDFC(bits=4).joint(spec, v, selection=selection_lib.Selection(ratio=0.3),
-                                keep_8bit=(), bias_correction='on', bias_fold='padding_aware')

@@ -9,6 +9,10 @@ Per prunable unit (producer l -> BN -> ReLU -> consumer l+1; K kept, P pruned, W
     a1 / a2 in place of lam1 / lam2;
 (c) :func:`consumer_update` -- V'_{:,k} = s_k V_{:,k} + sum_j S'_{j,k} V_{:,j}, columns P dropped;
     the consumer is quantized only AFTER this input compensation;
+    On an inverted residual's depthwise unit (MobileNetV2): :func:`depthwise_delivery`, the
+    composite system of :mod:`lbyl_jax.pruning.depthwise` with the kept channels' expansion
+    filters quantized and their depthwise filters rescaled by s_k
+    (docs/quantization.md#udfc-style-on-mobilenetv2-joint-with-lbyl);
 (d) :func:`udfc` runs the units from input to output; the pruning delivery of every unit is
     computed from the ORIGINAL full-precision W of that layer (kept channels ranked by a criterion
     of :mod:`lbyl_jax.pruning.criteria` on the original filters, docs/README.md#coefficients-from-the-original-weights).
@@ -42,6 +46,9 @@ With ``bias_correction=True`` (what ``lbyl``'s default asks for in the joint pat
   DFQ's bias-correction term, docs/quantization.md#dfq-bias-correction). The scalar s_k of (a) is a least-squares shrinkage
   (s_k ~ 1 / (1 + ||e||^2 / ||W||^2)) that also shrinks the channel's mean; this puts the mean
   back and leaves s_k acting on the fluctuation only.
+On a depthwise unit (MobileNetV2) the constant is E[c_P] - S'_P E[c_K] with c the ReLU6 output of
+the depthwise conv's BN (pruning.depthwise's constant), and the mean match is made on the depthwise
+conv's input, s_k ReLU6(z_hat_k), with clipped means (:func:`mean_match` ``clip``).
 
 All per-unit math is float64 NumPy on the host.
 """
@@ -59,10 +66,12 @@ from lbyl_jax.core import units as units_lib
 from lbyl_jax.core.bn import BN_EPS
 from lbyl_jax.core.options import NONNEG, option
 from lbyl_jax.pruning import bias as bias_lib
+from lbyl_jax.pruning import depthwise as depthwise_lib
 from lbyl_jax.pruning import moments as moments_lib
 from lbyl_jax.pruning import selection as selection_lib
 from lbyl_jax.pruning import solvers
 from lbyl_jax.pruning import surgery
+from lbyl_jax.pruning import terms as terms_lib
 from lbyl_jax.pruning.moments import relu_mean
 from lbyl_jax.models import trace
 from lbyl_jax.quant import dfq as dfq_lib
@@ -131,29 +140,97 @@ def delivery(What_K, alpha_K, b_K, W_P, alpha_P, b_P, *, a1: float = DEFAULT_A1,
                                                  np.asarray(b_P, np.float64), a1, a2, 'udfc'))
 
 
-def mean_match(target, s, sd, *, iters: int = 200) -> np.ndarray:
-  """Per channel, the mean m with ``s * E[ReLU(N(m, sd^2))] = target`` (s > 0, sd > 0).
+def deployed_block_terms(spec, variables: Mapping[str, Any], problem, *, producer_hat_K,
+                         depthwise_hat_K, sigma: str = 'std') -> depthwise_lib.BlockTerms:
+  """:class:`lbyl_jax.pruning.depthwise.BlockTerms` of a depthwise unit whose KEPT channels carry
+  the given quantized expansion filters and rescaled depthwise filters
+  (docs/quantization.md#udfc-style-on-mobilenetv2-joint-with-lbyl) and whose pruned channels are
+  the ORIGINAL full-precision ones.
 
-  E[ReLU(N(m, sd^2))] rises strictly from 0 to infinity in m, so for target > 0 the root is
-  unique; it is found by bisection on a bracket grown until it holds the root. A channel with
-  target <= 0, s <= 0 or sd <= 0 has no such m: NaN (callers leave it unchanged).
+  Args:
+    spec, variables: the architecture and its ORIGINAL variables.
+    problem: the unit's :class:`lbyl_jax.pruning.problem.UnitProblem` (original filters).
+    producer_hat_K: the producer's kept output channels as stored, HWIO (..., m): Q(W_K).
+    depthwise_hat_K: the depthwise kernel's kept channels, (kh, kw, 1, m): s_K d_K (the rescale
+      folded in; ``udfc``'s default) or Q(s_K d_K) as stored.
+    sigma: BN sigma of the algebra ('std' or 'variance').
+
+  Returns:
+    The terms: f_k = alpha1_k Q(W_k), g_k = alpha2_k ``depthwise_hat_K``_k for k in K; f_j, g_j
+    original for j in P; b1, b2 (the BN shifts) unchanged.
+  """
+  unit, keep = problem.unit, np.asarray(problem.keep)
+  dw = dfq_lib.depthwise_unit(unit)
+  if dw is None:
+    raise ValueError(f'{unit.name}: not a depthwise unit UDFC handles (quant.dfq.depthwise_unit)')
+  view = trees.copy_tree(variables)  # new dicts, shared arrays: the caller's tree is not changed
+  prod = dict(trees.get_path(view['params'], unit.producer))
+  k = np.array(prod['kernel'], np.float64)
+  k[..., keep] = np.asarray(producer_hat_K, np.float64)
+  prod['kernel'] = k
+  trees.set_path(view['params'], unit.producer, prod)
+  layer = dict(trees.get_path(view['params'], dw.path))
+  d = np.array(layer['kernel'], np.float64)
+  d[..., keep] = np.asarray(depthwise_hat_K, np.float64)
+  layer['kernel'] = d
+  trees.set_path(view['params'], dw.path, layer)
+  dep = dataclasses.replace(problem, W=terms_lib.filters(view, unit, dtype=np.float64))
+  return depthwise_lib.block_terms(spec, view, dep, sigma=sigma)
+
+
+def depthwise_delivery(terms: depthwise_lib.BlockTerms, keep, prune, *, a1: float = DEFAULT_A1,
+                       a2: float = DEFAULT_A2) -> np.ndarray:
+  """Delivery rows S'_P (|P| x m) of a depthwise unit on its kept channels with quantized
+  expansion filters
+  (docs/quantization.md#udfc-style-on-mobilenetv2-joint-with-lbyl).
+
+  LBYL's consistent form on the composite surrogate (docs/mobilenet_v2.md#lbyl-on-the-composite-channel,
+  :func:`lbyl_jax.pruning.depthwise.lbyl_system`) with ``terms`` from :func:`deployed_block_terms`:
+  per pruned j, min ``||H_j - H^_K^T s_j||^2 + a1 (B_j - B^_K^T s_j)^2 + a2 ||s_j||^2`` with
+  H^_k = f^_k (x) g^_k, B^_k = b2_k + (sum_t g^_{k,t}) b1_k (the kept channels, quantized
+  expansion filter, rescaled depthwise filter) and H_j, B_j full precision; solved in float64 on
+  the host.
+  """
+  if a1 < 0 or a2 < 0:
+    raise ValueError(f'depthwise_delivery: a1 and a2 must be >= 0, got {a1}, {a2}')
+  return solvers.solve_host(depthwise_lib.lbyl_system(terms, np.asarray(keep), np.asarray(prune),
+                                                      lam1=a1, lam2=a2, name='udfc'))
+
+
+def _act_mean(m, sd, clip: float | None):
+  """E[min(ReLU(N(m, sd^2)), clip)] (clip None: E[ReLU]); ReLU6(y) = ReLU(y) - ReLU(y - 6)."""
+  if clip is None:
+    return relu_mean(m, sd)
+  return relu_mean(m, sd) - relu_mean(m - clip, sd)
+
+
+def mean_match(target, s, sd, *, iters: int = 200, clip: float | None = None) -> np.ndarray:
+  """Per channel, the mean m with ``s * E[act(N(m, sd^2))] = target`` (s > 0, sd > 0), act =
+  ReLU (``clip`` None) or min(ReLU, clip) (ReLU6: ``clip=6``).
+
+  E[ReLU(N(m, sd^2))] rises strictly from 0 to infinity in m (the clipped mean from 0 to
+  ``clip``), so for 0 < target / s (< clip) the root is unique; it is found by bisection on a
+  bracket grown until it holds the root. A channel with target <= 0, s <= 0, sd <= 0 or
+  target / s >= clip has no such m: NaN (callers leave it unchanged).
   """
   target = np.asarray(target, np.float64)
   s = np.broadcast_to(np.asarray(s, np.float64), target.shape)
   sd = np.broadcast_to(np.asarray(sd, np.float64), target.shape)
   ok = (target > 0) & (s > 0) & (sd > 0) & np.isfinite(target) & np.isfinite(s) & np.isfinite(sd)
+  if clip is not None:
+    ok = ok & (target < clip * np.where(ok, s, 0.0))
   goal = np.where(ok, target / np.where(ok, s, 1.0), 1.0)
   sd_ = np.where(ok, sd, 1.0)
   lo, hi = -np.abs(goal) - 10.0 * sd_, np.abs(goal) + 10.0 * sd_
   for _ in range(60):  # grow until relu_mean(lo) <= goal <= relu_mean(hi)
-    bad_lo, bad_hi = relu_mean(lo, sd_) > goal, relu_mean(hi, sd_) < goal
+    bad_lo, bad_hi = _act_mean(lo, sd_, clip) > goal, _act_mean(hi, sd_, clip) < goal
     if not (bad_lo.any() or bad_hi.any()):
       break
     lo = np.where(bad_lo, 2.0 * lo, lo)
     hi = np.where(bad_hi, 2.0 * hi, hi)
   for _ in range(iters):
     mid = 0.5 * (lo + hi)
-    below = relu_mean(mid, sd_) < goal
+    below = _act_mean(mid, sd_, clip) < goal
     lo, hi = np.where(below, mid, lo), np.where(below, hi, mid)
   return np.where(ok, 0.5 * (lo + hi), np.nan)
 
@@ -259,7 +336,8 @@ def udfc(spec, variables: Mapping[str, Any], *, bits: int,
          a1: float = DEFAULT_A1, a2: float = DEFAULT_A2, per_channel: bool = True,
          symmetric: bool = True, keep_8bit: Iterable[str] = (), scale_from: str = 'compensated',
          rescale_others: bool = False, delivery_lambdas: tuple[float, float] | None = None,
-         bias_correction: bool = False, bias_fold: str = 'padding_aware'
+         bias_correction: bool = False, bias_fold: str = 'padding_aware',
+         kept_mean_match: bool = True, depthwise_kernel: str = 'float'
          ) -> tuple[tuple[int, ...], dict[str, Any], dict[str, Any], dict[str, Any]]:
   """UDFC-style pruning + weight quantization of a whole network (docs/quantization.md#udfc-style-compensation).
 
@@ -280,6 +358,12 @@ def udfc(spec, variables: Mapping[str, Any], *, bits: int,
     bias_correction: add the pruned channels' constant and the kept channels' mean match (module
       docstring); needs the ORIGINAL variables (the moments are those of the unpruned network).
     bias_fold: 'padding_aware' (default) or 'all_taps' for the pruned channels' constant.
+    kept_mean_match: with ``bias_correction``, also the kept channels' mean match (default; False
+      keeps only the pruned channels' constant: the development-split comparison of
+      docs/quantization.md#udfc-style-on-mobilenetv2-joint-with-lbyl).
+    depthwise_kernel: in the delivery of a depthwise unit, the kept channels' depthwise filters
+      s_k d_k before rounding ('float', default: like a plain unit's consumer, rounded after the
+      delivery; chosen on the development split) or as stored, Q(s_k d_k) ('quantized').
 
   Returns:
     ``(widths, qtree, qmeta, report)``: ``quant.dequantize_tree(qtree, qmeta)`` are float
@@ -291,6 +375,8 @@ def udfc(spec, variables: Mapping[str, Any], *, bits: int,
   selection = selection if selection is not None else selection_lib.Selection(ratio=0.0)
   if bias_fold not in bias_lib.FOLDS:
     raise ValueError(f'bias_fold must be one of {bias_lib.FOLDS}, got {bias_fold!r}')
+  if depthwise_kernel not in ('quantized', 'float'):
+    raise ValueError(f"depthwise_kernel must be 'quantized' or 'float', got {depthwise_kernel!r}")
   d1, d2 = (a1, a2) if delivery_lambdas is None else delivery_lambdas
   keep8 = _normalize_paths(variables, keep_8bit)
   qopts = dict(per_channel=per_channel, symmetric=symmetric)
@@ -321,10 +407,6 @@ def udfc(spec, variables: Mapping[str, Any], *, bits: int,
     s = quant_scales(Wk, Wk_hat, alpha[keep], b[keep], a1=a1, a2=a2)
     bad = ~(np.isfinite(s) & (s > 0))  # ReLU homogeneity needs s > 0
     s = np.where(bad, 1.0, s)
-    # (b) pruning delivery from the ORIGINAL filters, the kept ones quantized.
-    W_orig = _unit_rows(orig['kernel'], unit, orig_bias)
-    S_P = delivery(orig_k_hat, alpha[keep], b[keep], W_orig[prune], alpha[prune], b[prune],
-                   a1=d1, a2=d2)
     # (c) V'_K = s V_K + S'^T V_P: scale the kept inputs, then let surgery mix and slice. A
     # depthwise unit (MobileNetV2): channel k's next linear map is the depthwise kernel's
     # channel k, which takes s_k exactly (its bias is added after the product).
@@ -338,6 +420,22 @@ def udfc(spec, variables: Mapping[str, Any], *, bits: int,
       k = np.array(cons['kernel'], np.float64)
       k[..., keep] = k[..., keep] * s
       cons['kernel'] = k.astype(kdt)
+    # (b) pruning delivery from the ORIGINAL filters, the kept ones quantized. A depthwise unit
+    # with pruned channels: the composite system of lbyl (pruning.depthwise) on the kept channels
+    # Q(W_K) with the depthwise kernel s_K d_K (rounded after, like a plain unit's consumer), or
+    # Q(s_K d_K) as it will be stored (depthwise_kernel='quantized').
+    if dw is not None and prune.size:
+      dw_hat = np.take(cons['kernel'], keep, axis=-1)
+      if depthwise_kernel == 'quantized':
+        dw_hat = quant.fake_quantize(dw_hat, bits=_bits_for(dw.path, bits, keep8), **qopts)
+      dterms = deployed_block_terms(
+          spec, variables, problem, sigma=selection.bn_sigma,
+          producer_hat_K=quant.fake_quantize(orig_k, bits=b_unit, **qopts), depthwise_hat_K=dw_hat)
+      S_P = depthwise_delivery(dterms, keep, prune, a1=d1, a2=d2)
+    else:
+      W_orig = _unit_rows(orig['kernel'], unit, orig_bias)
+      S_P = delivery(orig_k_hat, alpha[keep], b[keep], W_orig[prune], alpha[prune], b[prune],
+                     a1=d1, a2=d2)
     trees.set_path(work['params'], target, cons)
     const = means.pruned_constant(index, S_P) if means is not None else None
     _, work = surgery.apply(spec, work, {unit.name: (keep, S_P, const)})
@@ -347,13 +445,18 @@ def udfc(spec, variables: Mapping[str, Any], *, bits: int,
         kept=int(keep.size), pruned=int(prune.size), bits=b_unit, scale=_stats(s),
         scale_fallbacks=int(bad.sum()), coef=_stats(np.abs(S_P)),
         quant_loss_rtn=float(lq1), quant_loss_udfc=float(lqs))
-    if means is not None:
+    if dw is not None and prune.size:
+      unit_reports[unit.name]['delivery'] = 'depthwise_composite'
+    if means is not None and kept_mean_match:
       delta, n_skipped = means.kept_shift(index, np.asarray(dep_hat, np.float64)
                                           - np.asarray(dep, np.float64), s)
       _shift_producer(work, unit, delta)
       unit_reports[unit.name].update(
           bias_constant=_stats(np.abs(const)) if const is not None else None,
           mean_shift=_stats(delta), mean_match_skipped=n_skipped)
+    elif means is not None:
+      unit_reports[unit.name].update(
+          bias_constant=_stats(np.abs(const)) if const is not None else None)
 
   producers = {u.producer for u in spec.units}
   traced = trace.trace_layers(spec)
@@ -427,11 +530,24 @@ class _MeanModel:
         self.mean.append(np.asarray(p.bn['beta'], np.float64))
     # A producer that is another unit's consumer reads only that unit's kept channels.
     self.reads = {p.unit.consumer: p.keep for p in self.problems}
+    # Depthwise units (MobileNetV2): the depthwise conv reads act1(y) (ReLU6 clips at 6), the
+    # consumer reads c = act2(BN2(z)); E[c] from BN2's marginals as in pruning.depthwise.
+    self.clip: dict[int, float | None] = {}
+    self.E_in: dict[int, np.ndarray] = {}
+    self.E_out: dict[int, np.ndarray] = {}
+    for i, p in enumerate(self.problems):
+      if dfq_lib.depthwise_unit(p.unit) is None:
+        continue
+      t = depthwise_lib.block_terms(spec, variables, p)
+      self.clip[i] = t.clip1
+      self.E_in[i] = depthwise_lib.mean_second(self.mean[i], self.sd[i], t.clip1)[0]
+      self.E_out[i] = depthwise_lib.output_means(t)
 
   def pruned_constant(self, index: int, S_P) -> np.ndarray | None:
     """c = E[a_P] - S'_P E[a_K], made padding-aware for surgery's all-taps fold (unless the
-    plan folds through all taps)."""
-    p, E = self.problems[index], self.E[index]
+    plan folds through all taps). A depthwise unit: c = E[c_P] - S'_P E[c_K] with the consumer's
+    input c = act2(BN2(z)) (pruning.depthwise's constant)."""
+    p, E = self.problems[index], self.E_out.get(index, self.E[index])
     if not p.prune.size:
       return None
     c = E[p.prune] - np.asarray(S_P, np.float64) @ E[p.keep]
@@ -441,7 +557,8 @@ class _MeanModel:
 
   def kept_shift(self, index: int, err_kernel, s) -> tuple[np.ndarray, int]:
     """Per kept channel, the shift of its pre-activation mean that gives s_k ReLU(z_hat_k) the
-    original mean (:func:`mean_match`); ``err_kernel`` = quantized - deployed kept kernel."""
+    original mean (:func:`mean_match`); ``err_kernel`` = quantized - deployed kept kernel. A
+    depthwise unit: s_k act1(z_hat_k), the input of the depthwise conv (ReLU6: clipped means)."""
     p = self.problems[index]
     keep = p.keep
     x_mean = np.asarray(self.moments[p.unit.name].mean, np.float64)
@@ -453,8 +570,8 @@ class _MeanModel:
                        f'moment model has {x_mean.shape[0]}')
     alpha = np.asarray(p.bn['alpha'], np.float64)[keep] if p.unit.bn is not None else 1.0
     m_hat = self.mean[index][keep] + alpha * (x_mean @ err)
-    target = self.E[index][keep]
-    m_star = mean_match(target, s, self.sd[index][keep])
+    target = self.E_in.get(index, self.E[index])[keep]
+    m_star = mean_match(target, s, self.sd[index][keep], clip=self.clip.get(index))
     ok = np.isfinite(m_star)
     return np.where(ok, m_star - m_hat, 0.0), int((~ok).sum())
 
@@ -506,17 +623,20 @@ class UDFC(Quantizer):
             ) -> tuple[tuple[int, ...], QuantResult]:
     """Pruning + quantization together (docs/quantization.md, joint delivery): the ORIGINAL variables in, the plan's selection.
 
+    The inverted residuals' depthwise units (MobileNetV2, :func:`lbyl_jax.quant.dfq.depthwise_unit`)
+    get the composite delivery of :mod:`lbyl_jax.pruning.depthwise` on their kept channels with
+    quantized expansion filters and rescaled depthwise filters (:func:`depthwise_delivery`).
+
     Raises:
-      ValueError: units with a depthwise layer (MobileNetV2): the joint delivery is the plain
-        unit's closed form, not the depthwise one of :mod:`lbyl_jax.pruning.depthwise`.
+      ValueError: units with per-channel layers in between that are not such depthwise units.
     """
-    dw = [u.name for u in spec.units if u.through]
-    if dw:
+    odd = [u.name for u in spec.units if u.through and dfq_lib.depthwise_unit(u) is None]
+    if odd:
       raise ValueError(
           f'--quant-method udfc with --method lbyl (the joint pruning delivery on quantized '
-          f'filters) handles units without per-channel layers in between; {spec.name} has '
-          f'depthwise units ({", ".join(dw[:3])}, ...): the joint delivery through the depthwise '
-          'conv is not implemented. Use --quant-method udfc with --ratio 0 or another --method '
+          f'filters) handles plain units and the inverted residuals\' depthwise units; '
+          f'{spec.name} has other units with per-channel layers in between '
+          f'({", ".join(odd[:3])}, ...). Use --quant-method udfc with --ratio 0 or another --method '
           '(nm, bnm, prune), or --quant-method dfq / rtn / omse / squant with --method lbyl')
     widths, qtree, qmeta, report = udfc(
         spec, variables, bits=self.bits, selection=selection, a1=self.a1, a2=self.a2,
