@@ -789,6 +789,38 @@ def significance_section(results_dir: pathlib.Path, plots_dir: pathlib.Path) -> 
   return out + ['', '![paired differences](plots/paired_significance.png)', '']
 
 
+def moments_route_lines(results_dir: pathlib.Path) -> list[str]:
+  """The moments route of BN re-estimation: its development-split rows next to the held-out ones
+  (only cells stored on both), and the cells the development split would switch on."""
+  dev, held = [], []
+  for arch in bn_heldout.ARCHS:
+    d, h = (bn_heldout.out_path(arch, results_dir, split=s) for s in ('dev', 'held-out'))
+    if d.exists() and h.exists():
+      dev.append(bn_heldout.load_results(d, arch, 'dev'))
+      held.append(bn_heldout.load_results(h, arch))
+  if not dev:
+    return []
+  rule = bn_heldout.dev_rule(dev)
+  on = sorted({(v, r) for (v, r), g in rule.items() if g > bn_heldout.RULE_MIN_GAIN},
+              key=lambda k: (k[0], k[1]))
+  by_variant: dict[str, list[str]] = {}
+  for v, r in on:
+    by_variant.setdefault(v, []).append(f'{100 * r:.0f}')
+  picked = '; '.join(f'`{v}` at {", ".join(rs)} %' for v, rs in by_variant.items()) or 'nothing'
+  return ['#### The moments route (`--bn-reestimate moments`)', '',
+          'The BN-moments model propagated through the compressed network (recipe `'
+          + bn_heldout.MOMENTS + '`: positions shared, anchored; no inputs, no optimization). '
+          'Development-split rows (`python -m benchmarks.bn_reestimate --arch ARCH --recipe '
+          'moments --split dev`, files `bn_reestimate_dev_<arch>.json`) next to the held-out ones '
+          '(`--recipe moments`, the same files as above); `mean dev gain` is the mean over the '
+          'checkpoints of re-estimated minus none on the development split, what a rule "re-estimate '
+          'where it gains on the development split" reads. On the development split that rule '
+          f'switches it on for {picked}. It stays opt-in, not a default: with 4-bit weights it is '
+          'below the target already on the development split (NM ResNet-56, `lbyl+rtn4` / '
+          '`lbyl+udfc4` rows), so a default made of it would not meet the target either.',
+          '', bn_heldout.moments_table(dev, held), '']
+
+
 def heldout_section(results_dir: pathlib.Path) -> list[str]:
   """The measurements made on the held-out split (test images 5,000-9,999) with choices made on
   the development split (0-4,999), each from its committed results file."""
@@ -825,6 +857,7 @@ def heldout_section(results_dir: pathlib.Path) -> list[str]:
                 'not at 10 % (the one loss below).', '',
                 bn_heldout.target_table(bn_heldout.load_results(target, bn_heldout.TARGET_ARCH)),
                 '']
+    lines += moments_route_lines(results_dir)
   path = results_dir / 'quant_methods_heldout.json'
   if path.exists():
     lines += quant_methods_section(path)
