@@ -34,7 +34,6 @@ import concurrent.futures
 import contextlib
 import ctypes
 import dataclasses
-import importlib
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -344,25 +343,11 @@ def _executable(kind: str, dtype: str, shapes: Sequence[jax.ShapeDtypeStruct]) -
 
 # (kind, dtype) pairs compiled at least once in this process. The first lowering and compile of a
 # kernel imports modules lazily (jaxlib's LAPACK kernels load scipy.linalg.cython_lapack, the
-# lowering the MLIR dialects); two threads importing the same chain at once can raise
+# compilation cache its helpers); two threads importing the same chain at once can raise
 # importlib's _DeadlockError (seen: a background compile against the main thread's
-# single_threaded_blas). So :func:`_compile_all` compiles the first executable of each pair in the
-# calling thread, before any other thread compiles one; :func:`precompile` imports those modules
-# in the calling thread instead (:data:`_LOWERING_MODULES`) and compiles everything in the
-# background, and :func:`solve` recompiles in its own thread whatever a background compile failed.
+# single_threaded_blas). So the first executable of each pair is compiled in the calling thread,
+# before any other thread compiles one.
 _WARM: set[tuple[str, str]] = set()
-
-# The modules the first lowering and compile of a solver kernel imports (measured with jaxlib
-# 0.10.2: scipy.linalg with its LAPACK wrappers, 0.1-0.2 s, and the MHLO dialect).
-_LOWERING_MODULES = ('scipy.linalg.cython_lapack', 'jaxlib.mlir.dialects.mhlo')
-
-
-def _import_lowering_modules() -> None:
-  for name in _LOWERING_MODULES:
-    try:
-      importlib.import_module(name)
-    except ImportError:  # another jaxlib: the fallback of solve() covers a lazy import race
-      pass
 
 
 def _split_first(todo: Sequence[tuple[str, str, Any]]) -> tuple[list[int], list[int]]:
@@ -404,9 +389,8 @@ def _compile_all(todo: Sequence[tuple[str, str, Sequence[jax.ShapeDtypeStruct]]]
 def precompile(dims: Sequence[tuple[str, int, int, int]], *, dtype: str = 'float32') -> int:
   """Starts compiling, in background threads, the executables that :func:`solve` will need for
   systems of these (kind, m, p, D) (one tuple per system, as :class:`Deferred` declares them);
-  returns with the number of compiles started. The modules a first compile imports are imported
-  before returning, in the calling thread (see ``_WARM``); the lowering and compile (or load from
-  JAX's persistent cache) of every executable run in the background.
+  returns with the number of compiles started. The first executable of a kernel kind in this
+  process is compiled before returning, in the calling thread (see ``_WARM``).
 
   A caller that knows the shapes of its systems before it can build them (the pipeline knows them
   from the architecture and the plan before the weights are loaded and the channels selected)
@@ -426,13 +410,17 @@ def precompile(dims: Sequence[tuple[str, int, int, int]], *, dtype: str = 'float
     key, shapes = _compile_key(kind, dtype, len(ds), m, p, max(ds))
     if key not in _CACHE and key not in _PENDING:
       todo[key] = (kind, dtype, shapes)
-  if todo:
-    _import_lowering_modules()
-  for key, args in todo.items():
+  keys = list(todo)
+  first, rest = _split_first(list(todo.values()))
+  for i in first:  # the first compile of a kind, here (see _WARM); it is then ready at once
+    fut: concurrent.futures.Future = concurrent.futures.Future()
+    fut.set_result(_executable(*todo[keys[i]]))
+    _PENDING[keys[i]] = fut
+  for i in rest:
     if not _POOL:
       _POOL.append(concurrent.futures.ThreadPoolExecutor(
           max_workers=4, thread_name_prefix='lbyl_jax-precompile'))
-    _PENDING[key] = _POOL[0].submit(_executable, *args)
+    _PENDING[keys[i]] = _POOL[0].submit(_executable, *todo[keys[i]])
   return len(todo)
 
 
@@ -574,7 +562,7 @@ def _solve_buckets(systems, buckets, results, dtype: str, with_cond: bool) -> No
     cache_keys[key], shapes = _compile_key(kind, dtype, len(idx), m, p,
                                            max(_dims(systems[i])[3] for i in idx))
     if cache_keys[key] in _PENDING:
-      pending[key] = (_PENDING.pop(cache_keys[key]), (kind, dtype, shapes))
+      pending[key] = _PENDING.pop(cache_keys[key])
     elif cache_keys[key] not in _CACHE:
       todo[key] = (kind, dtype, shapes)
   executables, shares = _compile_all(list(todo.values()))
@@ -583,16 +571,11 @@ def _solve_buckets(systems, buckets, results, dtype: str, with_cond: bool) -> No
     _CACHE[cache_keys[k]] = exe
     compile_seconds[k] = share
   background = dict.fromkeys(buckets, 0.0)
-  for k, (fut, args) in pending.items():
+  for k, fut in pending.items():
     # Started by precompile(): the solve pays only the wait; the compile's own seconds (mostly
     # overlapped with the host work before the solve) are reported as precompile_seconds.
     t0 = time.perf_counter()
-    try:
-      _CACHE[cache_keys[k]], background[k] = fut.result()
-    except Exception:  # pylint: disable=broad-except
-      # e.g. an import race of a first compile (see _WARM): once more, in this thread; a real
-      # compile error raises again here.
-      _CACHE[cache_keys[k]], background[k] = _executable(*args)
+    _CACHE[cache_keys[k]], background[k] = fut.result()
     compile_seconds[k] = time.perf_counter() - t0
   for key, idx in buckets.items():
     bucket = [_built(systems[i]) for i in idx]  # this bucket's float64 systems only
