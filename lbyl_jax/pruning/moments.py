@@ -332,6 +332,15 @@ def relu_mean(mean, std) -> np.ndarray:
   return np.where(pos, val, np.maximum(m, 0.0))
 
 
+def clipped_relu_mean(mean, std, clip: float | None = None) -> np.ndarray:
+  """E[min(ReLU(y), clip)] for y ~ N(mean, std^2) (clip None: E[ReLU(y)]; ReLU6: clip = 6),
+  NumPy float64, through min(ReLU(y), c) = ReLU(y) - ReLU(y - c) and :func:`relu_mean`."""
+  e = relu_mean(mean, std)
+  if clip is None:
+    return e
+  return e - relu_mean(np.asarray(mean, np.float64) - clip, std)
+
+
 def relu_mean_var(mean: np.ndarray, var: np.ndarray, pool_k: int = 1) -> tuple[np.ndarray, np.ndarray]:
   """Mean and variance of ReLU(y) (or of the max of pool_k iid copies), y ~ N(mean, var)."""
   e1, e2 = rectified_moments(mean, var, pool_k)

@@ -47,7 +47,7 @@ import numpy as np
 from lbyl_jax.core import trees
 from lbyl_jax.core import units as units_lib
 from lbyl_jax.core.bn import BN_EPS
-from lbyl_jax.pruning.moments import relu_mean
+from lbyl_jax.pruning.moments import clipped_relu_mean
 from lbyl_jax.models import trace
 from lbyl_jax.quant import uniform as quant
 from lbyl_jax.quant.base import QuantResult, Quantizer, register
@@ -84,10 +84,7 @@ def _layer(variables, path):
 def act_mean(mean, std, activation: str = 'relu') -> np.ndarray:
   """E[act(y)], y ~ N(mean, std^2): ReLU, or ReLU6 = ReLU(y) - ReLU(y - 6) (``'relu6'``; any
   other name is taken as ReLU, the rule DFQ always applied)."""
-  e = relu_mean(mean, std)
-  if activation == 'relu6':
-    e = e - relu_mean(np.asarray(mean, np.float64) - 6.0, std)
-  return e
+  return clipped_relu_mean(mean, std, 6.0 if activation == 'relu6' else None)
 
 
 def depthwise_unit(unit: units_lib.Unit) -> units_lib.Through | None:

@@ -72,7 +72,7 @@ from lbyl_jax.pruning import selection as selection_lib
 from lbyl_jax.pruning import solvers
 from lbyl_jax.pruning import surgery
 from lbyl_jax.pruning import terms as terms_lib
-from lbyl_jax.pruning.moments import relu_mean
+from lbyl_jax.pruning.moments import clipped_relu_mean
 from lbyl_jax.models import trace
 from lbyl_jax.quant import dfq as dfq_lib
 from lbyl_jax.quant import uniform as quant
@@ -197,13 +197,6 @@ def depthwise_delivery(terms: depthwise_lib.BlockTerms, keep, prune, *, a1: floa
                                                       lam1=a1, lam2=a2, name='udfc'))
 
 
-def _act_mean(m, sd, clip: float | None):
-  """E[min(ReLU(N(m, sd^2)), clip)] (clip None: E[ReLU]); ReLU6(y) = ReLU(y) - ReLU(y - 6)."""
-  if clip is None:
-    return relu_mean(m, sd)
-  return relu_mean(m, sd) - relu_mean(m - clip, sd)
-
-
 def mean_match(target, s, sd, *, iters: int = 200, clip: float | None = None) -> np.ndarray:
   """Per channel, the mean m with ``s * E[act(N(m, sd^2))] = target`` (s > 0, sd > 0), act =
   ReLU (``clip`` None) or min(ReLU, clip) (ReLU6: ``clip=6``).
@@ -222,15 +215,16 @@ def mean_match(target, s, sd, *, iters: int = 200, clip: float | None = None) ->
   goal = np.where(ok, target / np.where(ok, s, 1.0), 1.0)
   sd_ = np.where(ok, sd, 1.0)
   lo, hi = -np.abs(goal) - 10.0 * sd_, np.abs(goal) + 10.0 * sd_
-  for _ in range(60):  # grow until relu_mean(lo) <= goal <= relu_mean(hi)
-    bad_lo, bad_hi = _act_mean(lo, sd_, clip) > goal, _act_mean(hi, sd_, clip) < goal
+  for _ in range(60):  # grow until the mean at lo <= goal <= the mean at hi
+    bad_lo = clipped_relu_mean(lo, sd_, clip) > goal
+    bad_hi = clipped_relu_mean(hi, sd_, clip) < goal
     if not (bad_lo.any() or bad_hi.any()):
       break
     lo = np.where(bad_lo, 2.0 * lo, lo)
     hi = np.where(bad_hi, 2.0 * hi, hi)
   for _ in range(iters):
     mid = 0.5 * (lo + hi)
-    below = _act_mean(mid, sd_, clip) < goal
+    below = clipped_relu_mean(mid, sd_, clip) < goal
     lo, hi = np.where(below, mid, lo), np.where(below, hi, mid)
   return np.where(ok, 0.5 * (lo + hi), np.nan)
 
