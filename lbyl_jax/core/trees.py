@@ -74,7 +74,7 @@ def digest(tree: Mapping[str, Any], *extra: Any) -> str:
   for path, leaf in sorted(flatten(tree).items()):
     a = np.ascontiguousarray(np.asarray(leaf))
     h.update(f'{path}|{a.dtype.str}|{a.shape}|'.encode())
-    h.update(a.tobytes())
+    h.update(a.reshape(-1).view(np.uint8))  # the array's bytes, without a copy (GIL released)
   for obj in extra:
     h.update(json.dumps(obj, sort_keys=True, separators=(',', ':')).encode())
   return h.hexdigest()
