@@ -176,3 +176,16 @@ def test_bn_range_rule_covers_every_preset(name):
   ranges = actquant.bn_ranges(spec, v, bits=4)
   assert set(ranges.layers) == set(quant.uniform.kernel_paths(v))
   assert all(np.isfinite(r.hi) and r.hi > 0 for r in ranges.layers.values())
+
+
+def test_joint_udfc_on_a_user_model_names_the_way_out(models):
+  """UDFC joint with LBYL: its default mean terms need the presets' network-level moment model;
+  on a user model the refusal names the flag that lifts it, and with it the joint path runs."""
+  head, v, images, _ = models('custom')
+  with pytest.raises(ValueError, match='--bias-correction off'):
+    lbyl_jax.compress(*head, v, example_shape=(1, 32, 32, 3), method='lbyl', ratio=0.3,
+                      quant_method='udfc', bits=4)
+  result = lbyl_jax.compress(*head, v, example_shape=(1, 32, 32, 3), method='lbyl', ratio=0.3,
+                             quant_method='udfc', bits=4, bias_correction='off')
+  assert result.report['quant_method'] == 'udfc'
+  assert np.all(np.isfinite(np.asarray(result.apply(images))))

@@ -454,6 +454,10 @@ def dense_preactivation(W: np.ndarray, moments: InputMoments) -> tuple[np.ndarra
   return w @ moments.mean + bias, w @ cov @ w.T
 
 
+# The families :func:`propagate` models (a user's model, family 'custom', is not one of them).
+NETWORK_MODEL_FAMILIES = ('cifar_resnet', 'resnet', 'vgg_cifar', 'vgg', 'mlp', 'mobilenet_v2')
+
+
 def propagate(spec, variables: Mapping[str, Any], *, input_mean: float = 0.0,
               input_var: float = 1.0) -> dict[str, InputMoments]:
   """Per-unit moments of the producer's input, from the checkpoint's BN parameters only.
@@ -507,7 +511,7 @@ def propagate(spec, variables: Mapping[str, Any], *, input_mean: float = 0.0,
     return out
   if fam == 'mobilenet_v2':
     return _mobilenet_inputs(spec, variables)
-  if fam not in ('cifar_resnet', 'resnet'):
+  if fam not in NETWORK_MODEL_FAMILIES:
     raise ValueError(f'{spec.name}: the network-level BN-moment model exists for the preset families'
                      f' only (not {fam!r}); use options that need no moment propagation')
   beta, gamma = _bn(variables, 'bn1')

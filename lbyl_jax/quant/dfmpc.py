@@ -567,7 +567,7 @@ def input_moments(spec, variables: Mapping[str, Any], units: Iterable[units_lib.
   the activation of their expansion unit's BN, ``act(N(beta, gamma^2))`` (after the expansion
   unit's compensation its deployed feature map is fitted to that one).
   """
-  if spec.family in MOMENT_FAMILIES:
+  if spec.family in moments_lib.NETWORK_MODEL_FAMILIES:
     moments, unknown = dict(moments_lib.propagate(spec, variables)), {}
   else:
     moments, unknown = traced_input_moments(spec, variables)
@@ -835,7 +835,6 @@ def _high_bits(v):
 
 
 # The families :func:`lbyl_jax.pruning.moments.propagate` models (the input moments DF-MPC needs).
-MOMENT_FAMILIES = ('cifar_resnet', 'resnet', 'vgg_cifar', 'vgg', 'mlp', 'mobilenet_v2')
 
 
 @register

@@ -632,6 +632,13 @@ class UDFC(Quantizer):
           f'{spec.name} has other units with per-channel layers in between '
           f'({", ".join(odd[:3])}, ...). Use --quant-method udfc with --ratio 0 or another --method '
           '(nm, bnm, prune), or --quant-method dfq / rtn / omse / squant with --method lbyl')
+    if bias_correction == 'on' and spec.family not in moments_lib.NETWORK_MODEL_FAMILIES:
+      raise ValueError(
+          f'--quant-method udfc with --method lbyl and --bias-correction on (the default): its '
+          f'mean terms need the network-level BN-moment model, which exists for the preset '
+          f'families only ({spec.name} is a {spec.family!r} model). Pass --bias-correction off '
+          f"(API: bias_correction='off'), or use --method prune / nm / bnm, or --quant-method "
+          'dfq / dfmpc / rtn / omse / squant')
     widths, qtree, qmeta, report = udfc(
         spec, variables, bits=self.bits, selection=selection, a1=self.a1, a2=self.a2,
         per_channel=self.per_channel, symmetric=self.symmetric, keep_8bit=keep_8bit,
