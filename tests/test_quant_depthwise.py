@@ -19,8 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import gaussian_reference
 import pytest
-from scipy import integrate, stats
 
 from lbyl_jax.core import trees
 from lbyl_jax.core.bn import BN_EPS
@@ -70,16 +70,6 @@ def test_the_stack_has_one_depthwise_unit(stack):
   assert udfc_lib.UDFC(bits=4).unsupported_units(spec) == []
 
 
-def _relu6_mean64(m, s):
-  """E[min(max(y, 0), 6)], y ~ N(m, s^2), by quadrature (independent of the code's closed form)."""
-  out = []
-  for mi, si in zip(m, s):
-    pdf = stats.norm(mi, si).pdf
-    inner = integrate.quad(lambda y: y * pdf(y), 0.0, 6.0, epsabs=1e-13, epsrel=1e-12)[0]
-    out.append(inner + 6.0 * stats.norm(mi, si).sf(6.0))
-  return np.asarray(out)
-
-
 def _fold64(v, conv, bn):
   p = {k: np.asarray(a, np.float64) for k, a in v['params'][bn].items()}
   s = {k: np.asarray(a, np.float64) for k, a in v['batch_stats'][bn].items()}
@@ -95,9 +85,9 @@ def test_dfq_bias_correction_through_relu6_and_the_depthwise_conv(stack):
   status = report['bias_correction_status']
   assert status['dw'] == 'corrected' and status['project'] == 'corrected'
   p1 = v['params']
-  e1 = _relu6_mean64(np.asarray(p1['bn1']['bias'], np.float64),
+  e1 = gaussian_reference.relu6_mean(np.asarray(p1['bn1']['bias'], np.float64),
                      np.abs(np.asarray(p1['bn1']['scale'], np.float64)))
-  e2 = _relu6_mean64(np.asarray(p1['bn2']['bias'], np.float64),
+  e2 = gaussian_reference.relu6_mean(np.asarray(p1['bn2']['bias'], np.float64),
                      np.abs(np.asarray(p1['bn2']['scale'], np.float64)))
   # the expansion's output, BN folded (no equalization across the ReLU6)
   w1, b1 = _fold64(v, 'expand', 'bn1')

@@ -23,8 +23,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import gaussian_reference
 import pytest
-from scipy import integrate, optimize, stats
+from scipy import optimize
 
 from lbyl_jax.core.bn import BN_EPS
 from lbyl_jax.models import custom
@@ -78,15 +79,6 @@ def _q(w, axis_rows):
   """4-bit per-channel symmetric rounding of rows (float64)."""
   delta = np.max(np.abs(w), axis=axis_rows, keepdims=True) / 7.0
   return np.clip(np.round(w / delta), -7, 7) * delta
-
-
-def _relu6_mean64(m, s):
-  out = []
-  for mi, si in zip(m, s):
-    pdf = stats.norm(mi, si).pdf
-    inner = integrate.quad(lambda y: y * pdf(y), 0.0, 6.0, epsabs=1e-13, epsrel=1e-12)[0]
-    out.append(inner + 6.0 * stats.norm(mi, si).sf(6.0))
-  return np.asarray(out)
 
 
 def _reference(v, keep, prune, a1, a2, dw_rounded=True):
@@ -169,7 +161,7 @@ def test_joint_mean_terms_match_the_float64_reference(stack, monkeypatch):
   deq = uniform.dequantize_tree(qtree, qmeta)
   # the pruned channels' constant, in the projection's BN mean (1x1: no padding)
   beta2, gamma2 = _np(v['params']['bn2']['bias']), _np(v['params']['bn2']['scale'])
-  Ec = _relu6_mean64(beta2, np.abs(gamma2))
+  Ec = gaussian_reference.relu6_mean(beta2, np.abs(gamma2))
   c = Ec[p.prune] - S_ref @ Ec[p.keep]
   V = _np(v['params']['project']['kernel'])[0, 0]
   np.testing.assert_allclose(_np(deq['batch_stats']['bn3']['mean']),
@@ -177,12 +169,12 @@ def test_joint_mean_terms_match_the_float64_reference(stack, monkeypatch):
                              rtol=1e-5, atol=1e-5)
   # the kept channels' mean match through ReLU6: s_k E[ReLU6(N(beta1', gamma1^2))] = E[ReLU6(..)]
   beta1, gamma1 = _np(v['params']['bn1']['bias']), np.abs(_np(v['params']['bn1']['scale']))
-  target = _relu6_mean64(beta1, gamma1)[p.keep]
+  target = gaussian_reference.relu6_mean(beta1, gamma1)[p.keep]
   moved = 0
   for i, k in enumerate(p.keep):
     if not 0 < target[i] / s_ref[i] < 6:
       continue
-    m = optimize.brentq(lambda x: s_ref[i] * _relu6_mean64([x], [gamma1[k]])[0] - target[i],
+    m = optimize.brentq(lambda x: s_ref[i] * gaussian_reference.relu6_mean([x], [gamma1[k]])[0] - target[i],
                         -50.0, 50.0, xtol=1e-12)
     np.testing.assert_allclose(float(deq['params']['bn1']['bias'][i]), m, rtol=1e-5, atol=1e-5)
     moved += 1
