@@ -103,8 +103,7 @@ def main(argv=None) -> None:
         key = f'{variant}|{row_bits}|{split}' + (f'|r{ratio:g}' if ratio else '')
         if key not in rows:
           rows[key] = dict(run(loaded, variant, row_bits, ratio), split=split)
-          out.parent.mkdir(parents=True, exist_ok=True)
-          out.write_text(json.dumps(rows, indent=1, sort_keys=True) + '\n')
+          qm.save_probe_rows(out, rows)
         r = rows[key]
         print(f'r{ratio:g} {variant:16s} W{r["bits"] or 32:<3} top1 {r["top1"]:.2f} % '
               f'(n={r["n"]}, split {r["split"]}) model err {r.get("mean_rel_error_before", float("nan")):.4g} -> '

@@ -385,6 +385,19 @@ def same_count(top1_a: float, top1_b: float, n: int) -> bool:
   return round(top1_a * n / 100.0) == round(top1_b * n / 100.0)
 
 
+def save_probe_rows(out: pathlib.Path, rows: dict[str, dict]) -> None:
+  """Writes a development probe's cached rows (key -> row) as sorted JSON (the probes re-read it
+  and compute only missing keys)."""
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps(rows, indent=1, sort_keys=True) + '\n')
+
+
+def probe_row_line(key: str, row: dict) -> str:
+  """One progress line of a development probe's row."""
+  return (f'{key}: top-1 {row["top1"]:.2f} % on {row["n"]} images (compress '
+          f'{row["compress_seconds"]:.1f} s, eval {row["eval_seconds"]:.1f} s)')
+
+
 def _save_rows(out: pathlib.Path, rows: dict[str, dict]) -> None:
   out.parent.mkdir(parents=True, exist_ok=True)
   tmp = out.with_suffix('.tmp')

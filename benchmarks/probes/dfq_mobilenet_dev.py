@@ -98,10 +98,8 @@ def main(argv=None) -> None:
       fields, _ = qm.evaluate_row(loaded, 0.0, bits, None if name == 'float' else name)
       row = dict(fields)
     rows[key] = dict(row, split=f'{SPLIT[0]}:{SPLIT[1]}', bits=bits, quantizer=name)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rows, indent=1, sort_keys=True) + '\n')
-    print(f'{key}: top-1 {row["top1"]:.2f} % on {row["n"]} images (compress '
-          f'{row["compress_seconds"]:.1f} s, eval {row["eval_seconds"]:.1f} s)', flush=True)
+    qm.save_probe_rows(out, rows)
+    print(qm.probe_row_line(key, row), flush=True)
 
 
 if __name__ == '__main__':
