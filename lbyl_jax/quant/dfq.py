@@ -39,7 +39,7 @@ channel) and depthwise -> projection, with ``E[ReLU6(y)] = E[ReLU(y)] - E[ReLU(y
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -85,6 +85,13 @@ def act_mean(mean, std, activation: str = 'relu') -> np.ndarray:
   """E[act(y)], y ~ N(mean, std^2): ReLU, or ReLU6 = ReLU(y) - ReLU(y - 6) (``'relu6'``; any
   other name is taken as ReLU, the rule DFQ always applied)."""
   return clipped_relu_mean(mean, std, 6.0 if activation == 'relu6' else None)
+
+
+def not_depthwise(spec, names: Sequence[str]) -> list[str]:
+  """``names`` (units of ``spec``) less the inverted residuals' depthwise units
+  (:func:`depthwise_unit`), which DFQ and UDFC-style handle through the depthwise conv."""
+  by_name = {u.name: u for u in spec.units}
+  return [n for n in names if depthwise_unit(by_name[n]) is None]
 
 
 def depthwise_unit(unit: units_lib.Unit) -> units_lib.Through | None:
@@ -465,8 +472,7 @@ class DFQ(Quantizer):
   def unsupported_units(self, spec) -> list[str]:
     """The base rule's units, less the inverted residuals' depthwise units
     (:func:`depthwise_unit`: folded, not equalized, bias-corrected)."""
-    by_name = {u.name: u for u in spec.units}
-    return [n for n in super().unsupported_units(spec) if depthwise_unit(by_name[n]) is None]
+    return not_depthwise(spec, super().unsupported_units(spec))
 
   def quantize(self, spec, variables, *, keep_8bit, context):
     del context

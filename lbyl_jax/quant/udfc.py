@@ -600,9 +600,7 @@ class UDFC(Quantizer):
   def unsupported_units(self, spec) -> list[str]:
     """The base rule's units, less the inverted residuals' depthwise units
     (:func:`lbyl_jax.quant.dfq.depthwise_unit`: the rescale folds into the depthwise kernel)."""
-    by_name = {u.name: u for u in spec.units}
-    return [n for n in super().unsupported_units(spec)
-            if dfq_lib.depthwise_unit(by_name[n]) is None]
+    return dfq_lib.not_depthwise(spec, super().unsupported_units(spec))
 
   def quantize(self, spec, variables, *, keep_8bit, context):
     """The pruned network's quantization compensation (docs/quantization.md, rescale), nothing pruned here."""
