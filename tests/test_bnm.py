@@ -316,26 +316,37 @@ def test_tap_fractions_match_a_zero_padded_convolution():
 
 def test_padding_aware_constant_matches_the_position_averaged_shift(resnet20):
   """Folding c' over all taps reproduces the average over positions of the zero-padded
-  convolution of a constant map c much better than folding c itself."""
+  convolution of a constant map c much better than folding c itself: on four random networks and
+  three map sizes, the error is smaller every time and on average less than 0.4 of the plain
+  fold's (0.21-0.42 each, mean 0.31, with these seeds; how much better depends on the draw)."""
+  ratios = []
+  for seed in range(4):
+    spec, variables = resnet20 if seed == 0 else (resnet20[0], resnet20[0].init(seed))
+    probs = _problems(spec, variables, 0.5)
+    cons = bias_lib.consumer_terms(spec, variables, probs,
+                                   moments_lib.propagate(spec, variables))
+    rng = np.random.default_rng(7)
+    for i in (0, 4, 8):  # 32x32, 16x16 and 8x8 maps
+      p, con = probs[i], cons[i]
+      kernel = np.asarray(variables['params'][p.unit.consumer.split('/')[0]]['conv2']['kernel'])
+      hw = {0: 32, 4: 16, 8: 8}[i]
+      c = rng.uniform(0.1, 1.0, p.prune.size)
+      x = np.zeros((1, hw, hw, p.n), np.float32)
+      x[..., p.prune] = c
+      y = jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
+                                       dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+      target = np.asarray(y, np.float64).mean(axis=(0, 1, 2))
+      VP = con.V[:, p.prune, :].sum(axis=0).T
+      c2 = bias_lib.fold_constant(con, p.prune, c)
+      err_new = np.linalg.norm(VP @ c2 - target)
+      err_old = np.linalg.norm(VP @ c - target)
+      ratios.append(err_new / err_old)
+      assert err_new < 0.6 * err_old, (seed, i, err_new, err_old)
+  assert np.mean(ratios) < 0.4, ratios
   spec, variables = resnet20
   probs = _problems(spec, variables, 0.5)
   cons = bias_lib.consumer_terms(spec, variables, probs, moments_lib.propagate(spec, variables))
-  rng = np.random.default_rng(7)
-  for i in (0, 4, 8):  # 32x32, 16x16 and 8x8 maps
-    p, con = probs[i], cons[i]
-    kernel = np.asarray(variables['params'][p.unit.consumer.split('/')[0]]['conv2']['kernel'])
-    hw = {0: 32, 4: 16, 8: 8}[i]
-    c = rng.uniform(0.1, 1.0, p.prune.size)
-    x = np.zeros((1, hw, hw, p.n), np.float32)
-    x[..., p.prune] = c
-    y = jax.lax.conv_general_dilated(x, kernel, (1, 1), ((1, 1), (1, 1)),
-                                     dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-    target = np.asarray(y, np.float64).mean(axis=(0, 1, 2))
-    VP = con.V[:, p.prune, :].sum(axis=0).T
-    c2 = bias_lib.fold_constant(con, p.prune, c)
-    err_new = np.linalg.norm(VP @ c2 - target)
-    err_old = np.linalg.norm(VP @ c - target)
-    assert err_new < 0.3 * err_old, (i, err_new, err_old)
+  c = np.random.default_rng(7).uniform(0.1, 1.0, probs[0].prune.size)
   # Without padding information the constant is unchanged.
   plain = bias_lib.ConsumerTerms(cons[0].V, None, cons[0].alpha, None, cons[0].bias)
   np.testing.assert_array_equal(
