@@ -220,14 +220,21 @@ def _this_process_only(ocp) -> dict[str, Any]:
       primary_host=me, active_processes={me}, barrier_sync_key_prefix=f'lbyl_jax_p{me}_'))
 
 
-def _write_orbax(path: pathlib.Path, tree: Mapping[str, Any]) -> None:
+def _write_orbax(path: pathlib.Path, tree: Mapping[str, Any], *, compress: bool) -> None:
+  """Writes ``tree`` as an orbax PyTree checkpoint (OCDBT, Zarr 3), synchronously: the rename
+  that publishes the directory must not happen before every array is on disk.
+
+  ``compress``: zstd on every array. Float weights gain little from it (a trained ResNet's
+  float32 weights shrink by well under 10 %), and it was half of the save's CPU time (ResNet-152:
+  0.85 CPU-s with it, 0.49 without); quantized trees, whose integers use a few bits of each
+  byte, shrink much more. The reader needs no option either way (orbax records the codec).
+  """
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
 
-  with ocp.StandardCheckpointer(**_this_process_only(ocp)) as ckptr:
-    ckptr.save(path, tree)
-    # StandardCheckpointer saves asynchronously: the rename that publishes the directory must
-    # not happen before every array is on disk.
-    ckptr.wait_until_finished()
+  only = _this_process_only(ocp)
+  handler = ocp.PyTreeCheckpointHandler(use_compression=compress, **only)
+  with ocp.Checkpointer(handler, **only) as ckptr:
+    ckptr.save(path, args=ocp.args.PyTreeSave(tree))
 
 
 def save(out_dir: str | os.PathLike, arch_name: str | archs.ArchSpec, widths,
@@ -308,7 +315,7 @@ def save(out_dir: str | os.PathLike, arch_name: str | archs.ArchSpec, widths,
 
   with publish.staging_dir(out_dir, kind='checkpoint', overwrite=overwrite,
                           flag='out_dir', overwrite_flag='overwrite=True') as tmp:
-    _write_orbax(tmp / VARIABLES_DIR, tree)
+    _write_orbax(tmp / VARIABLES_DIR, tree, compress=fmt == 'quantized')
     _write_json(tmp / META_FILE, full_meta)
     for name, content in files.items():
       mode = 'wb' if isinstance(content, bytes) else 'w'
