@@ -39,6 +39,7 @@ import numpy as np
 import pytest
 
 from lbyl_jax import pipeline
+from lbyl_jax.cli import common
 from lbyl_jax.core import units as units_lib
 from lbyl_jax.models import archs
 from lbyl_jax.models import discover as discover_lib
@@ -297,6 +298,31 @@ def test_exit_without_teardown_keeps_output_and_status(code, status, err):
   proc = subprocess.run([sys.executable, '-c', _EXIT_CHILD.replace('CODE', code)],
                         capture_output=True, text=True, timeout=120, check=False)
   assert (proc.returncode, proc.stdout, proc.stderr) == (status, 'out', err)
+
+
+_MEMORY_CHILD = """
+import json
+from numpy._core import multiarray
+from lbyl_jax.cli import common
+done = common.tune_process_memory()
+done['hugepage_after'] = multiarray._set_madvise_hugepage(False)  # returns the previous setting
+print(json.dumps(done))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='glibc mallopt: Linux only')
+@pytest.mark.parametrize('user_env', [None, 'LBYL_JAX_DEFAULT_MALLOC', 'MALLOC_ARENA_MAX'])
+def test_commands_tune_the_allocator_unless_the_user_did(user_env):
+  env = {k: v for k, v in os.environ.items() if k not in common._MEMORY_ENV}  # pylint: disable=protected-access
+  if user_env is not None:
+    env[user_env] = '1' if user_env == 'LBYL_JAX_DEFAULT_MALLOC' else '4'
+  proc = subprocess.run([sys.executable, '-c', _MEMORY_CHILD], capture_output=True, text=True,
+                        timeout=120, check=True, env=env)
+  got = json.loads(proc.stdout)
+  if user_env is None:
+    assert got == {'mallopt': True, 'numpy_hugepage_off': True, 'hugepage_after': False}
+  else:  # untouched: NumPy keeps its default hint (on where the kernel supports it)
+    assert got['mallopt'] is False and got['numpy_hugepage_off'] is False
 
 
 def test_shipped_traces_exist_for_every_preset_under_the_current_keys(tmp_path):
