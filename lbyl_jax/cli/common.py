@@ -73,9 +73,10 @@ def run_main(prog: str, make_parser: Callable[[bool], argparse.ArgumentParser],
 
 
 # glibc mallopt parameters (malloc.h) and the values the commands set.
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_ARENA_MAX = -1, -3, -8
 _MMAP_THRESHOLD = 32 * 2**20  # glibc's own ceiling for its sliding threshold (64-bit)
 _TRIM_THRESHOLD = 2**31 - 1
+_ARENA_MAX = 2
 # Environment variables by which a user sets these himself (then nothing is changed).
 _MEMORY_ENV = ('MALLOC_MMAP_THRESHOLD_', 'MALLOC_TRIM_THRESHOLD_', 'MALLOC_TOP_PAD_',
                'MALLOC_ARENA_MAX', 'NUMPY_MADVISE_HUGEPAGE', 'LBYL_JAX_DEFAULT_MALLOC')
@@ -89,11 +90,14 @@ def tune_process_memory() -> dict[str, bool]:
   of more than a few MB freshly and gives freed memory back to the kernel, and NumPy asks for
   transparent huge pages on large arrays, so the same memory was faulted in again and again:
   1.3 s of system time in a 4.5 s ResNet-152 restore on a 2-core CPU (330,000 page faults).
-  Here blocks of up to 32 MiB come from the heap from the start and freed memory stays with the
-  process up to 2 GiB (``mallopt``), and NumPy's huge-page hint is off. This changes no result,
-  only where the bytes live. ResNet-152 restore, 3 runs each: 4.19 s (1.64 s system time) ->
-  3.43 s (0.88 s), peak RSS 1377 -> 1387 MiB; a 512 MiB threshold was as fast but raised the
-  peak RSS to 1637 MiB (benchmarks/command_speed.py measures time and RSS).
+  Here blocks of up to 32 MiB come from the heap from the start, freed memory stays with the
+  process up to 2 GiB, at most two malloc arenas serve all threads (``mallopt``; the host work
+  runs in threads, :mod:`lbyl_jax.core.threads`, and memory freed in one thread's arena was not
+  reused by another), and NumPy's huge-page hint is off. This changes no result, only where the
+  bytes live. ResNet-152 restore, 3 runs each: 4.19 s (1.64 s system time) -> 3.43 s (0.88 s),
+  peak RSS 1377 -> 1387 MiB; a 512 MiB threshold was as fast but raised the peak RSS to
+  1637 MiB. With the threaded host work, 6 runs each: glibc's default arenas 3.13 s and
+  1470 MiB, two arenas 3.10 s and 1364 MiB (benchmarks/command_speed.py measures both).
 
   Process-wide, so only the commands' entry point (:func:`exit_without_teardown`) calls it,
   never the library. Nothing is changed where the user set any of ``MALLOC_MMAP_THRESHOLD_``,
@@ -110,7 +114,8 @@ def tune_process_memory() -> dict[str, bool]:
   if mallopt is not None:
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     done['mallopt'] = bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)
-                           and mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
+                           and mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)
+                           and mallopt(_M_ARENA_MAX, _ARENA_MAX))
   try:
     from numpy._core import multiarray  # pylint: disable=import-outside-toplevel
   except ImportError:  # NumPy < 2

@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import jax
 import numpy as np
 
+from lbyl_jax.core import threads
 from lbyl_jax.core import trees
 from lbyl_jax.core import units as units_lib
 from lbyl_jax.core.bn import BN_EPS
@@ -166,12 +167,13 @@ def build_problems(spec, variables: Mapping[str, Any], selection: Selection) -> 
   """One :class:`UnitProblem` per unit of ``spec`` from the ORIGINAL weights."""
   rounding = selection.rounding_for(spec)
   check_overrides(spec, selection)
-  out = []
-  for index, unit in enumerate(spec.units):
+
+  def one(index: int, unit) -> UnitProblem:  # units are independent (core.threads)
     W = terms.filters(variables, unit, np.float64)
     m = criteria.n_keep(W.shape[0], selection.ratio_for(unit.name), rounding=rounding)
     keep, prune = criteria.select(W, m, selection.criterion, seed=selection.seed, index=index)
     eps = spec.bn_epsilon(unit.bn) if unit.bn is not None else BN_EPS
-    out.append(UnitProblem(unit, W, terms.bn_terms(variables, unit, sigma=selection.bn_sigma,
-                                                   eps=eps), keep, prune))
-  return out
+    return UnitProblem(unit, W, terms.bn_terms(variables, unit, sigma=selection.bn_sigma,
+                                               eps=eps), keep, prune)
+
+  return threads.map_ordered(one, range(len(spec.units)), spec.units)

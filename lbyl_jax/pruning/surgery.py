@@ -22,11 +22,13 @@ so ratio 0 returns the original leaves (bitwise identical).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
+from lbyl_jax.core import threads
 from lbyl_jax.core import trees
 from lbyl_jax.core.units import Discovery, Unit, widths_of
 from lbyl_jax.pruning import solvers
@@ -113,8 +115,8 @@ def _apply_plan(variables, units, plan) -> dict[str, Any]:
   for unit, keep, prune, S_P, consts in steps:
     for con in unit.consumers:
       work.setdefault(con.path, []).append((unit, con, keep, prune, S_P, consts[con.path]))
-  for path, contribs in work.items():
-    _rewrite_consumer(new, path, contribs)
+  # Each rewrite reads and writes its own layer (and its own BN): independent (core.threads).
+  threads.map_ordered(functools.partial(_rewrite_consumer, new), work, work.values())
   # Producers, their BNs and the through layers: slices along the channel axis.
   drop: dict[tuple[str, str], set[int]] = {}
   for unit, keep, prune, _, _ in steps:
