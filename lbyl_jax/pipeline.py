@@ -17,6 +17,7 @@ import numpy as np
 
 from lbyl_jax.pruning import bias as bias_lib
 from lbyl_jax.pruning import depthwise as depthwise_lib
+from lbyl_jax.pruning import moments as moments_lib
 from lbyl_jax.pruning import selection as selection_lib
 from lbyl_jax.pruning import solvers
 from lbyl_jax.pruning import stats
@@ -120,9 +121,13 @@ def prepare(spec, plan: Plan, variables: Mapping[str, Any] | None = None) -> int
   compiles started; the command calls it before loading the weights, :func:`compress` at its
   start, so the compiles (or their loads from JAX's persistent cache) overlap the loading and the
   channel selection. Only an optimization: nothing is computed from it, and where the shapes do
-  not match the systems of the run, :func:`compress` compiles what it needs as before."""
+  not match the systems of the run, :func:`compress` compiles what it needs as before. With the
+  bias correction on, its elementwise moment kernel is warmed up in the same threads
+  (:func:`lbyl_jax.pruning.moments.warm_up`; not counted in the return value)."""
   if plan.joint or plan.selection.ratio == 0 and not plan.selection.ratio_overrides:
     return 0
+  if plan.bias_correction != 'off':
+    moments_lib.warm_up(solvers.in_background)
   shapes = spec.abstract_variables() if variables is None else variables
   dims = selection_lib.unit_dims(spec, shapes, plan.selection)
   active = [i for i, u in enumerate(spec.units)

@@ -300,6 +300,29 @@ def test_exit_without_teardown_keeps_output_and_status(code, status, err):
   assert (proc.returncode, proc.stdout, proc.stderr) == (status, 'out', err)
 
 
+_WARM_CHILD = """
+import json
+from lbyl_jax import pipeline
+from lbyl_jax.models import archs
+from lbyl_jax.plan import Plan
+from lbyl_jax.pruning import moments
+spec = archs.get('resnet20')
+for _ in range(2):  # the command and compress both call prepare: one warm-up
+  pipeline.prepare(spec, Plan.from_options(method='lbyl', ratio=0.3, bias_correction='BC'))
+for fut in moments._WARMING:
+  fut.result()
+print(json.dumps({'started': len(moments._WARMING),
+                  'compiled': moments._relu_moments_jit._cache_size()}))
+"""
+
+
+@pytest.mark.parametrize('bc,want', [('on', 1), ('off', 0)])
+def test_prepare_warms_the_bias_corrections_moment_kernel_once(bc, want):
+  proc = subprocess.run([sys.executable, '-c', _WARM_CHILD.replace('BC', bc)],
+                        capture_output=True, text=True, timeout=300, check=True)
+  assert json.loads(proc.stdout.strip().splitlines()[-1]) == {'started': want, 'compiled': want}
+
+
 _MEMORY_CHILD = """
 import json
 from numpy._core import multiarray

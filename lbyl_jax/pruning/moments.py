@@ -36,6 +36,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import jax.scipy.special  # norm_cdf; imported here, not lazily inside a first call
 import numpy as np
 
 from lbyl_jax.core import trees
@@ -312,6 +313,19 @@ def rectified_moments(mean: np.ndarray, var: np.ndarray, pool_k: int = 1
       e1[lo:hi] = np.asarray(a)[:hi - lo]
       e2[lo:hi] = np.asarray(b)[:hi - lo]
     return e1.reshape(mean.shape), e2.reshape(mean.shape)
+
+
+_WARMING: list[Any] = []
+
+
+def warm_up(submit) -> None:
+  """Starts, once per process, a call of :func:`rectified_moments`' elementwise kernel on zeros
+  through ``submit(fn, *args)`` (a thread pool's): its trace and compile, or its load from JAX's
+  persistent cache, then happens in the background while a command loads its weights, not in
+  the first bias correction (:func:`lbyl_jax.pipeline.prepare`). Every width uses this one
+  executable (:data:`RELU_CHUNK`)."""
+  if not _WARMING:
+    _WARMING.append(submit(rectified_moments, np.zeros(1), np.ones(1)))
 
 
 def relu_mean(mean, std) -> np.ndarray:

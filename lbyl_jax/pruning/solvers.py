@@ -417,11 +417,17 @@ def precompile(dims: Sequence[tuple[str, int, int, int]], *, dtype: str = 'float
     fut.set_result(_executable(*todo[keys[i]]))
     _PENDING[keys[i]] = fut
   for i in rest:
-    if not _POOL:
-      _POOL.append(concurrent.futures.ThreadPoolExecutor(
-          max_workers=4, thread_name_prefix='lbyl_jax-precompile'))
-    _PENDING[keys[i]] = _POOL[0].submit(_executable, *todo[keys[i]])
+    _PENDING[keys[i]] = in_background(_executable, *todo[keys[i]])
   return len(todo)
+
+
+def in_background(fn: Callable[..., Any], *args: Any) -> concurrent.futures.Future:
+  """Runs ``fn(*args)`` in the precompile threads (also for other kernels' warm-ups,
+  :func:`lbyl_jax.pruning.moments.warm_up`)."""
+  if not _POOL:
+    _POOL.append(concurrent.futures.ThreadPoolExecutor(
+        max_workers=4, thread_name_prefix='lbyl_jax-precompile'))
+  return _POOL[0].submit(fn, *args)
 
 
 def _run(compiled, bucket: Sequence[System], dtype: str) -> tuple[list[np.ndarray], float]:
