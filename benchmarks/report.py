@@ -1018,8 +1018,8 @@ def command_speed_section(results_dir: pathlib.Path) -> list[str]:
               f"CPUs; the load column is the 1-minute load average around the runs: other jobs "
               f"shared the machine where it is above ~1). The command: `{res['command']}`; the "
               f"baseline: `{res['import_baseline']}`. Seconds; phases are medians of the runs."
-              + (f" The checkout's packages were byte-compiled first, as an installed package is "
-                 f"({res['bytecode']})." if res.get('bytecode') else ''), '',
+              + (f" Bytecode: {res['bytecode']}, the state of an installed package "
+                 f"(benchmarks/command_speed.py)." if res.get('bytecode') else ''), '',
               command_speed.table(res['rows']), '']
     lines += [f'- {key}: ' + '; '.join(t) for key, t in res['targets'].items()]
     lines.append('')
