@@ -29,6 +29,8 @@ orbax, byte-compiled at their install, did not. The JSON records it (``bytecode`
   python -m benchmarks.command_speed                                   # R50 / 101 / 152, 3 repeats
   python -m benchmarks.command_speed --archs resnet50 --repeats 5
   python -m benchmarks.command_speed --root before=/tmp/base --root after=.
+  python -m benchmarks.command_speed --archs resnet50 --extra "--bn-reestimate moments" \
+      --out benchmarks/results/command_speed_moments.json
 """
 
 from __future__ import annotations
@@ -55,10 +57,11 @@ COLD_TARGET_S = 5.0
 BIAS_SHARE_TARGET = 0.10
 
 
-def command_argv(arch: str, out: pathlib.Path, cache: pathlib.Path) -> list[str]:
+def command_argv(arch: str, out: pathlib.Path, cache: pathlib.Path,
+                 extra: Sequence[str] = ()) -> list[str]:
   # --json prints the final report (with the save phase, which report.json cannot hold).
   return ['-m', 'lbyl_jax.restore', '--arch', arch, '--weights', 'random', '--no-progress',
-          '--out', str(out), '--compile-cache', str(cache), '--json']
+          '--out', str(out), '--compile-cache', str(cache), '--json', *extra]
 
 
 def run_child(argv: Sequence[str], *, root: pathlib.Path, workdir: pathlib.Path,
@@ -92,13 +95,14 @@ def run_child(argv: Sequence[str], *, root: pathlib.Path, workdir: pathlib.Path,
 
 
 def run_pair(root: pathlib.Path, arch: str, cache: pathlib.Path, workdir: pathlib.Path,
-             timeout: float) -> dict[str, Any]:
+             timeout: float, extra: Sequence[str] = ()) -> dict[str, Any]:
   """The import baseline, then the command (its report's phases attached)."""
   base = run_child(IMPORT_ARGV, root=root, workdir=workdir, timeout=timeout)
   out = workdir / 'run'
   if out.exists():
     shutil.rmtree(out)
-  cmd = run_child(command_argv(arch, out, cache), root=root, workdir=workdir, timeout=timeout)
+  cmd = run_child(command_argv(arch, out, cache, extra), root=root, workdir=workdir,
+                  timeout=timeout)
   lines = [ln for ln in (workdir / 'stdout.txt').read_text().splitlines() if ln.startswith('{')]
   report = json.loads(lines[-1])
   shutil.rmtree(out)
@@ -124,7 +128,7 @@ def _stats(values: list[float]) -> dict[str, float]:
 
 
 def measure(label: str, root: pathlib.Path, arch: str, repeats: int, timeout: float,
-            log) -> dict[str, Any]:
+            log, extra: Sequence[str] = ()) -> dict[str, Any]:
   """Cold and warm runs of one architecture from one checkout."""
   rows: dict[str, list[dict[str, Any]]] = {'cold': [], 'warm': []}
   with tempfile.TemporaryDirectory(prefix='lbyl_cmd_speed_') as tmp:
@@ -133,11 +137,11 @@ def measure(label: str, root: pathlib.Path, arch: str, repeats: int, timeout: fl
     for i in range(repeats):
       if cache.exists():
         shutil.rmtree(cache)
-      rows['cold'].append(run_pair(root, arch, cache, tmp, timeout))
+      rows['cold'].append(run_pair(root, arch, cache, tmp, timeout, extra))
       log(f'  {label} {arch} cold {i + 1}/{repeats}: '
           f'{rows["cold"][-1]["command"]["wall"]:.2f} s')
     for i in range(repeats):  # the last cold run populated the cache
-      rows['warm'].append(run_pair(root, arch, cache, tmp, timeout))
+      rows['warm'].append(run_pair(root, arch, cache, tmp, timeout, extra))
       log(f'  {label} {arch} warm {i + 1}/{repeats}: '
           f'{rows["warm"][-1]["command"]["wall"]:.2f} s')
   result: dict[str, Any] = dict(label=label, root=str(root), arch=arch, repeats=repeats)
@@ -166,9 +170,12 @@ def bias_share(phases: dict[str, float]) -> float | None:
   return None if not bc or not total else bc / total
 
 
-def targets(row: dict[str, Any]) -> list[str]:
-  """Which of issue 16's targets this row meets (by medians)."""
+def targets(row: dict[str, Any], judge: bool = True) -> list[str]:
+  """Which of issue 16's targets this row meets (by medians); ``judge=False`` (a command with
+  extra flags, which the targets are not about): the same figures without a verdict."""
   out = []
+  if not judge:
+    return [ln.split(' (')[0] for ln in targets(row)]
   warm, cold = row['warm'], row['cold']
   limit = TARGETS.get(row['arch'])
   if limit is not None:
@@ -192,9 +199,12 @@ PHASES_SHOWN = ('load', 'compress/selection', 'compress/delivery', 'compress/sol
 
 
 def table(rows: list[dict[str, Any]]) -> str:
+  shown = list(PHASES_SHOWN)
+  if any('bn_reestimate' in r[m]['phases'] for r in rows for m in ('cold', 'warm')):
+    shown.insert(shown.index('save'), 'bn_reestimate')  # a command run with --bn-reestimate
   head = ('| checkout | arch | cache | import s (min / med) | command s (min / med) | ratio med |'
           ' CPU s med (import) | peak RSS MiB | load 1-min | '
-          + ' | '.join(p.split('/')[-1] for p in PHASES_SHOWN) + ' |')
+          + ' | '.join(p.split('/')[-1] for p in shown) + ' |')
   lines = [head, '|' + '---|' * (head.count('|') - 1)]
   for r in rows:
     for mode in ('cold', 'warm'):
@@ -206,7 +216,7 @@ def table(rows: list[dict[str, Any]]) -> str:
           f"{m['command_cpu']['median']:.2f} ({m['import_cpu']['median']:.2f}) | "
           f"{m['maxrss_mib']:.0f} | "
           f"{m['load']['min']:.1f}-{max(x for run in m['runs'] for x in (run['import_']['load_before'], run['command']['load_after'])):.1f} | "
-          + ' | '.join(f"{m['phases'].get(p, 0.0):.2f}" for p in PHASES_SHOWN) + ' |')
+          + ' | '.join(f"{m['phases'].get(p, 0.0):.2f}" for p in shown) + ' |')
   return '\n'.join(lines)
 
 
@@ -218,7 +228,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                  help='checkout to measure (repeatable; default: this one, labelled "current")')
   p.add_argument('--timeout', type=float, default=600.0, help='seconds per child process')
   p.add_argument('--out', type=pathlib.Path, default=DEFAULT_OUT)
+  p.add_argument('--extra', default='', metavar='"FLAGS"',
+                 help='more flags for the command, e.g. "--bn-reestimate moments" (its cost); '
+                      'the targets are those of the plain command')
   args = p.parse_args(argv)
+  extra = args.extra.split()
   if args.repeats < 1:
     p.error('--repeats must be >= 1')
   roots = []
@@ -237,15 +251,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   started = time.time()
   for arch in [a.strip() for a in args.archs.split(',') if a.strip()]:
     for label, root in roots:  # interleaved per arch, so checkouts see similar load
-      rows.append(measure(label, root, arch, args.repeats, args.timeout, log))
+      rows.append(measure(label, root, arch, args.repeats, args.timeout, log, extra))
   result = dict(
-      command='python -m lbyl_jax.restore --arch ARCH --weights random --no-progress',
+      command='python -m lbyl_jax.restore --arch ARCH --weights random --no-progress'
+      + (' ' + ' '.join(extra) if extra else ''),
       import_baseline='python ' + ' '.join(repr(a) if ' ' in a else a for a in IMPORT_ARGV),
       bytecode='compiled before measuring (python -m compileall ' + ' '.join(PACKAGES) + ')',
       python=sys.version.split()[0], machine=platform.machine(), cpus=os.cpu_count(),
       started=time.strftime('%Y-%m-%dT%H:%M:%S', time.localtime(started)),
       seconds=time.time() - started, rows=rows,
-      targets={f"{r['label']} {r['arch']}": targets(r) for r in rows})
+      targets={f"{r['label']} {r['arch']}": targets(r, judge=not extra) for r in rows})
   args.out.parent.mkdir(parents=True, exist_ok=True)
   args.out.write_text(json.dumps(result, indent=1) + '\n')
   print(table(rows))

@@ -1005,7 +1005,8 @@ def _paper_lines(rows, packed, archs, ratios, bits, split) -> list[str]:
 def command_speed_section(results_dir: pathlib.Path) -> list[str]:
   """Whole-command wall time, CPU time, peak RSS and phases, paired with the import baseline."""
   lines = ['## Whole-command speed and memory', '']
-  for name in ('command_speed.json', 'command_speed_resnet152.json'):
+  for name in ('command_speed.json', 'command_speed_resnet152.json',
+               'command_speed_moments.json'):
     path = results_dir / name
     if not path.exists():
       continue
@@ -1014,6 +1015,9 @@ def command_speed_section(results_dir: pathlib.Path) -> list[str]:
                                                   f' --out benchmarks/results/{name}')
     archs = ','.join(dict.fromkeys(r['arch'] for r in res['rows']))
     repeats = len(res['rows'][0]['warm']['runs'])
+    extra = res['command'].split('--no-progress', 1)[-1].strip()
+    if extra:
+      cmd += f' --extra "{extra}"'
     lines += [f"`{cmd} --archs {archs} --repeats {repeats}` ({res['started']}, {res['cpus']} "
               f"CPUs; the load column is the 1-minute load average around the runs: other jobs "
               f"shared the machine where it is above ~1). The command: `{res['command']}`; the "

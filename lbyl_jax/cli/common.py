@@ -89,7 +89,8 @@ def tune_process_memory() -> dict[str, bool]:
   stacked systems of each solver bucket, the device copies). By default glibc maps every block
   of more than a few MB freshly and gives freed memory back to the kernel, and NumPy asks for
   transparent huge pages on large arrays, so the same memory was faulted in again and again:
-  1.3 s of system time in a 4.5 s ResNet-152 restore on a 2-core CPU (330,000 page faults).
+  1.0-1.6 s of system time in a 4.2-4.5 s ResNet-152 restore on a 2-core CPU (about 330,000
+  page faults).
   Here blocks of up to 32 MiB come from the heap from the start, freed memory stays with the
   process up to 2 GiB, at most two malloc arenas serve all threads (``mallopt``; the host work
   runs in threads, :mod:`lbyl_jax.core.threads`, and memory freed in one thread's arena was not
