@@ -31,6 +31,8 @@ orbax, byte-compiled at their install, did not. The JSON records it (``bytecode`
   python -m benchmarks.command_speed --root before=/tmp/base --root after=.
   python -m benchmarks.command_speed --archs resnet50 --extra "--bn-reestimate moments" \
       --out benchmarks/results/command_speed_moments.json
+  python -m benchmarks.command_speed --archs resnet152 --modes warm --root tuned=. \
+      --root default=. --env default:LBYL_JAX_DEFAULT_MALLOC=1     # the allocator setup's effect
 """
 
 from __future__ import annotations
@@ -65,9 +67,10 @@ def command_argv(arch: str, out: pathlib.Path, cache: pathlib.Path,
 
 
 def run_child(argv: Sequence[str], *, root: pathlib.Path, workdir: pathlib.Path,
-              timeout: float) -> dict[str, Any]:
-  """Runs ``python ARGV`` with ``root`` on PYTHONPATH; wall / CPU seconds and peak RSS (MiB)."""
-  env = dict(os.environ, PYTHONPATH=str(root))
+              timeout: float, env_extra: dict[str, str] | None = None) -> dict[str, Any]:
+  """Runs ``python ARGV`` with ``root`` on PYTHONPATH (and ``env_extra`` set); wall / CPU
+  seconds and peak RSS (MiB)."""
+  env = dict(os.environ, PYTHONPATH=str(root), **(env_extra or {}))
   load_before = os.getloadavg()[0]
   with open(workdir / 'stdout.txt', 'wb') as out, open(workdir / 'stderr.txt', 'wb') as err:
     t0 = time.perf_counter()
@@ -95,14 +98,15 @@ def run_child(argv: Sequence[str], *, root: pathlib.Path, workdir: pathlib.Path,
 
 
 def run_pair(root: pathlib.Path, arch: str, cache: pathlib.Path, workdir: pathlib.Path,
-             timeout: float, extra: Sequence[str] = ()) -> dict[str, Any]:
+             timeout: float, extra: Sequence[str] = (),
+             env_extra: dict[str, str] | None = None) -> dict[str, Any]:
   """The import baseline, then the command (its report's phases attached)."""
-  base = run_child(IMPORT_ARGV, root=root, workdir=workdir, timeout=timeout)
+  base = run_child(IMPORT_ARGV, root=root, workdir=workdir, timeout=timeout, env_extra=env_extra)
   out = workdir / 'run'
   if out.exists():
     shutil.rmtree(out)
   cmd = run_child(command_argv(arch, out, cache, extra), root=root, workdir=workdir,
-                  timeout=timeout)
+                  timeout=timeout, env_extra=env_extra)
   lines = [ln for ln in (workdir / 'stdout.txt').read_text().splitlines() if ln.startswith('{')]
   report = json.loads(lines[-1])
   shutil.rmtree(out)
@@ -128,23 +132,28 @@ def _stats(values: list[float]) -> dict[str, float]:
 
 
 def measure(label: str, root: pathlib.Path, arch: str, repeats: int, timeout: float,
-            log, extra: Sequence[str] = ()) -> dict[str, Any]:
-  """Cold and warm runs of one architecture from one checkout."""
-  rows: dict[str, list[dict[str, Any]]] = {'cold': [], 'warm': []}
+            log, extra: Sequence[str] = (), env_extra: dict[str, str] | None = None,
+            modes: Sequence[str] = ('cold', 'warm')) -> dict[str, Any]:
+  """Cold and warm runs of one architecture from one checkout (``modes='warm'``: one unmeasured
+  run fills the cache, then the warm runs)."""
+  rows: dict[str, list[dict[str, Any]]] = {m: [] for m in ('cold', 'warm') if m in modes}
   with tempfile.TemporaryDirectory(prefix='lbyl_cmd_speed_') as tmp:
     tmp = pathlib.Path(tmp)
     cache = tmp / 'cache'
-    for i in range(repeats):
+    for i in range(repeats if 'cold' in rows else 0):
       if cache.exists():
         shutil.rmtree(cache)
-      rows['cold'].append(run_pair(root, arch, cache, tmp, timeout, extra))
+      rows['cold'].append(run_pair(root, arch, cache, tmp, timeout, extra, env_extra))
       log(f'  {label} {arch} cold {i + 1}/{repeats}: '
           f'{rows["cold"][-1]["command"]["wall"]:.2f} s')
-    for i in range(repeats):  # the last cold run populated the cache
-      rows['warm'].append(run_pair(root, arch, cache, tmp, timeout, extra))
+    if 'cold' not in rows:  # fills the cache (the cold runs do that otherwise)
+      run_pair(root, arch, cache, tmp, timeout, extra, env_extra)
+    for i in range(repeats):  # the cache is populated
+      rows['warm'].append(run_pair(root, arch, cache, tmp, timeout, extra, env_extra))
       log(f'  {label} {arch} warm {i + 1}/{repeats}: '
           f'{rows["warm"][-1]["command"]["wall"]:.2f} s')
-  result: dict[str, Any] = dict(label=label, root=str(root), arch=arch, repeats=repeats)
+  result: dict[str, Any] = dict(label=label, root=str(root), arch=arch, repeats=repeats,
+                                env=dict(env_extra or {}))
   for mode, runs in rows.items():
     cmd = [r['command'] for r in runs]
     imp = [r['import_'] for r in runs]
@@ -176,12 +185,12 @@ def targets(row: dict[str, Any], judge: bool = True) -> list[str]:
   out = []
   if not judge:
     return [ln.split(' (')[0] for ln in targets(row)]
-  warm, cold = row['warm'], row['cold']
+  warm, cold = row['warm'], row.get('cold')
   limit = TARGETS.get(row['arch'])
   if limit is not None:
     ratio = warm['command_wall']['median'] / warm['import_wall']['median']
     out.append(f'warm {ratio:.2f}x import ({"meets" if ratio <= limit else "misses"} <= {limit:g}x)')
-  if row['arch'] == 'resnet50':
+  if row['arch'] == 'resnet50' and cold is not None:
     c = cold['command_wall']['median']
     out.append(f'cold {c:.2f} s ({"meets" if c < COLD_TARGET_S else "misses"} < {COLD_TARGET_S:g} s)')
   cpu = warm['command_cpu']['median'] / warm['import_cpu']['median']
@@ -200,7 +209,7 @@ PHASES_SHOWN = ('load', 'compress/selection', 'compress/delivery', 'compress/sol
 
 def table(rows: list[dict[str, Any]]) -> str:
   shown = list(PHASES_SHOWN)
-  if any('bn_reestimate' in r[m]['phases'] for r in rows for m in ('cold', 'warm')):
+  if any('bn_reestimate' in r[m]['phases'] for r in rows for m in ('cold', 'warm') if m in r):
     shown.insert(shown.index('save'), 'bn_reestimate')  # a command run with --bn-reestimate
   head = ('| checkout | arch | cache | import s (min / med) | command s (min / med) | ratio med |'
           ' CPU s med (import) | peak RSS MiB | load 1-min | '
@@ -208,6 +217,8 @@ def table(rows: list[dict[str, Any]]) -> str:
   lines = [head, '|' + '---|' * (head.count('|') - 1)]
   for r in rows:
     for mode in ('cold', 'warm'):
+      if mode not in r:  # --modes warm
+        continue
       m = r[mode]
       lines.append(
           f"| {r['label']} | {r['arch']} | {mode} | {m['import_wall']['min']:.2f} / "
@@ -228,6 +239,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
                  help='checkout to measure (repeatable; default: this one, labelled "current")')
   p.add_argument('--timeout', type=float, default=600.0, help='seconds per child process')
   p.add_argument('--out', type=pathlib.Path, default=DEFAULT_OUT)
+  p.add_argument('--env', action='append', default=[], metavar='LABEL:KEY=VALUE',
+                 help="environment variable for one --root's runs (repeatable), e.g. "
+                      "'default:LBYL_JAX_DEFAULT_MALLOC=1' to measure the commands' allocator "
+                      "setup against glibc's defaults on the same checkout")
+  p.add_argument('--modes', default='cold,warm', help="'cold,warm' or 'warm'")
   p.add_argument('--extra', default='', metavar='"FLAGS"',
                  help='more flags for the command, e.g. "--bn-reestimate moments" (its cost); '
                       'the targets are those of the plain command')
@@ -244,6 +260,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     if not (path / 'lbyl_jax' / '__init__.py').is_file():
       p.error(f'--root {item}: no lbyl_jax package in {path}')
     roots.append((label, path))
+  envs: dict[str, dict[str, str]] = {}
+  for item in args.env:
+    label, sep, kv = item.partition(':')
+    key, eq, value = kv.partition('=')
+    if not sep or not eq or not key or label not in dict(roots):
+      p.error(f'--env expects LABEL:KEY=VALUE with a --root label, got {item!r}')
+    envs.setdefault(label, {})[key] = value
+  modes = tuple(m.strip() for m in args.modes.split(',') if m.strip())
+  if not modes or set(modes) - {'cold', 'warm'} or 'warm' not in modes:
+    p.error(f"--modes must be 'cold,warm' or 'warm', got {args.modes!r}")
   log = lambda msg: print(msg, file=sys.stderr, flush=True)
   for _, root in roots:
     byte_compile(root)
@@ -251,7 +277,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
   started = time.time()
   for arch in [a.strip() for a in args.archs.split(',') if a.strip()]:
     for label, root in roots:  # interleaved per arch, so checkouts see similar load
-      rows.append(measure(label, root, arch, args.repeats, args.timeout, log, extra))
+      rows.append(measure(label, root, arch, args.repeats, args.timeout, log, extra,
+                          envs.get(label), modes))
   result = dict(
       command='python -m lbyl_jax.restore --arch ARCH --weights random --no-progress'
       + (' ' + ' '.join(extra) if extra else ''),

@@ -408,3 +408,30 @@ def test_a_profiler_still_gets_its_results(tmp_path):
                         capture_output=True, text=True, timeout=120, check=False,
                         env=dict(os.environ, LBYL_JAX_FULL_EXIT='1'))
   assert (proc.returncode, proc.stdout) == (5, 'out[atexit]')
+
+
+def _speed_row(modes=('cold', 'warm'), phases=None):
+  from benchmarks import command_speed  # pylint: disable=import-outside-toplevel
+
+  run = dict(import_=dict(load_before=0.5, load_after=0.5), command=dict(load_after=0.5))
+  mode = dict(command_wall=dict(min=2.0, median=2.1), command_cpu=dict(min=2.5, median=2.6),
+              import_wall=dict(min=0.7, median=0.75), import_cpu=dict(min=0.8, median=0.85),
+              ratio_wall=dict(min=2.8, median=2.8), maxrss_mib=700.0, load=dict(min=0.5),
+              phases=dict({'compress': 0.6, 'compress/bias_correction': 0.03}, **(phases or {})),
+              runs=[run])
+  return command_speed, dict(label='x', arch='resnet50', **{m: mode for m in modes})
+
+
+def test_command_speed_tables_warm_only_rows_and_unjudged_targets():
+  command_speed, row = _speed_row(modes=('warm',), phases={'bn_reestimate': 1.5})
+  text = command_speed.table([row])
+  assert '| x | resnet50 | warm |' in text and '| cold |' not in text
+  assert 'bn_reestimate' in text.splitlines()[0]
+  assert command_speed.targets(row) == [
+      'warm 2.80x import (meets <= 3x)', "warm CPU 3.06x the import's",
+      'bias correction 5.0 % of compress (meets <= 10 %)']
+  assert command_speed.targets(row, judge=False) == [
+      'warm 2.80x import', "warm CPU 3.06x the import's", 'bias correction 5.0 % of compress']
+  _, both = _speed_row()
+  assert 'cold 2.10 s (meets < 5 s)' in command_speed.targets(both)
+  assert 'bn_reestimate' not in command_speed.table([both]).splitlines()[0]
