@@ -280,6 +280,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
       rows.append(measure(label, root, arch, args.repeats, args.timeout, log, extra,
                           envs.get(label), modes))
   result = dict(
+      argv=list(sys.argv[1:] if argv is None else argv),  # as invoked (RESULTS.md shows it)
       command='python -m lbyl_jax.restore --arch ARCH --weights random --no-progress'
       + (' ' + ' '.join(extra) if extra else ''),
       import_baseline='python ' + ' '.join(repr(a) if ' ' in a else a for a in IMPORT_ARGV),

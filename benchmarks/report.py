@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import pathlib
 import re
+import shlex
 
 from benchmarks import bn_reestimate as bn_heldout
 from benchmarks import command_speed
@@ -1006,19 +1007,20 @@ def command_speed_section(results_dir: pathlib.Path) -> list[str]:
   """Whole-command wall time, CPU time, peak RSS and phases, paired with the import baseline."""
   lines = ['## Whole-command speed and memory', '']
   for name in ('command_speed.json', 'command_speed_resnet152.json',
-               'command_speed_moments.json'):
+               'command_speed_moments.json', 'command_speed_allocator.json',
+               'command_speed_threads.json'):
     path = results_dir / name
     if not path.exists():
       continue
     res = json.loads(path.read_text())
-    cmd = 'python -m benchmarks.command_speed' + ('' if name == 'command_speed.json' else
-                                                  f' --out benchmarks/results/{name}')
-    archs = ','.join(dict.fromkeys(r['arch'] for r in res['rows']))
-    repeats = len(res['rows'][0]['warm']['runs'])
-    extra = res['command'].split('--no-progress', 1)[-1].strip()
-    if extra:
-      cmd += f' --extra "{extra}"'
-    lines += [f"`{cmd} --archs {archs} --repeats {repeats}` ({res['started']}, {res['cpus']} "
+    if 'argv' in res:  # as invoked
+      cmd = 'python -m benchmarks.command_speed ' + shlex.join(res['argv'])
+    else:
+      cmd = 'python -m benchmarks.command_speed' + ('' if name == 'command_speed.json' else
+                                                    f' --out benchmarks/results/{name}')
+      archs = ','.join(dict.fromkeys(r['arch'] for r in res['rows']))
+      cmd += f" --archs {archs} --repeats {len(res['rows'][0]['warm']['runs'])}"
+    lines += [f"`{cmd}` ({res['started']}, {res['cpus']} "
               f"CPUs; the load column is the 1-minute load average around the runs: other jobs "
               f"shared the machine where it is above ~1). The command: `{res['command']}`; the "
               f"baseline: `{res['import_baseline']}`. Seconds; phases are medians of the runs."
