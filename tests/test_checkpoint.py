@@ -197,7 +197,7 @@ def test_failure_mid_overwrite_keeps_the_old_checkpoint(tmp_path, resnet20_vars,
 
 
 def test_failure_in_orbax_write_leaves_nothing(tmp_path, resnet20_vars, monkeypatch):
-  def broken(path, tree, **kwargs):
+  def broken(path, tree):
     path.mkdir()
     (path / 'partial').write_bytes(b'x')
     raise OSError('orbax failed')

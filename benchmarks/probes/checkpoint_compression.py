@@ -1,5 +1,10 @@
-"""What orbax's zstd buys and costs on the package's checkpoints (the choice in
-``lbyl_jax.io.checkpoint._write_orbax``: no compression).
+"""What orbax's zstd buys and costs on the package's checkpoints.
+
+Measured 2026-11-26 (2-core CPU): zstd shrank the float checkpoints by 6.6-8.0 %, a 4-bit
+quantized ResNet-56 by 19.0 % and an 8-bit one by 5.0 %, and cost 0.03 s wall / 0.10 CPU-s of a
+0.64 s ResNet-152 save. So ``lbyl_jax.io.checkpoint`` keeps orbax's default (compressed); an
+earlier, confounded comparison (StandardCheckpointer with zstd against the PyTree handler
+without, on the unpruned tree) had suggested half of the save's CPU time.
 
 Bytes on disk of the orbax directory with and without zstd for the trained checkpoints in
 ``../shared/weights`` (ResNet-56, NM ResNet-56, LeNet-300-100) and for 4- / 8-bit RTN-quantized

@@ -90,15 +90,18 @@ def tune_process_memory() -> dict[str, bool]:
   of more than a few MB freshly and gives freed memory back to the kernel, and NumPy asks for
   transparent huge pages on large arrays, so the same memory was faulted in again and again:
   1.0-1.6 s of system time in a 4.2-4.5 s ResNet-152 restore on a 2-core CPU (about 330,000
-  page faults).
+  page faults; measured ad hoc with /usr/bin/time).
   Here blocks of up to 32 MiB come from the heap from the start, freed memory stays with the
   process up to 2 GiB, at most two malloc arenas serve all threads (``mallopt``; the host work
   runs in threads, :mod:`lbyl_jax.core.threads`, and memory freed in one thread's arena was not
   reused by another), and NumPy's huge-page hint is off. This changes no result, only where the
-  bytes live. ResNet-152 restore, 3 runs each: 4.19 s (1.64 s system time) -> 3.43 s (0.88 s),
-  peak RSS 1377 -> 1387 MiB; a 512 MiB threshold was as fast but raised the peak RSS to
-  1637 MiB. With the threaded host work, 6 runs each: glibc's default arenas 3.13 s and
-  1470 MiB, two arenas 3.10 s and 1364 MiB (benchmarks/command_speed.py measures both).
+  bytes live. Warm restores, 5 runs each, against glibc's and NumPy's defaults on the same code
+  (``python -m benchmarks.command_speed --modes warm --root tuned=. --root default=. --env
+  default:LBYL_JAX_DEFAULT_MALLOC=1``, benchmarks/results/command_speed_allocator.json):
+  ResNet-152 3.51 -> 3.26 s and 1427 -> 1383 MiB peak RSS; ResNet-50 1.96 -> 1.92 s and 815 ->
+  702 MiB. While choosing (ad hoc, through the environment variables): a 512 MiB threshold was
+  as fast as 32 MiB but raised the ResNet-152 peak RSS by about 250 MiB, and glibc's default
+  arena count with the threaded host work by about 100 MiB.
 
   Process-wide, so only the commands' entry point (:func:`exit_without_teardown`) calls it,
   never the library. Nothing is changed where the user set any of ``MALLOC_MMAP_THRESHOLD_``,

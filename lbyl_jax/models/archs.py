@@ -209,8 +209,8 @@ class ArchSpec:
     (:func:`randomize_batch_stats`), so BN is not an identity. Shapes are those of
     ``self.build(widths).init``; drawing them in NumPy from the abstract shapes keeps this fast
     and deterministic. The kernels are drawn as float32 uniforms, scaled in place: 0.04 s for a
-    ResNet-50 where float64 normals took 0.27 s (``python -m lbyl_jax.restore --weights
-    random`` draws them in every run; benchmarks/command_speed.py).
+    ResNet-50 where float64 normals took 0.27 s (measured ad hoc, in-process; ``python -m
+    lbyl_jax.restore --weights random`` draws them in every run, benchmarks/command_speed.py).
     """
     if not isinstance(rng, int):
       rng = int(jax.random.randint(rng, (), 0, 2**31 - 1))
