@@ -98,8 +98,9 @@ def tune_process_memory() -> dict[str, bool]:
   bytes live. Warm restores, 5 runs each, against glibc's and NumPy's defaults on the same code
   (``python -m benchmarks.command_speed --modes warm --root tuned=. --root default=. --env
   default:LBYL_JAX_DEFAULT_MALLOC=1``, benchmarks/results/command_speed_allocator.json):
-  ResNet-152 3.51 -> 3.26 s and 1427 -> 1383 MiB peak RSS; ResNet-50 1.96 -> 1.92 s and 815 ->
-  702 MiB. While choosing (ad hoc, through the environment variables): a 512 MiB threshold was
+  ResNet-152 3.46 -> 3.42 s and 1435 -> 1379 MiB peak RSS; ResNet-50 2.10 -> 2.02 s and 806 ->
+  708 MiB (an earlier pair of runs: ResNet-152 3.51 -> 3.26 s; the wall-time gain is within the
+  run-to-run spread, the RSS gain is not). While choosing (ad hoc, through the environment variables): a 512 MiB threshold was
   as fast as 32 MiB but raised the ResNet-152 peak RSS by about 250 MiB, and glibc's default
   arena count with the threaded host work by about 100 MiB.
 

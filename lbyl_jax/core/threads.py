@@ -2,8 +2,9 @@
 
 The per-unit host work of a restore (widening and ranking the filters, rewriting each consumer
 kernel) is made of large NumPy operations, which release the GIL, so threads run them side by
-side (a warm ResNet-152 restore on a 2-core CPU: selection 0.35 -> 0.20 s, surgery 0.29 ->
-0.21 s, whole command 3.56 -> 3.30 s; benchmarks/results/command_speed_threads.json). Every item
+side (a warm ResNet-152 restore on a 2-core CPU: selection 0.35 -> 0.21 s, surgery 0.29 ->
+0.22 s, whole command 3.39 -> 3.34 s, an earlier pair of runs 3.56 -> 3.30 s;
+benchmarks/results/command_speed_threads.json). Every item
 is computed exactly as in a plain loop (its own arrays, single-threaded NumPy), so the results
 are bitwise those of the loop, in order.
 
