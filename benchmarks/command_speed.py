@@ -20,7 +20,8 @@ Before measuring, each checkout's packages (``lbyl_jax``, ``converters``) are by
 (``python -m compileall``), the state of an installed package: pip byte-compiles what it
 installs, and an editable checkout gets its ``.pyc`` files on its first import -- except where
 ``PYTHONDONTWRITEBYTECODE`` is set, as on the development machine, where every run compiled the
-project's ~70 modules from source again (0.1-0.15 s of each ResNet-50 run) while jax, flax and
+project's ~70 modules from source again (ResNet-50 warm: 2.15 s without the .pyc files, 1.98 s
+with them; 6 alternating runs, ad hoc) while jax, flax and
 orbax, byte-compiled at their install, did not. The JSON records it (``bytecode``).
 
 ``--root LABEL=PATH`` (repeatable) measures other checkouts of the repository in the same run
