@@ -147,6 +147,24 @@ def plan_options(method: str, ratio: float, quant: str | None, bits: int | None)
   return opts
 
 
+def loaded(arch: str, split: str):
+  """(spec, original variables, their source, the split's CIFAR-10 images, an evaluator) of one
+  of :data:`ARCHS`, read from ../shared (or ``$LBYL_JAX_SHARED``); also for the probes."""
+  shared = shared_dir()
+  spec = archs.get(arch)
+  variables, source = weights_lib.load_weights(spec, str(shared / ARCHS[arch][0]), download=False,
+                                               progress=False)
+  dataset = data_lib.load_dataset(str(shared / DATA), arch=spec, slice_=SPLITS[split],
+                                  download=False, progress=False)
+  return spec, variables, source, dataset, evaluation.Evaluator(spec, batch_size=500)
+
+
+def top1(evaluator, dataset, net) -> float:
+  """Top-1 % of a compressed result (:class:`lbyl_jax.pipeline.Compressed`) on ``dataset``."""
+  pred = evaluator.predictions(net.variables, dataset, widths=net.widths, progress=False)
+  return 100.0 * float(pred['correct'].mean())
+
+
 def run(methods: Sequence[str], ratios: Sequence[float], path: pathlib.Path, arch: str = ARCH,
         quants: Sequence[str | None] = (None,), bits: int = BITS,
         recipe: bn_lib.BNReestimation = RECIPE, split: str = 'held-out') -> dict:
@@ -160,13 +178,7 @@ def run(methods: Sequence[str], ratios: Sequence[float], path: pathlib.Path, arc
           or _key(m, r, recipe.recipe, q, bits) not in rows]
   if not todo:
     return results
-  shared = shared_dir()
-  spec = archs.get(arch)
-  variables, source = weights_lib.load_weights(spec, str(shared / ARCHS[arch][0]), download=False,
-                                               progress=False)
-  dataset = data_lib.load_dataset(str(shared / DATA), arch=spec, slice_=SPLITS[split],
-                                  download=False, progress=False)
-  evaluator = evaluation.Evaluator(spec, batch_size=500)
+  spec, variables, source, dataset, evaluator = loaded(arch, split)
   results['machine'] = dict(platform=platform.platform(), cpus=os.cpu_count())
   if 'original' not in results:
     pred = evaluator.predictions(variables, dataset, progress=False)

@@ -29,11 +29,7 @@ import pathlib
 import time
 
 from benchmarks import bn_reestimate as bnr
-from lbyl_jax import evaluation
 from lbyl_jax import pipeline
-from lbyl_jax.io import data as data_lib
-from lbyl_jax.io import weights as weights_lib
-from lbyl_jax.models import archs
 from lbyl_jax.plan import Plan
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -53,13 +49,7 @@ def main() -> None:
   grid = ([tuple(float(x) for x in item.split(':')) for item in args.grid.split(',')]
           if args.grid else [(a1, a2) for a1 in A1 for a2 in A2])
   rows = json.loads(args.out.read_text())['top1'] if args.out.exists() else {}
-  shared = bnr.shared_dir()
-  spec = archs.get(ARCH)
-  v, _ = weights_lib.load_weights(spec, str(shared / bnr.ARCHS[ARCH][0]), download=False,
-                                  progress=False)
-  ds = data_lib.load_dataset(str(shared / bnr.DATA), arch=spec, slice_=bnr.SPLITS[args.split],
-                             download=False, progress=False)
-  ev = evaluation.Evaluator(spec, batch_size=500)
+  spec, v, _, ds, ev = bnr.loaded(ARCH, args.split)
   configs = [('rtn', {})] + [(f'udfc a1={a1:g} a2={a2:g}', dict(a1=a1, a2=a2))
                              for a1, a2 in grid]
   for ratio in RATIOS:
@@ -71,8 +61,7 @@ def main() -> None:
       q = 'rtn' if name == 'rtn' else 'udfc'
       res = pipeline.compress(spec, v, Plan.from_options(method='lbyl', ratio=ratio,
                                                          quant_method=q, bits=4, **opts))
-      pred = ev.predictions(res.variables, ds, widths=res.widths, progress=False)
-      rows[key] = 100.0 * float(pred['correct'].mean())
+      rows[key] = bnr.top1(ev, ds, res)
       print(f'{key}: {rows[key]:.2f} ({time.perf_counter() - t0:.0f} s)', flush=True)
       args.out.parent.mkdir(parents=True, exist_ok=True)
       args.out.write_text(json.dumps(dict(arch=ARCH, split=args.split,

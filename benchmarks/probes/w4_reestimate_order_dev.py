@@ -23,17 +23,14 @@ so the package keeps its order. ~4 minutes on a 2-core CPU.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import pathlib
 import time
 
 from benchmarks import bn_reestimate as bnr
-from lbyl_jax import evaluation
 from lbyl_jax import pipeline
 from lbyl_jax.experimental import bn_reestimate as bn_lib
-from lbyl_jax.io import data as data_lib
-from lbyl_jax.io import weights as weights_lib
-from lbyl_jax.models import archs
 from lbyl_jax.plan import Plan
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -46,18 +43,9 @@ def main() -> None:
   p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
   p.add_argument('--out', type=pathlib.Path, default=DEFAULT_OUT)
   args = p.parse_args()
-  shared = bnr.shared_dir()
-  spec = archs.get(ARCH)
-  v, _ = weights_lib.load_weights(spec, str(shared / bnr.ARCHS[ARCH][0]), download=False,
-                                  progress=False)
-  ds = data_lib.load_dataset(str(shared / bnr.DATA), arch=spec, slice_=bnr.DEV, download=False,
-                             progress=False)
-  ev = evaluation.Evaluator(spec, batch_size=500)
+  spec, v, _, ds, ev = bnr.loaded(ARCH, 'dev')
   rec = bn_lib.BNReestimation(bn_reestimate='moments')
-
-  def top1(net) -> float:
-    pred = ev.predictions(net.variables, ds, widths=net.widths, progress=False)
-    return 100.0 * float(pred['correct'].mean())
+  top1 = functools.partial(bnr.top1, ev, ds)
 
   rows: dict[str, float] = {}
   for ratio in RATIOS:
