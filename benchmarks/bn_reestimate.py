@@ -346,6 +346,27 @@ def moments_table(dev: Sequence[dict], heldout: Sequence[dict], recipe: str = MO
   return '\n'.join(lines)
 
 
+def heldout_confirmation(dev: Sequence[dict], heldout: Sequence[dict], recipe: str = MOMENTS
+                         ) -> dict[tuple[str, float], dict[str, list[str]]]:
+  """Rule 3 on the cells the development split switches on (mean development gain above
+  :data:`RULE_MIN_GAIN`): per (variant, ratio), the checkpoints whose held-out paired test has the
+  re-estimated network above ('confirms') or below ('contradicts') none at McNemar p < 0.05, and
+  those it leaves unresolved."""
+  rule = dev_rule(dev, recipe)
+  out: dict[tuple[str, float], dict[str, list[str]]] = {}
+  for h in heldout:
+    for v, r, b, a in _pairs(h, recipe):
+      if rule.get((v, r), 0.0) <= RULE_MIN_GAIN:
+        continue
+      pc = evaluation.paired_comparison(_unpack(a['correct'], a['n']),
+                                        _unpack(b['correct'], b['n']))
+      kind = ('unresolved' if pc['mcnemar_p'] >= 0.05 else
+              'confirms' if pc['diff'] > 0 else 'contradicts')
+      cell = out.setdefault((v, r), dict(confirms=[], contradicts=[], unresolved=[]))
+      cell[kind].append(h['arch'])
+  return out
+
+
 def table(results: dict, methods: Sequence[str] | None = None,
           ratios: Sequence[float] | None = None, recipe: str | None = None) -> str:
   """Markdown table of the stored pairs (every one, or those of ``methods`` / ``ratios``; a

@@ -8,6 +8,7 @@ against Monte Carlo batch statistics of a compressed network whose BN premise ho
 
 from __future__ import annotations
 
+import collections
 import json
 
 import jax
@@ -592,3 +593,24 @@ def test_api_compress_takes_the_stage(r20_result):
   with pytest.raises(ValueError, match='only by calibrate_bn'):
     lbyl_jax.compress('resnet20', variables, ratio=0.5,
                       calib_images=np.zeros((4, 32, 32, 3), np.uint8))
+
+
+def test_prefetch_fills_the_anchor_memo(r20_result, monkeypatch):
+  """The command starts the original network's model statistics during the compression; the
+  re-estimation then finds them memoized and computes only the compressed network's."""
+  spec, variables, res = r20_result
+  for recipe in (None, br.BNReestimation(), br.BNReestimation(bn_reestimate='distilled'),
+                 br.BNReestimation(bn_reestimate='moments', bn_anchor=False)):
+    assert br.prefetch(spec, variables, recipe) is None
+  recipe = br.BNReestimation(bn_reestimate='moments')
+  want = br.reestimate_compressed(res, variables, recipe)
+  monkeypatch.setattr(br, '_MODEL_MEMO', collections.OrderedDict())
+  calls = []
+  real = br._model_statistics
+  monkeypatch.setattr(br, '_model_statistics', lambda *a: calls.append(a[1]) or real(*a))
+  future = br.prefetch(spec, variables, recipe)
+  stats = future.result()
+  assert calls == [variables] and set(stats) == {b.path for b in br.bn_layers(spec, variables)}
+  got = br.reestimate_compressed(res, variables, recipe)
+  assert len(calls) == 2 and calls[1] is res.variables  # the original came from the memo
+  assert _leaves_equal(got.variables, want.variables)

@@ -105,6 +105,7 @@ from lbyl_jax.core.options import Options, number, option
 from lbyl_jax.experimental import distill as distill_lib
 from lbyl_jax.models import archs
 from lbyl_jax.pruning import moments as moments_lib
+from lbyl_jax.pruning import solvers
 from lbyl_jax.pruning import terms
 from lbyl_jax.pruning.problem import UnitProblem
 
@@ -820,6 +821,20 @@ def distilled_inputs(spec, original_variables: Mapping[str, Any], recipe: BNRees
   while len(_DISTILL_MEMO) > 2:
     _DISTILL_MEMO.popitem(last=False)
   return x, info
+
+
+def prefetch(spec, original_variables: Mapping[str, Any], recipe: BNReestimation | None):
+  """Starts, in the precompile threads, the one part of the moments route that depends on the
+  original network alone: its model statistics (the anchor), which :func:`model_statistics`
+  memoizes. A command calls it before compressing, so the computation overlaps the compression;
+  it must wait for the returned future before :func:`reestimate_compressed` (which then finds
+  the statistics memoized instead of computing them again). The results are the same either way.
+  Returns None where there is nothing to start (another route, no anchor, no BatchNorm)."""
+  if (recipe is None or recipe.source != 'moments' or not recipe.bn_anchor
+      or spec.family == 'mlp' or 'batch_stats' not in original_variables):
+    return None
+  return solvers.in_background(functools.partial(model_statistics, spec, original_variables,
+                                                 spatial=recipe.bn_spatial))
 
 
 def reestimate_compressed(compressed, original_variables: Mapping[str, Any],
