@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import functools
 import json
 import os
 import pathlib
@@ -163,6 +164,24 @@ def top1(evaluator, dataset, net) -> float:
   """Top-1 % of a compressed result (:class:`lbyl_jax.pipeline.Compressed`) on ``dataset``."""
   pred = evaluator.predictions(net.variables, dataset, widths=net.widths, progress=False)
   return 100.0 * float(pred['correct'].mean())
+
+
+def probe_setup(doc: str, default_out: pathlib.Path, arch: str, split: str = 'dev'):
+  """The common start of the development-split probes under ``benchmarks/probes``: parses
+  ``--out`` (default ``default_out``), loads ``arch`` and the split. Returns (args, spec, original
+  variables, dataset, top1) where ``top1(net)`` is :func:`top1` of a result on that split."""
+  p = argparse.ArgumentParser(description=doc.split('\n\n')[0])
+  p.add_argument('--out', type=pathlib.Path, default=default_out)
+  args = p.parse_args()
+  spec, variables, _, dataset, evaluator = loaded(arch, split)
+  return args, spec, variables, dataset, functools.partial(top1, evaluator, dataset)
+
+
+def write_probe(path: pathlib.Path, out: dict) -> None:
+  """Writes a probe's rows as JSON (creating the folder) and says where."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(out, indent=1) + '\n')
+  print(f'wrote {path}')
 
 
 def run(methods: Sequence[str], ratios: Sequence[float], path: pathlib.Path, arch: str = ARCH,

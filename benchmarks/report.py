@@ -814,10 +814,6 @@ def moments_route_lines(results_dir: pathlib.Path) -> list[str]:
                  and not c['unresolved'])
   against = sorted(k for k, c in conf.items() if c['contradicts'])
   n_ckpt = len(held)
-
-  def _cells(keys):
-    return '; '.join(f'`{v}` at {100 * r:.0f} %' for v, r in keys) or 'no cell'
-
   cost = ''
   speed = results_dir / 'command_speed_moments.json'
   if speed.exists():

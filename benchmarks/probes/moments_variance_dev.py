@@ -26,9 +26,6 @@ in the layer3 bn2 layers at 50 %), not only its scale. ~3 minutes on a 2-core CP
 
 from __future__ import annotations
 
-import argparse
-import functools
-import json
 import pathlib
 
 import numpy as np
@@ -65,11 +62,7 @@ def _mix(spec, base, other, take) -> dict:
 
 
 def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  p.add_argument('--out', type=pathlib.Path, default=DEFAULT_OUT)
-  args = p.parse_args()
-  spec, v, _, ds, ev = bnr.loaded(ARCH, 'dev')
-  top1 = functools.partial(bnr.top1, ev, ds)
+  args, spec, v, ds, top1 = bnr.probe_setup(__doc__, DEFAULT_OUT, ARCH)
   images = np.concatenate([x for x, _ in ds.batches(500)])[:ORACLE_IMAGES]
   rows: dict[str, dict[str, float]] = {}
   for ratio in RATIOS:
@@ -87,10 +80,8 @@ def main() -> None:
     rows[f'r{ratio:g}'] = {name: top1(_Net(net, c.widths)) for name, net in nets.items()}
     print(f'{ratio:.0%}: ' + ', '.join(f'{k} {x:.2f}' for k, x in rows[f'r{ratio:g}'].items()),
           flush=True)
-  out = dict(arch=ARCH, split='dev', images=list(bnr.DEV), oracle_images=ORACLE_IMAGES, top1=rows)
-  args.out.parent.mkdir(parents=True, exist_ok=True)
-  args.out.write_text(json.dumps(out, indent=1) + '\n')
-  print(f'wrote {args.out}')
+  bnr.write_probe(args.out, dict(arch=ARCH, split='dev', images=list(bnr.DEV),
+                                 oracle_images=ORACLE_IMAGES, top1=rows))
 
 
 if __name__ == '__main__':

@@ -19,9 +19,6 @@ CPU.
 
 from __future__ import annotations
 
-import argparse
-import functools
-import json
 import pathlib
 import time
 
@@ -40,12 +37,8 @@ CONFIGS = (('float', None, {}), ('rtn', 'rtn', {}), ('udfc', 'udfc', {}),
 
 
 def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  p.add_argument('--out', type=pathlib.Path, default=DEFAULT_OUT)
-  args = p.parse_args()
-  spec, v, _, ds, ev = bnr.loaded(ARCH, 'dev')
+  args, spec, v, _, top1 = bnr.probe_setup(__doc__, DEFAULT_OUT, ARCH)
   rec = bn_lib.BNReestimation(bn_reestimate='moments')
-  top1 = functools.partial(bnr.top1, ev, ds)
   rows: dict[str, dict[str, float]] = {}
   for ratio in RATIOS:
     for name, q, opts in CONFIGS:
@@ -56,10 +49,7 @@ def main() -> None:
       rows[f'{name} r{ratio:g}'] = row
       print(f'{ratio:.0%} {name}: none {row["none"]:.2f}, moments {row["moments"]:.2f} '
             f'({time.perf_counter() - t0:.0f} s)', flush=True)
-  out = dict(arch=ARCH, split='dev', images=list(bnr.DEV), bits=4, top1=rows)
-  args.out.parent.mkdir(parents=True, exist_ok=True)
-  args.out.write_text(json.dumps(out, indent=1) + '\n')
-  print(f'wrote {args.out}')
+  bnr.write_probe(args.out, dict(arch=ARCH, split='dev', images=list(bnr.DEV), bits=4, top1=rows))
 
 
 if __name__ == '__main__':

@@ -22,9 +22,6 @@ so the package keeps its order. ~4 minutes on a 2-core CPU.
 
 from __future__ import annotations
 
-import argparse
-import functools
-import json
 import pathlib
 import time
 
@@ -40,12 +37,8 @@ RATIOS = (0.3, 0.4, 0.5)
 
 
 def main() -> None:
-  p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-  p.add_argument('--out', type=pathlib.Path, default=DEFAULT_OUT)
-  args = p.parse_args()
-  spec, v, _, ds, ev = bnr.loaded(ARCH, 'dev')
+  args, spec, v, _, top1 = bnr.probe_setup(__doc__, DEFAULT_OUT, ARCH)
   rec = bn_lib.BNReestimation(bn_reestimate='moments')
-  top1 = functools.partial(bnr.top1, ev, ds)
 
   rows: dict[str, float] = {}
   for ratio in RATIOS:
@@ -66,10 +59,7 @@ def main() -> None:
     print(f'{ratio:.0%}: ' + ', '.join(f'{k.rsplit(" ", 1)[0]} {x:.2f}' for k, x in rows.items()
                                        if k.endswith(f'r{ratio:g}'))
           + f' ({time.perf_counter() - t0:.0f} s)', flush=True)
-  out = dict(arch=ARCH, split='dev', images=list(bnr.DEV), top1=rows)
-  args.out.parent.mkdir(parents=True, exist_ok=True)
-  args.out.write_text(json.dumps(out, indent=1) + '\n')
-  print(f'wrote {args.out}')
+  bnr.write_probe(args.out, dict(arch=ARCH, split='dev', images=list(bnr.DEV), top1=rows))
 
 
 if __name__ == '__main__':
