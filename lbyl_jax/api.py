@@ -77,12 +77,10 @@ def compress(arch: str | archs.ArchSpec | nn.Module, variables: Mapping[str, Any
       raise ValueError('bn_reestimate with act_bits: the activation ranges are taken from the '
                        'statistics before the re-estimation; use one of the two')
     return pipeline.compress(spec, variables, plan, calib_images=calib_images)
-  anchor = bn_lib.prefetch(spec, variables, bn_reestimate)  # overlaps the compression
+  bn_lib.prefetch(spec, variables, bn_reestimate)  # overlaps the compression
   result = pipeline.compress(spec, variables, plan)
   if bn_reestimate is None and calib_images is None:
     return result
-  if anchor is not None:
-    anchor.result()
   return bn_lib.reestimate_compressed(result, variables,
                                       bn_reestimate or bn_lib.BNReestimation(), images=calib_images)
 

@@ -605,12 +605,22 @@ def test_prefetch_fills_the_anchor_memo(r20_result, monkeypatch):
   recipe = br.BNReestimation(bn_reestimate='moments')
   want = br.reestimate_compressed(res, variables, recipe)
   monkeypatch.setattr(br, '_MODEL_MEMO', collections.OrderedDict())
+  monkeypatch.setattr(br, '_PENDING', {})
   calls = []
   real = br._model_statistics
   monkeypatch.setattr(br, '_model_statistics', lambda *a: calls.append(a[1]) or real(*a))
   future = br.prefetch(spec, variables, recipe)
-  stats = future.result()
-  assert calls == [variables] and set(stats) == {b.path for b in br.bn_layers(spec, variables)}
-  got = br.reestimate_compressed(res, variables, recipe)
-  assert len(calls) == 2 and calls[1] is res.variables  # the original came from the memo
+  assert br.prefetch(spec, variables, recipe) is None  # started once
+  got = br.reestimate_compressed(res, variables, recipe)  # waits for it; no explicit wait
+  assert future.done() and not br._PENDING
+  # the original once (in the background thread), the compressed network once, in either order
+  assert sorted(map(id, calls)) == sorted([id(variables), id(res.variables)])
   assert _leaves_equal(got.variables, want.variables)
+  assert br.prefetch(spec, variables, recipe) is None  # memoized now
+  # An error of the prefetched computation is raised where the statistics are asked for.
+  monkeypatch.setattr(br, '_MODEL_MEMO', collections.OrderedDict())
+  monkeypatch.setattr(br, '_model_statistics', lambda *a: 1 / 0)
+  assert br.prefetch(spec, variables, recipe) is not None
+  with pytest.raises(ZeroDivisionError):
+    br.model_statistics(spec, variables, spatial='shared')
+  assert not br._PENDING

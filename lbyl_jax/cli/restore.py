@@ -462,13 +462,6 @@ def _recompute(spec, variables, plan, recipe, calib, act_calib, args) -> pipelin
   return result
 
 
-def _reestimate(anchor, result, variables, recipe, calib) -> pipeline.Compressed:
-  """The BN re-estimation of a result, once the prefetched anchor (if any) is ready."""
-  if anchor is not None:
-    anchor.result()
-  return bn_lib.reestimate_compressed(result, variables, recipe, images=calib)
-
-
 def _one_config(args, spec, plan, variables, source, random_weights, dataset, evaluator, baseline,
                 throughput_before, phases, progress, primary, recipe, calib, act_calib=None):
   """Compresses with one plan (and re-estimates the BN statistics if asked), evaluates the
@@ -476,14 +469,14 @@ def _one_config(args, spec, plan, variables, source, random_weights, dataset, ev
   p = plan
   tag = (f'method={p.method.name} criterion={p.selection.criterion} ratio={p.selection.ratio}'
          + (f' bits={p.quantizer.bits} quant={p.quantizer.name}' if p.quantizer else ''))
-  anchor = bn_lib.prefetch(spec, variables, recipe)  # overlaps the compression
+  bn_lib.prefetch(spec, variables, recipe)  # overlaps the compression
   result = phases.run('compress', f'compressing: {tag}', pipeline.compress, spec, variables, plan,
                       calib_images=act_calib)
   _act_calib_report(result, args, act_calib)
   if recipe.enabled:
     result = phases.run('bn_reestimate', f're-estimating the BN statistics: {recipe.recipe}'
                         + ('' if recipe.source != 'images' else ' (real images: not data-free)'),
-                        _reestimate, anchor, result, variables, recipe, calib)
+                        bn_lib.reestimate_compressed, result, variables, recipe, images=calib)
     result.report['bn_reestimate']['calib_data'] = (
         None if calib is None else dict(spec=args.calib_data, n=int(len(calib)),
                                         slice=None if args.calib_slice is None

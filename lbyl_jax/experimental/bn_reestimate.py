@@ -417,6 +417,7 @@ def layer_output_moments(kernel: np.ndarray, bias: np.ndarray | None, mean: np.n
 
 _MODEL_MEMO: collections.OrderedDict = collections.OrderedDict()
 _MODEL_MEMO_SIZE = 8
+_PENDING: dict = {}  # memo key -> Future of a computation prefetch() started
 
 
 def _params_digest(params: Mapping[str, Any]) -> str:
@@ -436,14 +437,26 @@ def model_statistics(spec, variables: Mapping[str, Any], *, spatial: str = 'inde
 
   Works on original and pruned variables alike (every width is read off the arrays); depends only
   on kernels, biases and BN affine parameters, never on running statistics. The last few results
-  are memoized by a digest of ``params`` (an original network is anchored against many times).
+  are memoized by a digest of ``params`` (an original network is anchored against many times);
+  one that :func:`prefetch` started is waited for instead of computed again.
   """
+  key = _memo_key(spec, variables, spatial, input_mean, input_var)
+  pending = _PENDING.pop(key, None)
+  if pending is not None:
+    pending.result()  # its error, if any, is the one computing it here would raise
+  return _memoized(key, spec, variables, spatial, input_mean, input_var)
+
+
+def _memo_key(spec, variables, spatial, input_mean, input_var) -> tuple:
   if spatial not in SPATIAL:
     raise ValueError(f'spatial must be one of {SPATIAL}, got {spatial!r}')
   if spec.family == 'mlp' or 'batch_stats' not in variables:
     raise ValueError(f'{spec.name} has no BatchNorm layer to re-estimate')
-  key = (spec.name, spatial, float(input_mean), float(input_var),
-         _params_digest(variables['params']))
+  return (spec.name, spatial, float(input_mean), float(input_var),
+          _params_digest(variables['params']))
+
+
+def _memoized(key, spec, variables, spatial, input_mean, input_var):
   if key in _MODEL_MEMO:
     _MODEL_MEMO.move_to_end(key)
     return {k: (m.copy(), v.copy()) for k, (m, v) in _MODEL_MEMO[key].items()}
@@ -825,16 +838,21 @@ def distilled_inputs(spec, original_variables: Mapping[str, Any], recipe: BNRees
 
 def prefetch(spec, original_variables: Mapping[str, Any], recipe: BNReestimation | None):
   """Starts, in the precompile threads, the one part of the moments route that depends on the
-  original network alone: its model statistics (the anchor), which :func:`model_statistics`
-  memoizes. A command calls it before compressing, so the computation overlaps the compression;
-  it must wait for the returned future before :func:`reestimate_compressed` (which then finds
-  the statistics memoized instead of computing them again). The results are the same either way.
-  Returns None where there is nothing to start (another route, no anchor, no BatchNorm)."""
+  original network alone: its model statistics (the anchor). A command calls it before
+  compressing, so the computation overlaps the compression; :func:`model_statistics` (called by
+  :func:`reestimate_compressed`) waits for it and takes its memoized result instead of computing
+  it again. The results are the same either way. Returns the future, or None where there is
+  nothing to start (another route, no anchor, no BatchNorm, already memoized or started)."""
   if (recipe is None or recipe.source != 'moments' or not recipe.bn_anchor
       or spec.family == 'mlp' or 'batch_stats' not in original_variables):
     return None
-  return solvers.in_background(functools.partial(model_statistics, spec, original_variables,
-                                                 spatial=recipe.bn_spatial))
+  key = _memo_key(spec, original_variables, recipe.bn_spatial, 0.0, 1.0)
+  if key in _MODEL_MEMO or key in _PENDING:
+    return None
+  future = solvers.in_background(_memoized, key, spec, original_variables, recipe.bn_spatial,
+                                 0.0, 1.0)
+  _PENDING[key] = future
+  return future
 
 
 def reestimate_compressed(compressed, original_variables: Mapping[str, Any],
