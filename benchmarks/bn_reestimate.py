@@ -102,11 +102,13 @@ def _check_arch(arch: str) -> None:
                      f'{", ".join(ARCHS)}')
 
 
-def _pack(correct: np.ndarray) -> str:
+def pack_correct(correct: np.ndarray) -> str:
+  """Per-example correctness, bit-packed and base64-encoded for a JSON row."""
   return base64.b64encode(np.packbits(correct.astype(bool)).tobytes()).decode()
 
 
-def _unpack(text: str, n: int) -> np.ndarray:
+def unpack_correct(text: str, n: int) -> np.ndarray:
+  """The ``n`` booleans that :func:`pack_correct` stored."""
   return np.unpackbits(np.frombuffer(base64.b64decode(text), np.uint8))[:n].astype(bool)
 
 
@@ -202,7 +204,7 @@ def run(methods: Sequence[str], ratios: Sequence[float], path: pathlib.Path, arc
   if 'original' not in results:
     pred = evaluator.predictions(variables, dataset, progress=False)
     results['original'] = dict(top1=100.0 * float(pred['correct'].mean()), n=len(dataset),
-                               correct=_pack(pred['correct']))
+                               correct=pack_correct(pred['correct']))
     save_results(path, results)
   if recipe.source == 'distilled':
     _, info = bn_lib.distilled_inputs(spec, variables, recipe)
@@ -228,7 +230,7 @@ def run(methods: Sequence[str], ratios: Sequence[float], path: pathlib.Path, arc
           method=m, ratio=r, recipe=name, bias_correction=res.report['bias_correction'],
           quant_method=q, bits=b,
           top1=100.0 * float(pred['correct'].mean()), n=len(dataset),
-          compress_seconds=compress_s, correct=_pack(pred['correct']),
+          compress_seconds=compress_s, correct=pack_correct(pred['correct']),
           bn_seconds=None if bn_rep is None else bn_rep['seconds'] - bn_rep.get('seconds_distill', 0.0),
           bn_data_free=None if bn_rep is None else bn_rep['data_free'],
           distill_loss_end=None if bn_rep is None else bn_rep.get('distill_loss_end'))
@@ -265,8 +267,8 @@ def _pairs(results: dict, recipe: str | None = None) -> list[tuple[str, float, d
 def summary(results: dict, variant: str = 'lbyl', recipe: str | None = None) -> str:
   """One line from the stored pairs of ``variant``: the smallest and largest difference
   (re-estimated - none) and the ratios where re-estimation loses, with their McNemar p."""
-  pairs = [(r, evaluation.paired_comparison(_unpack(a['correct'], a['n']),
-                                            _unpack(b['correct'], b['n'])))
+  pairs = [(r, evaluation.paired_comparison(unpack_correct(a['correct'], a['n']),
+                                            unpack_correct(b['correct'], b['n'])))
            for v, r, b, a in _pairs(results, recipe) if v == variant]
   if not pairs:
     return f'`{variant}`: no stored pair.'
@@ -312,8 +314,8 @@ def target_table(results: dict) -> str:
       if a is None or b is None:
         cells.append('-')
         continue
-      pc = evaluation.paired_comparison(_unpack(a['correct'], a['n']),
-                                        _unpack(b['correct'], b['n']))
+      pc = evaluation.paired_comparison(unpack_correct(a['correct'], a['n']),
+                                        unpack_correct(b['correct'], b['n']))
       cells.append(f'{a["top1"]:.2f} ({pc["diff"]:+.2f}, McNemar p = {pc["mcnemar_p"]:.2g})')
     if b is None or all(c == '-' for c in cells):
       continue
@@ -356,8 +358,8 @@ def moments_table(dev: Sequence[dict], heldout: Sequence[dict], recipe: str = MO
       if (v, r) not in hp:
         continue
       hb, ha = hp[(v, r)]
-      pc = evaluation.paired_comparison(_unpack(ha['correct'], ha['n']),
-                                        _unpack(hb['correct'], hb['n']))
+      pc = evaluation.paired_comparison(unpack_correct(ha['correct'], ha['n']),
+                                        unpack_correct(hb['correct'], hb['n']))
       p = '< 1e-300' if pc['mcnemar_p'] == 0.0 else f"{pc['mcnemar_p']:.2g}"
       lines.append(f"| {d['arch']} | {v} | {100 * r:.0f}% | {b['top1']:.2f} | {a['top1']:.2f} | "
                    f"{a['top1'] - b['top1']:+.2f} | {rule[(v, r)]:+.2f} | {hb['top1']:.2f} | "
@@ -377,8 +379,8 @@ def heldout_confirmation(dev: Sequence[dict], heldout: Sequence[dict], recipe: s
     for v, r, b, a in _pairs(h, recipe):
       if rule.get((v, r), 0.0) <= RULE_MIN_GAIN:
         continue
-      pc = evaluation.paired_comparison(_unpack(a['correct'], a['n']),
-                                        _unpack(b['correct'], b['n']))
+      pc = evaluation.paired_comparison(unpack_correct(a['correct'], a['n']),
+                                        unpack_correct(b['correct'], b['n']))
       kind = ('unresolved' if pc['mcnemar_p'] >= 0.05 else
               'confirms' if pc['diff'] > 0 else 'contradicts')
       cell = out.setdefault((v, r), dict(confirms=[], contradicts=[], unresolved=[]))
@@ -418,7 +420,7 @@ def table(results: dict, methods: Sequence[str] | None = None,
       continue
     if ratios is not None and not any(abs(r - x) < 1e-9 for x in ratios):
       continue
-    pc = evaluation.paired_comparison(_unpack(a['correct'], a['n']), _unpack(b['correct'], b['n']))
+    pc = evaluation.paired_comparison(unpack_correct(a['correct'], a['n']), unpack_correct(b['correct'], b['n']))
     lo, hi = pc['ci95']
     p = '< 1e-300' if pc['mcnemar_p'] == 0.0 else f"{pc['mcnemar_p']:.2g}"
     lines.append(f"| {v} | {100 * r:.0f}% | {b['top1']:.2f} | {a['top1']:.2f} | "

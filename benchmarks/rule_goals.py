@@ -29,7 +29,6 @@ also stored after the opt-in moments re-estimation (``--bn-reestimate moments``,
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import os
 import pathlib
@@ -38,6 +37,8 @@ import time
 
 import numpy as np
 
+from benchmarks import bn_reestimate as bnr
+from benchmarks import reproduce
 from lbyl_jax import evaluation
 from lbyl_jax import pipeline
 from lbyl_jax.experimental import bn_reestimate as bn_lib
@@ -48,16 +49,7 @@ from lbyl_jax.plan import Plan
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 OUT = ROOT / 'benchmarks' / 'results' / 'rule_goals.json'
-DEV, HELD_OUT = (0, 5000), (5000, 10000)
-SPLITS = {'dev': DEV, 'held-out': HELD_OUT}
-# arch -> (weights, test set) under ../shared (../shared/DATA.md).
-MODELS = {
-    'resnet20': ('weights/resnet20-12fca82f.th', 'data/cifar10_test.npz'),
-    'resnet56': ('weights/resnet56-4bfd9763.th', 'data/cifar10_test.npz'),
-    'resnet56_b': ('weights/nm_resnet56.cifar10.pth.tar', 'data/cifar10_test.npz'),
-    'lenet_300_100': ('weights/lbyl_lenet_300_100.fashionmnist.pth.tar',
-                      'data/fashion_mnist_test.npz'),
-}
+DEV, SPLITS = bnr.DEV, bnr.SPLITS  # test images 0-4999 / 5000-9999 (../shared/DATA.md)
 CIFAR = ('resnet20', 'resnet56', 'resnet56_b')
 BIAS_MODES = ('off', 'on', 'auto', 'blend')
 BIAS_RULES = ('auto', 'blend')
@@ -74,11 +66,6 @@ def ratios_of(arch: str, goal: str) -> tuple[float, ...]:
           else (0.1, 0.2, 0.3, 0.4, 0.5))
 
 
-def shared_dir() -> pathlib.Path:
-  env = os.environ.get('LBYL_JAX_SHARED')
-  return pathlib.Path(env) if env else ROOT.parent / 'shared'
-
-
 def key(goal: str, arch: str, variant: str, ratio: float) -> str:
   return f'{goal}/{arch}/{variant}/r{ratio:g}'
 
@@ -91,24 +78,12 @@ def plan_of(goal: str, variant: str, ratio: float) -> Plan:
                            **opts)
 
 
-def _pack(correct: np.ndarray) -> str:
-  return base64.b64encode(np.packbits(correct.astype(bool)).tobytes()).decode()
-
-
 def unpack(row: dict) -> np.ndarray:
-  bits = np.unpackbits(np.frombuffer(base64.b64decode(row['correct']), np.uint8))
-  return bits[:row['n']].astype(bool)
+  return bnr.unpack_correct(row['correct'], row['n'])
 
 
 def load(path: pathlib.Path) -> dict:
   return json.loads(path.read_text()) if path.exists() else dict(rows={})
-
-
-def save(path: pathlib.Path, results: dict) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_suffix('.tmp')
-  tmp.write_text(json.dumps(results, indent=1) + '\n')
-  os.replace(tmp, path)
 
 
 def run(goal: str, arch_names, path: pathlib.Path) -> dict:
@@ -124,11 +99,11 @@ def run(goal: str, arch_names, path: pathlib.Path) -> dict:
     if not todo:
       continue
     spec = archs.get(arch)
-    wfile, dfile = MODELS[arch]
-    variables, _ = weights_lib.load_weights(spec, str(shared_dir() / wfile), download=False,
-                                            progress=False)
-    dataset = data_lib.load_dataset(str(shared_dir() / dfile), arch=spec, download=False,
-                                    progress=False)
+    wfile, dfile = reproduce.MODELS[arch]
+    variables, _ = weights_lib.load_weights(spec, str(bnr.shared_dir() / 'weights' / wfile),
+                                            download=False, progress=False)
+    dataset = data_lib.load_dataset(str(bnr.shared_dir() / 'data' / dfile), arch=spec,
+                                    download=False, progress=False)
     ev = evaluation.Evaluator(spec, batch_size=500)
 
     def store(name, net, seconds):
@@ -136,9 +111,9 @@ def run(goal: str, arch_names, path: pathlib.Path) -> dict:
       pred = ev.predictions(variables if net is None else net.variables, dataset, progress=False,
                             **kw)
       c = np.asarray(pred['correct'], bool)
-      rows[name] = dict(n=int(c.size), top1=100.0 * float(c.mean()), correct=_pack(c),
+      rows[name] = dict(n=int(c.size), top1=100.0 * float(c.mean()), correct=bnr.pack_correct(c),
                         seconds=seconds)
-      save(path, results)
+      bnr.save_results(path, results)
       print(f'{name}: full {rows[name]["top1"]:.2f} '
             f'dev {100 * c[slice(*DEV)].mean():.2f} ({seconds:.1f} s)', flush=True)
 
@@ -158,12 +133,12 @@ def run(goal: str, arch_names, path: pathlib.Path) -> dict:
   return results
 
 
-def top1(row: dict, split: str) -> float:
-  return 100.0 * float(unpack(row)[slice(*SPLITS[split])].mean())
-
-
 def split_correct(row: dict, split: str) -> np.ndarray:
   return unpack(row)[slice(*SPLITS[split])]
+
+
+def top1(row: dict, split: str) -> float:
+  return 100.0 * float(split_correct(row, split).mean())
 
 
 def _row(results: dict, goal: str, arch: str, variant: str, ratio: float) -> dict | None:
@@ -287,12 +262,12 @@ def udfc_decision(results: dict) -> dict:
       return {}
     worse = [c for c in cells if c['a1']['diff'] < 0 and c['a1']['mcnemar_p'] < 0.05]
     mean = float(np.mean([c['a1']['diff'] for c in cells]))
-    only_a = sum(c['a1']['only_a'] for c in cells)
-    only_b = sum(c['a1']['only_b'] for c in cells)
-    import scipy.stats  # pylint: disable=import-outside-toplevel
-    p = float(scipy.stats.binomtest(only_a, only_a + only_b, 0.5).pvalue) if only_a + only_b else 1.0
+    pooled = evaluation.paired_comparison(*(
+        np.concatenate([split_correct(_row(results, 'udfc', c['arch'], v, c['ratio']), split)
+                        for c in cells]) for v in ('udfc_a1_10', 'udfc')))
     out[split] = dict(n=len(cells), worse=[f'{c["arch"]} {c["ratio"]:.0%}' for c in worse],
-                      mean=mean, pooled_p=p, only_a=only_a, only_b=only_b)
+                      mean=mean, pooled_p=pooled['mcnemar_p'], only_a=pooled['only_a'],
+                      only_b=pooled['only_b'])
   dev, held = out['dev'], out['held-out']
   out['wins_dev'] = not dev['worse'] and dev['mean'] > 0
   out['confirmed'] = (out['wins_dev'] and not held['worse'] and held['mean'] > 0

@@ -222,7 +222,7 @@ def test_bn_reestimate_rows_plans_table_and_summary():
     c[:wrong] = False
     return dict(method=method, ratio=ratio, recipe=recipe, quant_method=quant,
                 bits=None if quant is None else 4, top1=100.0 * c.mean(), n=n,
-                correct=bn._pack(c), bn_seconds=None if recipe == 'none' else 1.0)
+                correct=bn.pack_correct(c), bn_seconds=None if recipe == 'none' else 1.0)
 
   results = dict(arch='resnet20', data_slice=[5000, 10000], recipe='d64x50a',
                  original=dict(top1=91.0), distill_runs=[dict(seconds=2.0)], rows={})
